@@ -1,0 +1,188 @@
+"""Command-line interface: parse -> config -> one library call. User errors exit with code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from .errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Dissect the adversarial robustness of image classifiers, feature by feature.",
+)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="shipped checkpoint, zoo model, .safetensors with card, or file.py:factory")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="dataset name (robustdissect list datasets)")]
+DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="folder or file holding the dataset")]
+WeightsOpt = Annotated[str | None, typer.Option("--weights", help="weights for a zoo or user model (.safetensors or .pt)")]
+ModelArgOpt = Annotated[list[str] | None, typer.Option("--model-arg", help="KEY=VALUE argument for the model factory (repeatable)")]
+
+
+def _kv(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise UserError(f"expected KEY=VALUE, got '{p}'")
+        k, v = p.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML run configuration")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory to create")] = Path("runs/default"),
+    quick: Annotated[bool, typer.Option("--quick", help="fewer images, for a first look")] = False,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    n: Annotated[int | None, typer.Option("--n", help="number of images analysed")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the full dissection and write a run directory with report.html."""
+    from .config import RunConfig, load_config
+    from .pipeline import quick_config, run_pipeline
+
+    _setup_logging(verbose)
+    cfg = load_config(config) if config else RunConfig()
+    cfg = cfg.replace(model=model, weights=weights, dataset=data, data_dir=data_dir, n=n, seed=seed)
+    if quick or cfg.quick:
+        cfg = quick_config(cfg.replace(quick=True))
+    path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume, progress=True)
+    typer.echo(f"wrote {path}/report.html")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Re-render report.html from a run directory's files alone."""
+    from .report import render_report
+
+    typer.echo(f"wrote {render_report(run_dir)}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML training configuration")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="zoo model name")] = None,
+    model_arg: ModelArgOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="train on a seeded subset of N images")] = None,
+    objective: Annotated[str | None, typer.Option("--objective", help="training objective (robustdissect list objectives)")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    device: Annotated[str | None, typer.Option("--device")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this folder")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train a zoo model; writes per-epoch state, model.safetensors and its card."""
+    import dataclasses
+
+    from .training import TrainConfig, train as train_fn
+
+    _setup_logging(verbose)
+    base: dict[str, Any] = {}
+    if config:
+        if not config.is_file():
+            raise UserError(f"config file {config} does not exist")
+        base = yaml.safe_load(config.read_text()) or {}
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = [k for k in base if k not in known]
+        if unknown:
+            from .errors import unknown_name
+
+            raise unknown_name(f"setting in {config}", unknown[0], known)
+    overrides = {"model": model, "dataset": data, "data_dir": data_dir, "epochs": epochs, "lr": lr,
+                 "batch_size": batch_size, "n": n, "objective": objective, "seed": seed, "device": device}  # fmt: skip
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if model_arg:
+        base["model_args"] = {**base.get("model_args", {}), **_kv(model_arg)}
+    cfg = TrainConfig(**base)
+    folder = resume or out
+    if folder is None:
+        raise UserError("pass --out DIR (or --resume DIR to continue a run)")
+    result = train_fn(cfg, folder, resume=resume is not None, progress=True)
+    typer.echo(f"test accuracy {result.card['test_accuracy']:.4f}; wrote {folder}/model.safetensors")
+
+
+@app.command()
+def layers(
+    model: ModelOpt = "fmnist-smallcnn-vanilla",
+    weights: WeightsOpt = None,
+    model_arg: ModelArgOpt = None,
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+) -> None:
+    """List every layer: path, paper-style alias, output shape and channels."""
+    from .data import load_dataset
+    from .models import list_layers
+    from .pipeline import resolve_model
+
+    ds = load_dataset(data or "fashion-mnist", data_dir)
+    m, _card = resolve_model(model or "fmnist-smallcnn-vanilla", weights, _kv(model_arg), ds, require_weights=False)
+    rows = list_layers(m, ds.image_shape)
+    typer.echo(f"{'path':<28} {'alias':<14} {'type':<18} {'output shape':<16} channels")
+    for r in rows:
+        typer.echo(f"{r.path:<28} {r.alias:<14} {r.kind:<18} {'x'.join(map(str, r.shape)):<16} {r.channels}")
+
+
+@app.command("list")
+def list_(what: Annotated[str, typer.Argument(help="datasets | models | checkpoints | objectives | attacks | stages")]) -> None:
+    """List what is registered."""
+    from .registry import Registry
+
+    reg: Registry[Any]
+    if what == "checkpoints":
+        from .models import WEIGHTS_DIR, shipped_checkpoints
+        from .models.io import read_card
+
+        for name in shipped_checkpoints():
+            card = read_card(WEIGHTS_DIR / f"{name}.json")
+            typer.echo(f"{name:<32} {card.get('dataset', '')}, {card['arch'].get('name')}, test accuracy {card.get('test_accuracy')}")
+        return
+    if what == "datasets":
+        from .data import DATASETS as reg
+    elif what == "models":
+        from .models import MODELS as reg
+    elif what == "objectives":
+        from .training import OBJECTIVES as reg
+    elif what == "attacks":
+        from .attacks import ATTACKS as reg
+    elif what == "stages":
+        from .pipeline import STAGES as reg
+    else:
+        raise UserError(f"cannot list '{what}'; choose datasets, models, checkpoints, objectives, attacks or stages")
+    for entry in reg:
+        typer.echo(f"{entry.name:<20} {entry.summary}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors print one line and exit with code 2."""
+    try:
+        app(args=argv)
+    except UserError as e:
+        print(f"robustdissect: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Datasets: a registry of loaders that return in-memory train/val/test splits."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from . import cifar10, files, idx  # noqa: F401  (register loaders)
+from .base import DATASETS, Dataset, Split, validate_images
+from .transforms import augment
+
+__all__ = ["DATASETS", "Dataset", "Split", "augment", "load_dataset", "validate_images"]
+
+_CACHE: dict[tuple[str, str | None, int], Dataset] = {}
+
+
+def load_dataset(name: str, data_dir: str | None = None, seed: int = 0, **kwargs: Any) -> Dataset:
+    """Load a registered dataset by name (cached per process)."""
+    key = (name, data_dir, seed)
+    if key in _CACHE and not kwargs:
+        return _CACHE[key]
+    loader = cast(Any, DATASETS.get(name))
+    ds = cast(Dataset, loader(data_dir=data_dir, seed=seed, **kwargs))
+    for split in (ds.train, ds.test):
+        validate_images(split.x, split.y, f"{name} ({ds.source})")
+    if not kwargs:
+        _CACHE[key] = ds
+    return ds

@@ -1,0 +1,217 @@
+"""Building zoo models, loading user models and weights, and checkpoints with JSON cards.
+
+A checkpoint is `NAME.safetensors` (the state dict) next to `NAME.json` (the card: architecture
+and its arguments, dataset, objective, seed, epochs, accuracy, package version). Shipped
+checkpoints live in the package's `weights/` folder and load by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError, unknown_name
+from .zoo import MODELS
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Instantiate a zoo model by registry name."""
+    factory = MODELS.get(name)
+    try:
+        model: nn.Module = factory(**kwargs)
+    except TypeError as e:
+        raise UserError(f"bad arguments for model '{name}': {e}") from None
+    return model
+
+
+def shipped_checkpoints() -> list[str]:
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json"))
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    try:
+        card: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read model card {path}: {e}") from None
+    if "arch" not in card or "name" not in card["arch"]:
+        raise UserError(f"model card {path} has no 'arch' with a 'name'")
+    return card
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read weights from .safetensors, or from .pt/.pth with torch.load(weights_only=True)."""
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path} is not a valid safetensors file: {e}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refusals and corrupt archives alike
+        first = str(e).strip().split("\n")[0][:200]
+        raise UserError(
+            f"refusing to load {path}: not a plain tensor checkpoint ({first}); "
+            "save a state_dict with torch.save(model.state_dict(), ...) or use safetensors"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return obj
+
+
+def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a state dict, turning missing/unexpected keys and shape mismatches into UserErrors."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise UserError(
+            f"{where} does not fit the model: {len(missing)} missing keys "
+            f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})"
+        )
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise UserError(
+                f"{where}: weight '{k}' has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(own[k].shape)}; check the architecture arguments (e.g. width, classes)"
+            )
+    model.load_state_dict(state)
+
+
+def load_checkpoint(name_or_path: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a shipped checkpoint by name, or a `.safetensors` file that has a `.json` card beside it."""
+    path = Path(name_or_path)
+    if path.suffix == ".safetensors":
+        card_path = path.with_suffix(".json")
+    elif path.suffix == ".json":
+        card_path, path = path, path.with_suffix(".safetensors")
+    elif (WEIGHTS_DIR / f"{name_or_path}.json").is_file():
+        card_path, path = WEIGHTS_DIR / f"{name_or_path}.json", WEIGHTS_DIR / f"{name_or_path}.safetensors"
+    else:
+        raise unknown_name("model", name_or_path, [*MODELS.names(), *shipped_checkpoints()])
+    if not card_path.is_file():
+        raise UserError(f"no model card {card_path} next to the weights")
+    card = read_card(card_path)
+    arch = dict(card["arch"])
+    model = build_model(arch.pop("name"), **arch)
+    apply_weights(model, load_state_dict(path), str(path))
+    model.eval()
+    return model, card
+
+
+def save_checkpoint(model: nn.Module, path: Path, card: dict[str, Any]) -> None:
+    """Write `path` (.safetensors) and its `.json` card atomically."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+    from ..runs import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    full = {"arch": getattr(model, "arch", {}), "package_version": __version__, **card}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(full, indent=2, sort_keys=True) + "\n")
+
+
+def load_user_model(spec: str, **kwargs: Any) -> nn.Module:
+    """`path/to/file.py:factory` or `package.module:factory` -> the module that factory returns."""
+    if ":" not in spec:
+        raise UserError(f"user model '{spec}' must look like path/to/file.py:factory or pkg.module:factory")
+    target, factory_name = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        file = Path(target)
+        if not file.is_file():
+            raise UserError(f"model file {file} does not exist")
+        mod_name = f"robustdissect_user_{file.stem}"
+        spec_obj = importlib.util.spec_from_file_location(mod_name, file)
+        if spec_obj is None or spec_obj.loader is None:
+            raise UserError(f"cannot import {file}")
+        module = importlib.util.module_from_spec(spec_obj)
+        sys.modules[mod_name] = module
+        try:
+            spec_obj.loader.exec_module(module)
+        except Exception as e:
+            raise UserError(f"importing {file} failed: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise UserError(f"cannot import module '{target}': {e}") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UserError(f"'{factory_name}' is not a callable in {target}")
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+class LogitsOnly(nn.Module):
+    """Wrap a model whose forward returns a tuple/list (first item) or dict (key 'logits')."""
+
+    def __init__(self, inner: nn.Module, key: str | int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.key = key
+        for attr in ("layer_aliases", "arch"):
+            if hasattr(inner, attr):
+                setattr(self, attr, getattr(inner, attr))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        picked = out[self.key]
+        assert isinstance(picked, torch.Tensor)
+        return picked
+
+
+def check_classifier(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Run one batch and check the output is (N, num_classes) logits; unwrap tuple/dict outputs."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.rand(2, *input_shape))
+    except Exception as e:
+        raise UserError(
+            f"the model fails on inputs of shape (N, {', '.join(map(str, input_shape))}): "
+            f"{type(e).__name__}: {str(e)[:200]}"
+        ) from None
+    finally:
+        model.train(was_training)
+    wrapped = model
+    if isinstance(out, (tuple, list)):
+        if not out or not isinstance(out[0], torch.Tensor):
+            raise UserError("the model returns a tuple whose first item is not a tensor of logits")
+        wrapped, out = LogitsOnly(model, 0), out[0]
+    elif isinstance(out, dict):
+        if "logits" not in out:
+            raise UserError(f"the model returns a dict without 'logits' (keys: {sorted(out)})")
+        wrapped, out = LogitsOnly(model, "logits"), out["logits"]
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"the model must return logits of shape (N, classes), got {shape}")
+    if out.shape[1] != num_classes:
+        raise UserError(
+            f"the model outputs {out.shape[1]} classes but the dataset has {num_classes}; "
+            "set num_classes to match"
+        )
+    if torch.allclose(out.sum(1), torch.ones(2), atol=1e-4) and bool((out >= 0).all()):
+        raise UserError("the model's outputs look like probabilities (rows sum to 1); return logits")
+    return wrapped

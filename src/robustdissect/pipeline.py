@@ -1,0 +1,242 @@
+"""The stages of `robustdissect run`: each is a function (Context, options) -> results entry.
+
+A stage writes its tables and figures through `ctx.run` and returns a JSON-able entry built with
+`section(...)`; the report renders every entry the same way, so a new capability only adds a
+stage function. Stages that already finished in an interrupted run are skipped on `--resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import RunConfig, dump_config
+from .data import Dataset, Split, load_dataset
+from .errors import UserError
+from .models import (
+    MODELS,
+    apply_weights,
+    build_model,
+    check_classifier,
+    load_checkpoint,
+    load_state_dict,
+    load_user_model,
+    shipped_checkpoints,
+)
+from .registry import Registry
+from .runs import RunDir, write_json
+from .training import pick_device
+
+log = logging.getLogger(__name__)
+
+StageFn = Callable[["Context", dict[str, Any]], dict[str, Any]]
+STAGES: Registry[StageFn] = Registry("stage")
+
+
+@dataclass
+class Context:
+    """What every stage gets: the config, the run directory, the model, the data."""
+
+    config: RunConfig
+    run: RunDir
+    model: nn.Module
+    card: dict[str, Any]
+    data: Dataset
+    device: torch.device
+    progress: bool = False
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def split(self) -> Split:
+        """The analysed images: `config.n` images of `config.split`, a seeded subset."""
+        return self.data.split(self.config.split).subset(self.config.n, seed=self.config.seed)
+
+
+def section(
+    title: str,
+    text: str = "",
+    summary: Mapping[str, Any] | None = None,
+    tables: Sequence[Mapping[str, Any]] = (),
+    figures: Sequence[Mapping[str, str]] = (),
+    warnings: Sequence[str] = (),
+    **data: Any,
+) -> dict[str, Any]:
+    """A results entry the report can render.
+
+    tables: [{"file": "tables/x.csv", "title": ..., "show": True}] (shown ones are rendered as
+    HTML tables); figures: [{"file": "figures/x.png", "caption": ...}]; extra keys are kept as
+    machine-readable results.
+    """
+    return {"title": title, "text": text, "summary": dict(summary or {}), "tables": list(tables),
+            "figures": list(figures), "warnings": list(warnings), **data}  # fmt: skip
+
+
+def resolve_model(
+    spec: str,
+    weights: str | None,
+    model_args: Mapping[str, Any],
+    data: Dataset,
+    require_weights: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a shipped checkpoint, a checkpoint file with card, a zoo model + weights, or a user
+    `file.py:factory` / `pkg.module:factory` (+ weights), and check it fits the data."""
+    card: dict[str, Any]
+    if spec in shipped_checkpoints() or spec.endswith((".safetensors", ".json")):
+        model, card = load_checkpoint(spec)
+        if weights:
+            raise UserError("--weights is only for zoo or user models; a checkpoint already has weights")
+    elif spec in MODELS:
+        mean, std = data.channel_stats()
+        args = {"num_classes": data.num_classes, "in_channels": data.image_shape[0], "mean": mean, "std": std}
+        args.update(model_args)
+        model = build_model(spec, **args)
+        if not weights and require_weights:
+            raise UserError(
+                f"'{spec}' is an architecture without weights; pass --weights FILE, a shipped checkpoint "
+                f"({', '.join(shipped_checkpoints())}), or train one with `robustdissect train`"
+            )
+        card = {"arch": getattr(model, "arch", {"name": spec}), "weights": weights}
+    elif ":" in spec:
+        model = load_user_model(spec, **model_args)
+        card = {"arch": {"name": spec, **model_args}, "weights": weights, "user_model": True}
+    else:
+        load_checkpoint(spec)  # raises the unknown-model error with close matches
+        raise AssertionError("unreachable")
+    if weights:
+        apply_weights(model, load_state_dict(Path(weights)), weights)
+    model = check_classifier(model, data.image_shape, data.num_classes)
+    model.eval()
+    return model, card
+
+
+def environment(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    import numpy
+
+    return {"robustdissect": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform(), "device": str(device),
+            "threads": torch.get_num_threads(), "seed": cfg.seed,
+            "command": " ".join(sys.argv)}  # fmt: skip
+
+
+def prepare(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any], Dataset, torch.device]:
+    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    model, card = resolve_model(cfg.model, cfg.weights, cfg.model_args, data)
+    card_ds = card.get("dataset")
+    if card_ds and card_ds != cfg.dataset:
+        raise UserError(f"model {cfg.model} was trained on {card_ds}, but the run uses {cfg.dataset}")
+    device = pick_device(cfg.device)
+    return model.to(device), card, data, device
+
+
+def run_pipeline(
+    cfg: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False, progress: bool = False
+) -> Path:
+    """Run every configured stage into a run directory; return its final path."""
+    for name in cfg.stages:
+        STAGES.get(name)  # fail fast on unknown stage names
+    run = RunDir.create(out, overwrite=overwrite, resume=resume)
+    try:
+        model, card, data, device = prepare(cfg)
+        torch.manual_seed(cfg.seed)
+        ctx = Context(cfg, run, model, card, data, device, progress)
+        run.write_text("config.yaml", dump_config(cfg))
+        write_json(run.path / "env.json", environment(cfg, device))
+        run.update_results(schema_version=1, model=cfg.model, model_card=card, dataset=_data_summary(data, cfg))
+        for name, options in cfg.stages.items():
+            if run.stage_done(name):
+                log.info("stage %s already done, skipping", name)
+                continue
+            log.info("stage %s", name)
+            t0 = time.perf_counter()
+            entry = STAGES.get(name)(ctx, dict(options))
+            entry["seconds"] = round(time.perf_counter() - t0, 2)
+            run.set_stage(name, entry)
+        from .report import render_report
+
+        render_report(run.path)
+    except UserError:
+        run.discard()
+        raise
+    except KeyboardInterrupt:
+        log.warning("interrupted; finished stages are kept in %s, rerun with --resume", run.path)
+        raise
+    return run.finish()
+
+
+def _data_summary(data: Dataset, cfg: RunConfig) -> dict[str, Any]:
+    return {"name": data.name, "source": data.source, "classes": list(data.classes),
+            "image_shape": list(data.image_shape), "sizes": {"train": len(data.train), "val": len(data.val),
+            "test": len(data.test)}, "analysed_split": cfg.split,
+            "analysed_n": min(cfg.n or len(data.split(cfg.split)), len(data.split(cfg.split)))}  # fmt: skip
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 500) -> torch.Tensor:
+    """Predicted labels (N,) for images x (N, C, H, W)."""
+    preds = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+@STAGES.register("overview", "clean accuracy per class, confusion matrix, sample images")
+def overview_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
+    from .report import plots
+
+    if options:
+        raise UserError(f"stage 'overview' takes no options, got {sorted(options)}")
+    split = ctx.split
+    pred = predict(ctx.model, split.x, ctx.device, ctx.config.batch_size)
+    k = ctx.data.num_classes
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    confusion.index_put_((split.y, pred), torch.ones_like(pred), accumulate=True)
+    acc = int((pred == split.y).sum()) / max(1, len(split))
+    rows = []
+    for c, name in enumerate(ctx.data.classes):
+        support = int(confusion[c].sum())
+        rows.append({"class": name, "support": support,
+                     "accuracy": float(confusion[c, c]) / support if support else float("nan")})  # fmt: skip
+    ctx.run.write_table("clean_accuracy_per_class", rows)
+    ctx.run.write_table(
+        "confusion_matrix",
+        [{"true": ctx.data.classes[i], **{ctx.data.classes[j]: int(confusion[i, j]) for j in range(k)}} for i in range(k)],
+    )
+    ctx.run.save_figure("confusion_matrix", plots.confusion_matrix(confusion.numpy(), ctx.data.classes))
+    ctx.run.save_figure("per_class_accuracy", plots.per_class_bars([r["accuracy"] for r in rows], ctx.data.classes, "clean accuracy"))
+    ctx.run.save_figure("samples", plots.image_grid(split.x[:32], [
+        f"{ctx.data.classes[int(t)][:10]}\n→ {ctx.data.classes[int(p)][:10]}" for t, p in zip(split.y[:32], pred[:32], strict=True)
+    ]))  # fmt: skip
+    ctx.run.update_results(clean_accuracy=acc)
+    return section(
+        "Model and clean accuracy",
+        text=f"Accuracy of the model on {len(split)} {ctx.config.split} images, per class, with the confusion matrix.",
+        summary={"clean accuracy": acc, "images": len(split), "split": ctx.config.split},
+        tables=[{"file": "tables/clean_accuracy_per_class.csv", "title": "Clean accuracy per class", "show": True}],
+        figures=[
+            {"file": "figures/per_class_accuracy.png", "caption": "Clean accuracy per class"},
+            {"file": "figures/confusion_matrix.png", "caption": "Confusion matrix (rows: true class)"},
+            {"file": "figures/samples.png", "caption": "Sample images: true class → prediction"},
+        ],
+        clean_accuracy=acc,
+        per_class_accuracy={r["class"]: r["accuracy"] for r in rows},
+        confusion_matrix=confusion.tolist(),
+    )
+
+
+def quick_config(cfg: RunConfig) -> RunConfig:
+    """A smaller run for a first look: fewer images."""
+    return cfg.replace(n=min(cfg.n or 500, 500))
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((path / "results.json").read_text())
+    return data

@@ -1,0 +1,87 @@
+"""Figures for the report. Object-oriented matplotlib (Agg), each function returns a Figure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def confusion_matrix(cm: np.ndarray, classes: Sequence[str]) -> Figure:
+    """cm: (K, K) counts, rows = true class."""
+    k = len(classes)
+    fig = Figure(figsize=(0.55 * k + 2.5, 0.55 * k + 2))
+    ax = fig.add_subplot()
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            if cm[i, j]:
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_xticks(range(k), [c[:12] for c in classes], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), [c[:12] for c in classes], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="row fraction")
+    return fig
+
+
+def per_class_bars(values: Sequence[float], classes: Sequence[str], ylabel: str) -> Figure:
+    fig = Figure(figsize=(max(4.0, 0.5 * len(classes) + 1.5), 3))
+    ax = fig.add_subplot()
+    ax.bar(range(len(values)), values, color="#4c72b0")
+    ax.set_xticks(range(len(classes)), [c[:12] for c in classes], rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def image_grid(x: torch.Tensor, titles: Sequence[str] | None = None, ncols: int = 8) -> Figure:
+    """x: (N, C, H, W) in [0, 1]; grayscale for C = 1."""
+    n = x.shape[0]
+    nrows = max(1, -(-n // ncols))
+    fig = Figure(figsize=(1.3 * ncols, 1.55 * nrows))
+    for i in range(n):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        img = x[i].detach().cpu()
+        if img.shape[0] == 1:
+            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        else:
+            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_axis_off()
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=6)
+    return fig
+
+
+def line_plot(
+    xs: Sequence[float],
+    series: dict[str, Sequence[float]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    bands: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+) -> Figure:
+    """One line per series, optional shaded (low, high) bands keyed like the series."""
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.add_subplot()
+    for name, ys in series.items():
+        (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name)
+        if bands and name in bands:
+            lo, hi = bands[name]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robustdissect.cli import main
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("robustdissect: error:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_run_quick_writes_a_complete_run_directory(tmp_path: Path, capsys, fmnist) -> None:
+    out = tmp_path / "run"
+    code, stdout, err = _cli(["run", "--quick", "--out", str(out)], capsys)
+    assert code == 0, err
+    for rel in ("config.yaml", "env.json", "results.json", "report.html", "tables/confusion_matrix.csv",
+                "tables/clean_accuracy_per_class.csv", "figures/confusion_matrix.png", "figures/samples.png"):
+        assert (out / rel).is_file(), rel
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema_version"] == 1 and res["model"] == "fmnist-smallcnn-vanilla"
+    assert res["dataset"]["name"] == "fashion-mnist" and res["dataset"]["analysed_n"] == 500
+    assert 0.9 < res["clean_accuracy"] <= 1.0
+    assert "overview" in res["stages"]
+    cm = np.array(res["stages"]["overview"]["confusion_matrix"])
+    assert cm.sum() == 500 and abs(np.trace(cm) / 500 - res["clean_accuracy"]) < 1e-9
+    assert not (tmp_path / "run.partial").exists()
+
+    # an existing run directory is not overwritten silently
+    code, _, err = _cli(["run", "--quick", "--out", str(out)], capsys)
+    _one_line_error(code, err, "already exists")
+
+    # the report can be rebuilt from the files alone
+    (out / "report.html").unlink()
+    code, _, err = _cli(["report", str(out)], capsys)
+    assert code == 0 and "fmnist-smallcnn-vanilla" in (out / "report.html").read_text()
+
+
+def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bad"
+    code, _, err = _cli(["run", "--quick", "--model", "no-such-model", "--out", str(out)], capsys)
+    _one_line_error(code, err, "unknown model 'no-such-model'")
+    assert not out.exists() and not (tmp_path / "bad.partial").exists()
+
+    code, _, err = _cli(["run", "--quick", "--data-dir", str(tmp_path / "missing"), "--out", str(out)], capsys)
+    _one_line_error(code, err, "does not exist")
+    assert not out.exists() and not (tmp_path / "bad.partial").exists()
+
+    code, _, err = _cli(["layers", "--model", "smallcnn", "--model-arg", "widthh=3"], capsys)
+    _one_line_error(code, err, "bad arguments for model")
+
+    (tmp_path / "cfg.yaml").write_text("modle: smallcnn\n")
+    code, _, err = _cli(["run", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)], capsys)
+    _one_line_error(code, err, "did you mean: model")
+
+
+def test_class_count_mismatch_via_cli(tmp_path: Path, capsys) -> None:
+    x = np.random.default_rng(0).random((30, 1, 28, 28)).astype(np.float32)
+    np.savez(tmp_path / "three.npz", x=x, y=np.arange(30) % 3)
+    code, _, err = _cli(["run", "--quick", "--data", "npz", "--data-dir", str(tmp_path / "three.npz"),
+                         "--out", str(tmp_path / "r")], capsys)  # fmt: skip
+    _one_line_error(code, err, "outputs 10 classes but the dataset has 3")
+    code, _, err = _cli(["run", "--quick", "--model", "smallcnn", "--weights",
+                         "src/robustdissect/weights/fmnist-smallcnn-vanilla.safetensors", "--data", "npz",
+                         "--data-dir", str(tmp_path / "three.npz"), "--out", str(tmp_path / "r")], capsys)  # fmt: skip
+    _one_line_error(code, err, "the model expects (3,)")
+
+
+def test_layers_and_list(capsys) -> None:
+    code, out, _ = _cli(["layers"], capsys)
+    assert code == 0 and "conv6.bn" in out and "relu6" in out
+    code, out, _ = _cli(["list", "checkpoints"], capsys)
+    assert code == 0 and "fmnist-smallcnn-vanilla" in out
+    code, _, err = _cli(["list", "nonsense"], capsys)
+    _one_line_error(code, err, "cannot list")
