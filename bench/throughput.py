@@ -35,6 +35,18 @@ def _time(fn, device: torch.device, min_seconds: float) -> float:  # type: ignor
             return elapsed / n
 
 
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        model(x)
+
+
+def _forward_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One forward and one backward to the input (what an attack step costs)."""
+    xr = x.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(model(xr), y)
+    torch.autograd.grad(loss, xr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -50,17 +62,8 @@ def main() -> None:
             x = torch.rand(bs, *shape, device=device)
             y = torch.randint(0, 10, (bs,), device=device)
 
-            def fwd() -> None:
-                with torch.no_grad():
-                    model(x)
-
-            def fwd_bwd() -> None:
-                xr = x.clone().requires_grad_(True)
-                loss = torch.nn.functional.cross_entropy(model(xr), y)
-                torch.autograd.grad(loss, xr)
-
-            tf = _time(fwd, device, args.seconds)
-            tb = _time(fwd_bwd, device, args.seconds)
+            tf = _time(lambda m=model, x=x: _forward(m, x), device, args.seconds)
+            tb = _time(lambda m=model, x=x, y=y: _forward_backward(m, x, y), device, args.seconds)
             print(f"{name:<10} {bs:>6} {bs / tf:>12.0f} {bs / tb:>14.0f} {tb / tf:>8.2f}")
 
 

@@ -1,6 +1,6 @@
 """Copy a finished training run into the shipped weights folder under a checkpoint name.
 
-    python scripts/ship_checkpoint.py RUN_DIR NAME CONFIG
+python scripts/ship_checkpoint.py RUN_DIR NAME CONFIG
 """
 
 from __future__ import annotations

@@ -28,10 +28,18 @@ def _one_line_error(code: int, err: str, needle: str) -> None:
 
 def test_run_quick_writes_a_complete_run_directory(tmp_path: Path, capsys, fmnist) -> None:
     out = tmp_path / "run"
-    code, stdout, err = _cli(["run", "--quick", "--out", str(out)], capsys)
+    code, _, err = _cli(["run", "--quick", "--out", str(out)], capsys)
     assert code == 0, err
-    for rel in ("config.yaml", "env.json", "results.json", "report.html", "tables/confusion_matrix.csv",
-                "tables/clean_accuracy_per_class.csv", "figures/confusion_matrix.png", "figures/samples.png"):
+    for rel in (
+        "config.yaml",
+        "env.json",
+        "results.json",
+        "report.html",
+        "tables/confusion_matrix.csv",
+        "tables/clean_accuracy_per_class.csv",
+        "figures/confusion_matrix.png",
+        "figures/samples.png",
+    ):
         assert (out / rel).is_file(), rel
     res = json.loads((out / "results.json").read_text())
     assert res["schema_version"] == 1 and res["model"] == "fmnist-smallcnn-vanilla"
@@ -73,12 +81,28 @@ def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path: Path, caps
 def test_class_count_mismatch_via_cli(tmp_path: Path, capsys) -> None:
     x = np.random.default_rng(0).random((30, 1, 28, 28)).astype(np.float32)
     np.savez(tmp_path / "three.npz", x=x, y=np.arange(30) % 3)
-    code, _, err = _cli(["run", "--quick", "--data", "npz", "--data-dir", str(tmp_path / "three.npz"),
-                         "--out", str(tmp_path / "r")], capsys)  # fmt: skip
+    code, _, err = _cli(
+        ["run", "--quick", "--data", "npz", "--data-dir", str(tmp_path / "three.npz"), "--out", str(tmp_path / "r")],
+        capsys,
+    )
     _one_line_error(code, err, "outputs 10 classes but the dataset has 3")
-    code, _, err = _cli(["run", "--quick", "--model", "smallcnn", "--weights",
-                         "src/robustdissect/weights/fmnist-smallcnn-vanilla.safetensors", "--data", "npz",
-                         "--data-dir", str(tmp_path / "three.npz"), "--out", str(tmp_path / "r")], capsys)  # fmt: skip
+    code, _, err = _cli(
+        [
+            "run",
+            "--quick",
+            "--model",
+            "smallcnn",
+            "--weights",
+            "src/robustdissect/weights/fmnist-smallcnn-vanilla.safetensors",
+            "--data",
+            "npz",
+            "--data-dir",
+            str(tmp_path / "three.npz"),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capsys,
+    )
     _one_line_error(code, err, "the model expects (3,)")
 
 

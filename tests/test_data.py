@@ -20,7 +20,7 @@ def test_fashion_mnist_shapes_and_range(fmnist) -> None:
     assert fmnist.image_shape == (1, 28, 28)
     assert fmnist.num_classes == 10
     assert fmnist.test.x.dtype == torch.float32
-    assert 0.0 <= float(fmnist.test.x.min()) and float(fmnist.test.x.max()) <= 1.0
+    assert float(fmnist.test.x.min()) >= 0.0 and float(fmnist.test.x.max()) <= 1.0
     assert torch.bincount(fmnist.test.y).tolist() == [1000] * 10
     mean, std = fmnist.channel_stats()
     assert abs(mean[0] - 0.286) < 0.002 and abs(std[0] - 0.353) < 0.002
@@ -89,7 +89,9 @@ def test_npz_nan_and_range_are_refused(tmp_path: Path) -> None:
 
 def _cifar_batch(n: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
-    return pickle.dumps({b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), b"labels": list(rng.integers(0, 10, n))})
+    return pickle.dumps(
+        {b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), b"labels": list(rng.integers(0, 10, n))}
+    )
 
 
 def test_cifar10_batches_and_safe_unpickling(tmp_path: Path) -> None:

@@ -51,7 +51,10 @@ def test_smallcnn_layout_and_pooling() -> None:
     assert [infos[f"conv{i}"].channels for i in range(1, 7)] == [16, 16, 32, 32, 64, 64]
     assert infos["pool1"].shape == (16, 14, 14) and infos["pool3"].shape == (64, 3, 3)
     assert isinstance(m.pool1, nn.AvgPool2d)
-    assert build_model("smallcnn", in_channels=3, mean=(0, 0, 0), std=(1, 1, 1))(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert build_model("smallcnn", in_channels=3, mean=(0, 0, 0), std=(1, 1, 1))(torch.rand(2, 3, 32, 32)).shape == (
+        2,
+        10,
+    )
 
 
 def test_vgg16_and_resnet18_paper_aliases() -> None:

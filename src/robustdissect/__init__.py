@@ -14,8 +14,19 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {"analysis", "attacks", "cli", "config", "data", "models", "pipeline", "probe",
-               "report", "runs", "training"}  # fmt: skip
+_SUBMODULES = {
+    "analysis",
+    "attacks",
+    "cli",
+    "config",
+    "data",
+    "models",
+    "pipeline",
+    "probe",
+    "report",
+    "runs",
+    "training",
+}
 
 __all__ = ["UserError", "__version__", *sorted(_SUBMODULES)]
 

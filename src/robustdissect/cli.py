@@ -19,11 +19,18 @@ app = typer.Typer(
     help="Dissect the adversarial robustness of image classifiers, feature by feature.",
 )
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="shipped checkpoint, zoo model, .safetensors with card, or file.py:factory")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="shipped checkpoint, zoo model, .safetensors with card, or file.py:factory"),
+]
 DataOpt = Annotated[str | None, typer.Option("--data", help="dataset name (robustdissect list datasets)")]
 DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="folder or file holding the dataset")]
-WeightsOpt = Annotated[str | None, typer.Option("--weights", help="weights for a zoo or user model (.safetensors or .pt)")]
-ModelArgOpt = Annotated[list[str] | None, typer.Option("--model-arg", help="KEY=VALUE argument for the model factory (repeatable)")]
+WeightsOpt = Annotated[
+    str | None, typer.Option("--weights", help="weights for a zoo or user model (.safetensors or .pt)")
+]
+ModelArgOpt = Annotated[
+    list[str] | None, typer.Option("--model-arg", help="KEY=VALUE argument for the model factory (repeatable)")
+]
 
 
 def _kv(pairs: list[str] | None) -> dict[str, Any]:
@@ -87,7 +94,9 @@ def train(
     lr: Annotated[float | None, typer.Option("--lr")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
     n: Annotated[int | None, typer.Option("--n", help="train on a seeded subset of N images")] = None,
-    objective: Annotated[str | None, typer.Option("--objective", help="training objective (robustdissect list objectives)")] = None,
+    objective: Annotated[
+        str | None, typer.Option("--objective", help="training objective (robustdissect list objectives)")
+    ] = None,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
     device: Annotated[str | None, typer.Option("--device")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder")] = None,
@@ -97,7 +106,8 @@ def train(
     """Train a zoo model; writes per-epoch state, model.safetensors and its card."""
     import dataclasses
 
-    from .training import TrainConfig, train as train_fn
+    from .training import TrainConfig
+    from .training import train as train_fn
 
     _setup_logging(verbose)
     base: dict[str, Any] = {}
@@ -111,8 +121,18 @@ def train(
             from .errors import unknown_name
 
             raise unknown_name(f"setting in {config}", unknown[0], known)
-    overrides = {"model": model, "dataset": data, "data_dir": data_dir, "epochs": epochs, "lr": lr,
-                 "batch_size": batch_size, "n": n, "objective": objective, "seed": seed, "device": device}  # fmt: skip
+    overrides = {
+        "model": model,
+        "dataset": data,
+        "data_dir": data_dir,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "n": n,
+        "objective": objective,
+        "seed": seed,
+        "device": device,
+    }
     base.update({k: v for k, v in overrides.items() if v is not None})
     if model_arg:
         base["model_args"] = {**base.get("model_args", {}), **_kv(model_arg)}
@@ -146,7 +166,9 @@ def layers(
 
 
 @app.command("list")
-def list_(what: Annotated[str, typer.Argument(help="datasets | models | checkpoints | objectives | attacks | stages")]) -> None:
+def list_(
+    what: Annotated[str, typer.Argument(help="datasets | models | checkpoints | objectives | attacks | stages")],
+) -> None:
     """List what is registered."""
     from .registry import Registry
 
@@ -157,20 +179,22 @@ def list_(what: Annotated[str, typer.Argument(help="datasets | models | checkpoi
 
         for name in shipped_checkpoints():
             card = read_card(WEIGHTS_DIR / f"{name}.json")
-            typer.echo(f"{name:<32} {card.get('dataset', '')}, {card['arch'].get('name')}, test accuracy {card.get('test_accuracy')}")
+            arch = card["arch"].get("name")
+            typer.echo(f"{name:<32} {card.get('dataset', '')}, {arch}, test accuracy {card.get('test_accuracy')}")
         return
-    if what == "datasets":
-        from .data import DATASETS as reg
-    elif what == "models":
-        from .models import MODELS as reg
-    elif what == "objectives":
-        from .training import OBJECTIVES as reg
-    elif what == "attacks":
-        from .attacks import ATTACKS as reg
-    elif what == "stages":
-        from .pipeline import STAGES as reg
-    else:
+    import importlib
+
+    registries = {
+        "datasets": ("data", "DATASETS"),
+        "models": ("models", "MODELS"),
+        "objectives": ("training", "OBJECTIVES"),
+        "attacks": ("attacks", "ATTACKS"),
+        "stages": ("pipeline", "STAGES"),
+    }
+    if what not in registries:
         raise UserError(f"cannot list '{what}'; choose datasets, models, checkpoints, objectives, attacks or stages")
+    module, attr = registries[what]
+    reg = getattr(importlib.import_module(f"robustdissect.{module}"), attr)
     for entry in reg:
         typer.echo(f"{entry.name:<20} {entry.summary}")
 

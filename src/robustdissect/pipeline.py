@@ -78,8 +78,15 @@ def section(
     HTML tables); figures: [{"file": "figures/x.png", "caption": ...}]; extra keys are kept as
     machine-readable results.
     """
-    return {"title": title, "text": text, "summary": dict(summary or {}), "tables": list(tables),
-            "figures": list(figures), "warnings": list(warnings), **data}  # fmt: skip
+    return {
+        "title": title,
+        "text": text,
+        "summary": dict(summary or {}),
+        "tables": list(tables),
+        "figures": list(figures),
+        "warnings": list(warnings),
+        **data,
+    }
 
 
 def resolve_model(
@@ -123,10 +130,17 @@ def resolve_model(
 def environment(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     import numpy
 
-    return {"robustdissect": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "numpy": numpy.__version__, "platform": platform.platform(), "device": str(device),
-            "threads": torch.get_num_threads(), "seed": cfg.seed,
-            "command": " ".join(sys.argv)}  # fmt: skip
+    return {
+        "robustdissect": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "seed": cfg.seed,
+        "command": " ".join(sys.argv),
+    }
 
 
 def prepare(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any], Dataset, torch.device]:
@@ -175,10 +189,15 @@ def run_pipeline(
 
 
 def _data_summary(data: Dataset, cfg: RunConfig) -> dict[str, Any]:
-    return {"name": data.name, "source": data.source, "classes": list(data.classes),
-            "image_shape": list(data.image_shape), "sizes": {"train": len(data.train), "val": len(data.val),
-            "test": len(data.test)}, "analysed_split": cfg.split,
-            "analysed_n": min(cfg.n or len(data.split(cfg.split)), len(data.split(cfg.split)))}  # fmt: skip
+    return {
+        "name": data.name,
+        "source": data.source,
+        "classes": list(data.classes),
+        "image_shape": list(data.image_shape),
+        "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "analysed_split": cfg.split,
+        "analysed_n": min(cfg.n or len(data.split(cfg.split)), len(data.split(cfg.split))),
+    }
 
 
 @torch.no_grad()
@@ -200,21 +219,38 @@ def overview_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     confusion = torch.zeros(k, k, dtype=torch.long)
     confusion.index_put_((split.y, pred), torch.ones_like(pred), accumulate=True)
     acc = int((pred == split.y).sum()) / max(1, len(split))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for c, name in enumerate(ctx.data.classes):
         support = int(confusion[c].sum())
-        rows.append({"class": name, "support": support,
-                     "accuracy": float(confusion[c, c]) / support if support else float("nan")})  # fmt: skip
+        rows.append(
+            {
+                "class": name,
+                "support": support,
+                "accuracy": float(confusion[c, c]) / support if support else float("nan"),
+            }
+        )
     ctx.run.write_table("clean_accuracy_per_class", rows)
     ctx.run.write_table(
         "confusion_matrix",
-        [{"true": ctx.data.classes[i], **{ctx.data.classes[j]: int(confusion[i, j]) for j in range(k)}} for i in range(k)],
+        [
+            {"true": ctx.data.classes[i], **{ctx.data.classes[j]: int(confusion[i, j]) for j in range(k)}}
+            for i in range(k)
+        ],
     )
     ctx.run.save_figure("confusion_matrix", plots.confusion_matrix(confusion.numpy(), ctx.data.classes))
-    ctx.run.save_figure("per_class_accuracy", plots.per_class_bars([r["accuracy"] for r in rows], ctx.data.classes, "clean accuracy"))
-    ctx.run.save_figure("samples", plots.image_grid(split.x[:32], [
-        f"{ctx.data.classes[int(t)][:10]}\n→ {ctx.data.classes[int(p)][:10]}" for t, p in zip(split.y[:32], pred[:32], strict=True)
-    ]))  # fmt: skip
+    ctx.run.save_figure(
+        "per_class_accuracy", plots.per_class_bars([float(r["accuracy"]) for r in rows], ctx.data.classes, "clean accuracy")
+    )
+    ctx.run.save_figure(
+        "samples",
+        plots.image_grid(
+            split.x[:32],
+            [
+                f"{ctx.data.classes[int(t)][:10]}\n→ {ctx.data.classes[int(p)][:10]}"
+                for t, p in zip(split.y[:32], pred[:32], strict=True)
+            ],
+        ),
+    )
     ctx.run.update_results(clean_accuracy=acc)
     return section(
         "Model and clean accuracy",

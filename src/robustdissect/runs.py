@@ -79,9 +79,8 @@ class RunDir:
     def create(cls, out: str | Path, overwrite: bool = False, resume: bool = False) -> RunDir:
         final = Path(out)
         work = final.with_name(final.name + ".partial")
-        if final.exists():
-            if not overwrite:
-                raise UserError(f"run directory {final} already exists; choose another --out or pass --overwrite")
+        if final.exists() and not overwrite:
+            raise UserError(f"run directory {final} already exists; choose another --out or pass --overwrite")
         if work.exists() and not resume:
             if overwrite:
                 shutil.rmtree(work)

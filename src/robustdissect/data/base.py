@@ -88,24 +88,20 @@ def validate_images(x: torch.Tensor, y: torch.Tensor, where: str) -> None:
         raise UserError(f"{where}: images must have shape (N, C, H, W), got {tuple(x.shape)}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise UserError(
-            f"{where}: {x.shape[0]} images but labels of shape {tuple(y.shape)}; "
-            "give one integer label per image"
+            f"{where}: {x.shape[0]} images but labels of shape {tuple(y.shape)}; give one integer label per image"
         )
     if not torch.isfinite(x).all():
         raise UserError(f"{where}: images contain NaN or infinite values; clean the data first")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
         raise UserError(
-            f"{where}: pixel values must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]; "
-            "divide 8-bit images by 255"
+            f"{where}: pixel values must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]; divide 8-bit images by 255"
         )
     if y.numel() and int(y.min()) < 0:
         raise UserError(f"{where}: labels must be non-negative integers")
 
 
-def split_train_val(
-    x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int = 0
-) -> tuple[Split, Split]:
+def split_train_val(x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int = 0) -> tuple[Split, Split]:
     """Hold out a fixed, seeded slice of `val_size` training images for model selection."""
     n = x.shape[0]
     val_size = min(val_size, n // 10) if n < 10 * val_size else val_size

@@ -27,8 +27,8 @@ def _read_folder(directory: Path, size: int | None, grayscale: bool) -> tuple[to
             if f.suffix.lower() not in _IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if grayscale else "RGB")
+                with Image.open(f) as raw:
+                    im = raw.convert("L" if grayscale else "RGB")
                     if size is not None:
                         im = im.resize((size, size), Image.Resampling.BILINEAR)
                     a = np.asarray(im, dtype=np.uint8)
@@ -37,9 +37,7 @@ def _read_folder(directory: Path, size: int | None, grayscale: bool) -> tuple[to
             if shape is None:
                 shape = a.shape
             elif a.shape != shape:
-                raise UserError(
-                    f"{f} has size {a.shape}, others {shape}; pass --image-size to resize all images"
-                )
+                raise UserError(f"{f} has size {a.shape}, others {shape}; pass --image-size to resize all images")
             images.append(a)
             labels.append(label)
     if not images:

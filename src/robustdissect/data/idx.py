@@ -15,11 +15,19 @@ from .base import DATASETS, Dataset, split_train_val
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 MNIST_CLASSES = tuple(str(i) for i in range(10))
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, str | type] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -41,8 +49,7 @@ def read_idx(path: Path) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
         raise UserError(
-            f"{path} is truncated or corrupt: header promises {expected} bytes of data, "
-            f"found {len(data) - header}"
+            f"{path} is truncated or corrupt: header promises {expected} bytes of data, found {len(data) - header}"
         )
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
@@ -67,9 +74,7 @@ def load_idx_dataset(name: str, directory: Path, classes: tuple[str, ...], seed:
         images = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise UserError(
-                f"{directory}: {split} images {images.shape} do not match labels {labels.shape}"
-            )
+            raise UserError(f"{directory}: {split} images {images.shape} do not match labels {labels.shape}")
         x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
         y = torch.from_numpy(labels.astype(np.int64))
         if int(y.max()) >= len(classes):
@@ -83,7 +88,7 @@ def load_idx_dataset(name: str, directory: Path, classes: tuple[str, ...], seed:
 
 @DATASETS.register("fashion-mnist", "Fashion-MNIST, 28x28 grayscale, 10 classes (built in)")
 def fashion_mnist(data_dir: str | None = None, seed: int = 0) -> Dataset:
-    directory = Path(data_dir or os.environ.get("ROBUSTDISSECT_FMNIST_DIR", FASHION_MNIST_DIR))
+    directory = Path(data_dir or os.environ.get("ROBUSTDISSECT_FMNIST_DIR") or FASHION_MNIST_DIR)
     return load_idx_dataset("fashion-mnist", directory, FASHION_CLASSES, seed)
 
 

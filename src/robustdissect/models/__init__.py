@@ -15,8 +15,22 @@ from .layers import LayerInfo, aliases_of, default_conv_layers, list_layers, res
 from .zoo import MODELS, Classifier, Normalize
 
 __all__ = [
-    "MODELS", "WEIGHTS_DIR", "Classifier", "LayerInfo", "Normalize", "aliases_of", "apply_weights",
-    "build_model", "check_classifier", "default_conv_layers", "list_layers", "load_checkpoint",
-    "load_state_dict", "load_user_model", "resolve_layer", "resolve_layers", "save_checkpoint",
+    "MODELS",
+    "WEIGHTS_DIR",
+    "Classifier",
+    "LayerInfo",
+    "Normalize",
+    "aliases_of",
+    "apply_weights",
+    "build_model",
+    "check_classifier",
+    "default_conv_layers",
+    "list_layers",
+    "load_checkpoint",
+    "load_state_dict",
+    "load_user_model",
+    "resolve_layer",
+    "resolve_layers",
+    "save_checkpoint",
     "shipped_checkpoints",
-]  # fmt: skip
+]

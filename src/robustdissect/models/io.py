@@ -209,8 +209,7 @@ def check_classifier(model: nn.Module, input_shape: tuple[int, int, int], num_cl
         raise UserError(f"the model must return logits of shape (N, classes), got {shape}")
     if out.shape[1] != num_classes:
         raise UserError(
-            f"the model outputs {out.shape[1]} classes but the dataset has {num_classes}; "
-            "set num_classes to match"
+            f"the model outputs {out.shape[1]} classes but the dataset has {num_classes}; set num_classes to match"
         )
     if torch.allclose(out.sum(1), torch.ones(2), atol=1e-4) and bool((out >= 0).all()):
         raise UserError("the model's outputs look like probabilities (rows sum to 1); return logits")

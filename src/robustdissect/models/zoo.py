@@ -22,6 +22,9 @@ MODELS: Registry[Any] = Registry("model")
 class Normalize(nn.Module):
     """(x - mean) / std per channel; x: (N, C, H, W) in [0, 1]."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
@@ -90,10 +93,21 @@ class SmallCNN(Classifier):
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(w[5], num_classes)
         self.layer_aliases = _block_aliases(6) | {
-            "pool1": "pool1", "pool2": "pool2", "pool3": "pool3", "gap": "gap", "fc1": "fc1",
-        }  # fmt: skip
-        self.arch = {"name": "smallcnn", "num_classes": num_classes, "in_channels": in_channels,
-                     "width": width, "pooling": pooling, "mean": list(mean), "std": list(std)}  # fmt: skip
+            "pool1": "pool1",
+            "pool2": "pool2",
+            "pool3": "pool3",
+            "gap": "gap",
+            "fc1": "fc1",
+        }
+        self.arch = {
+            "name": "smallcnn",
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "width": width,
+            "pooling": pooling,
+            "mean": list(mean),
+            "std": list(std),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
@@ -131,8 +145,14 @@ class LeNet(Classifier):
         self.fc3 = nn.Linear(84, num_classes)
         names = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "fc1", "relu3", "fc2", "relu4", "fc3"]
         self.layer_aliases = {n: n for n in names}
-        self.arch = {"name": "lenet", "num_classes": num_classes, "in_channels": in_channels,
-                     "image_size": image_size, "mean": list(mean), "std": list(std)}  # fmt: skip
+        self.arch = {
+            "name": "lenet",
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "image_size": image_size,
+            "mean": list(mean),
+            "std": list(std),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool1(self.relu1(self.conv1(self.normalize(x))))
@@ -141,8 +161,7 @@ class LeNet(Classifier):
         return self.fc3(self.relu4(self.fc2(x)))
 
 
-_VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-                               512, 512, 512, "M", 512, 512, 512, "M"]  # fmt: skip
+_VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
 class VGG16(Classifier):
@@ -181,8 +200,15 @@ class VGG16(Classifier):
         self.fc1 = nn.Linear(cin, num_classes)
         aliases["fc1"] = "fc1"
         self.layer_aliases = aliases
-        self.arch = {"name": "vgg16", "num_classes": num_classes, "in_channels": in_channels,
-                     "pooling": pooling, "width_mult": width_mult, "mean": list(mean), "std": list(std)}  # fmt: skip
+        self.arch = {
+            "name": "vgg16",
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "pooling": pooling,
+            "width_mult": width_mult,
+            "mean": list(mean),
+            "std": list(std),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc1(self.flatten(self.features(self.normalize(x))))
@@ -201,9 +227,7 @@ class BasicBlock(nn.Module):
         self.relu2 = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -243,8 +267,14 @@ class ResNet18(Classifier):
         self.fc = nn.Linear(cin, num_classes)
         aliases |= {"layer4_output": "layer4", "avgpool": "avgpool", "fc1": "fc"}
         self.layer_aliases = aliases
-        self.arch = {"name": "resnet18", "num_classes": num_classes, "in_channels": in_channels,
-                     "width": width, "mean": list(mean), "std": list(std)}  # fmt: skip
+        self.arch = {
+            "name": "resnet18",
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "width": width,
+            "mean": list(mean),
+            "std": list(std),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(self.normalize(x))

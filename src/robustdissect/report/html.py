@@ -72,15 +72,30 @@ def render_report(run_dir: str | Path) -> Path:
                 if data is not None:
                     tables.append({"title": t.get("title", t["file"]), "file": t["file"], **data})
         links = [t for t in entry.get("tables", []) if (run / t["file"]).is_file()]
-        sections.append({"id": name, "title": entry.get("title", name), "text": entry.get("text", ""),
-                         "summary": entry.get("summary", {}), "figures": figures, "tables": tables,
-                         "links": links, "warnings": entry.get("warnings", []),
-                         "seconds": entry.get("seconds")})  # fmt: skip
-    jenv = Environment(loader=PackageLoader("robustdissect", "report/templates"), autoescape=select_autoescape(["html", "j2"]))
+        sections.append(
+            {
+                "id": name,
+                "title": entry.get("title", name),
+                "text": entry.get("text", ""),
+                "summary": entry.get("summary", {}),
+                "figures": figures,
+                "tables": tables,
+                "links": links,
+                "warnings": entry.get("warnings", []),
+                "seconds": entry.get("seconds"),
+            }
+        )
+    jenv = Environment(
+        loader=PackageLoader("robustdissect", "report/templates"), autoescape=select_autoescape(["html", "j2"])
+    )
     jenv.filters["fmt"] = _fmt
-    page = jenv.get_template("report.html.j2").render(results=results, env=env_info, sections=sections,
-                                                      card=results.get("model_card", {}),
-                                                      dataset=results.get("dataset", {}))  # fmt: skip
+    page = jenv.get_template("report.html.j2").render(
+        results=results,
+        env=env_info,
+        sections=sections,
+        card=results.get("model_card", {}),
+        dataset=results.get("dataset", {}),
+    )
     out = run / "report.html"
     atomic_write_text(out, page)
     return out

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
 
 def confusion_matrix(cm: np.ndarray, classes: Sequence[str]) -> Figure:
@@ -22,8 +22,15 @@ def confusion_matrix(cm: np.ndarray, classes: Sequence[str]) -> Figure:
     for i in range(k):
         for j in range(k):
             if cm[i, j]:
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    str(int(cm[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_xticks(range(k), [c[:12] for c in classes], rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(k), [c[:12] for c in classes], fontsize=8)
     ax.set_xlabel("predicted")

@@ -3,5 +3,15 @@
 from .loop import TrainConfig, TrainResult, accuracy, make_model_for, pick_device, train
 from .objectives import OBJECTIVES, Objective, StepOutput, Vanilla
 
-__all__ = ["OBJECTIVES", "Objective", "StepOutput", "TrainConfig", "TrainResult", "Vanilla", "accuracy",
-           "make_model_for", "pick_device", "train"]  # fmt: skip
+__all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "StepOutput",
+    "TrainConfig",
+    "TrainResult",
+    "Vanilla",
+    "accuracy",
+    "make_model_for",
+    "pick_device",
+    "train",
+]

@@ -160,9 +160,23 @@ def train(
         seconds = time.perf_counter() - t0
         t_total += seconds
         val_acc = accuracy(model, data.val.x, data.val.y)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen,
-                        "val_acc": val_acc, "seconds": seconds})  # fmt: skip
-        log.info("epoch %d: loss %.4f train %.4f val %.4f (%.1fs)", epoch + 1, loss_sum / seen, correct / seen, val_acc, seconds)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "val_acc": val_acc,
+                "seconds": seconds,
+            }
+        )
+        log.info(
+            "epoch %d: loss %.4f train %.4f val %.4f (%.1fs)",
+            epoch + 1,
+            loss_sum / seen,
+            correct / seen,
+            val_acc,
+            seconds,
+        )
         _save_state(state_path, model, opt, sched, epoch + 1, history, cfg)
 
     test_acc = accuracy(model, data.test.x, data.test.y)
@@ -183,13 +197,29 @@ def train(
     return TrainResult(model, card, history)
 
 
-def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, epoch: int,
-                history: list[dict[str, float]], cfg: TrainConfig) -> None:  # fmt: skip
+def _save_state(
+    path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    epoch: int,
+    history: list[dict[str, float]],
+    cfg: TrainConfig,
+) -> None:
     import io
 
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch, "history": json.dumps(history), "config": json.loads(json.dumps(asdict(cfg)))}, buf)  # fmt: skip
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epoch,
+            "history": json.dumps(history),
+            "config": json.loads(json.dumps(asdict(cfg))),
+        },
+        buf,
+    )
     atomic_write_bytes(path, buf.getvalue())
 
 
