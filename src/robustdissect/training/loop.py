@@ -7,6 +7,7 @@ same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..data import Dataset, augment, load_dataset
 from ..errors import UserError
-from ..models import build_model, save_checkpoint
+from ..models import build_model, load_checkpoint, save_checkpoint
 from ..runs import atomic_write_bytes, atomic_write_text
 from .objectives import OBJECTIVES, Objective
 
@@ -44,6 +45,10 @@ class TrainConfig:
     objective_args: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
+    init: str | None = None  # start from this checkpoint (shipped name or .safetensors path): fine-tuning
+    channels_last: bool = False  # NHWC memory format for model and batches
+    amp: str | None = None  # "bf16": bfloat16 autocast for the training forward (inner attacks stay fp32)
+    compile: bool = False  # torch.compile the model used for the steps
 
 
 @dataclass
@@ -110,9 +115,22 @@ def train(
     device = pick_device(cfg.device)
 
     torch.manual_seed(cfg.seed)
-    model = make_model_for(cfg, data).to(device)
+    model = make_model_for(cfg, data)
+    if cfg.init:
+        _load_init(model, cfg.init)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if cfg.amp not in (None, "bf16"):
+        raise UserError(f"amp must be 'bf16' or null, got {cfg.amp!r}")
     if objective is None:
-        objective = OBJECTIVES.get(cfg.objective)(**cfg.objective_args)
+        objective = make_objective(cfg)
+    setup = getattr(objective, "setup", None)
+    if callable(setup):
+        setup(model, train_split, device)
+    step_model: nn.Module = model
+    if cfg.compile:
+        step_model = torch.compile(model)  # type: ignore[assignment]
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = -(-len(train_split) // cfg.batch_size)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
@@ -136,17 +154,20 @@ def train(
     t_total = sum(h.get("seconds", 0.0) for h in history)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        objective.on_epoch_start(model, epoch)
+        objective.on_epoch_start(step_model, epoch)
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
         for x, y in train_split.batches(cfg.batch_size, shuffle=True, generator=g):
             x = augment(x, aug, g).to(device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device)
-            step = objective(model, x, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                step = objective(step_model, x, y)
             opt.zero_grad(set_to_none=True)
-            step.loss.backward()
+            step.loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
             loss_sum += float(step.loss.detach()) * len(y)
@@ -195,6 +216,36 @@ def train(
     save_checkpoint(model, out / "model.safetensors", card)
     atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
     return TrainResult(model, card, history)
+
+
+def make_objective(cfg: TrainConfig) -> Objective:
+    """The registered objective `cfg.objective` built from `cfg.objective_args`; objectives that
+    take a `seed` get the run's seed unless the arguments name one."""
+    factory = OBJECTIVES.get(cfg.objective)
+    args = dict(cfg.objective_args)
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    takes_seed = any(p.name == "seed" or p.kind is p.VAR_KEYWORD for p in params)
+    if "seed" not in args and takes_seed:
+        args["seed"] = cfg.seed
+    try:
+        obj: Objective = factory(**args)
+    except TypeError as e:
+        raise UserError(f"bad objective_args for '{cfg.objective}': {e}") from None
+    return obj
+
+
+def _load_init(model: nn.Module, name: str) -> None:
+    """Copy the weights of checkpoint `name` into `model` (same architecture required)."""
+    source, _card = load_checkpoint(name)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as e:
+        raise UserError(
+            f"cannot start from '{name}': its architecture differs from the configured model ({e})"
+        ) from None
 
 
 def _save_state(

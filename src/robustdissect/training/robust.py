@@ -1,0 +1,305 @@
+"""Adversarial-training objectives: PGD-AT (PAT), adversarial logit pairing (ALP), TRADES and
+fast FGSM-AT, all plugged into the one training loop.
+
+Inner maximisation. Every objective generates its training perturbation with the model in **eval
+mode** (BatchNorm uses its running statistics, as the attack library does for every attack); the
+training modes of all modules are restored afterwards. Some reference code (Madry et al.'s, Wong
+et al.'s fast AT) runs the inner loop in train mode instead; we choose eval mode so that a training
+perturbation is the same kind of point the evaluation attacks produce, and so that the inner loop
+does not move the BatchNorm running statistics. The inner loop runs in fp32 (autocast off) and
+differentiates with respect to the input only (no weight gradients are computed).
+
+Outer step. Clean and adversarial batches go through the model as **one concatenated batch** of
+2B images (one forward, one backward; BatchNorm in train mode normalises over both halves).
+
+Randomness (random starts, TRADES' Gaussian start) comes from a generator reseeded from
+(seed, epoch) at every epoch start, so a run resumed at epoch e draws exactly what an uninterrupted
+run draws.
+
+Tensor shapes: x (B, C, H, W) float in [0, 1]; y (B,) int64; logits (B, K).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .objectives import OBJECTIVES, StepOutput
+
+__all__ = [
+    "ALP",
+    "PAT",
+    "TRADES",
+    "AdversarialObjective",
+    "FastAT",
+    "LossFn",
+    "eval_modes",
+    "linf_pgd",
+    "step_size",
+]
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]  # logits (B, K) -> per-sample loss (B,) to maximise
+MIXES = ("half", "adv")
+
+
+@contextmanager
+def eval_modes(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode for the duration; each module's own flag restored afterwards
+    (so layers that an objective keeps in eval mode, e.g. frozen BatchNorm, stay that way)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def step_size(eps: float, steps: int, alpha: float | None = None, rule: str = "paper") -> float:
+    """alpha, or eps/sqrt(k) ("paper") or 2.5*eps/k ("madry")."""
+    if alpha is not None:
+        return float(alpha)
+    if rule == "paper":
+        return eps / math.sqrt(steps)
+    if rule == "madry":
+        return 2.5 * eps / steps
+    raise UserError(f"step_rule must be 'paper' or 'madry', got {rule!r}")
+
+
+def linf_pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Maximise `loss_fn(model(x'))` over the L-inf ball B(x, eps) ∩ [0, 1] with `steps` signed
+    gradient steps of size `alpha` from `start` (default x); returns x' (B, C, H, W), detached.
+
+    Runs with the model in eval mode, fp32, gradients with respect to the input only.
+    eps == 0 or steps == 0 returns the (projected) start.
+    """
+    lo, hi = (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
+    x_adv = (x if start is None else torch.max(torch.min(start, hi), lo)).detach()
+    if eps == 0 or steps == 0:
+        return x_adv.clone() if x_adv is x else x_adv
+    device_type = x.device.type
+    with eval_modes(model), torch.autocast(device_type, enabled=False), torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            loss = loss_fn(model(x_adv)).sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = torch.max(torch.min(x_adv.detach() + alpha * grad.sign(), hi), lo)
+    return x_adv.detach()
+
+
+def _ce_per_sample(y: torch.Tensor) -> LossFn:
+    return lambda logits: F.cross_entropy(logits.float(), y, reduction="none")
+
+
+class AdversarialObjective:
+    """Shared settings and machinery of the L-inf adversarial objectives.
+
+    eps: L-inf radius in pixel units; steps: k; alpha: step size (None: `step_rule`, "paper" =
+    eps/sqrt(k), "madry" = 2.5*eps/k); random_start: uniform start in the ball; seed: base of the
+    per-epoch generator.
+    """
+
+    name = "adversarial"
+
+    def __init__(
+        self,
+        eps: float = 0.1,
+        steps: int = 10,
+        alpha: float | None = None,
+        step_rule: str = "paper",
+        random_start: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not (eps >= 0 and math.isfinite(eps)):
+            raise UserError(f"eps must be a finite number >= 0, got {eps}")
+        if not isinstance(steps, int) or steps < 1:
+            raise UserError(f"steps must be an integer >= 1, got {steps!r}")
+        self.eps = float(eps)
+        self.steps = steps
+        self.step_rule = step_rule
+        self.alpha = step_size(self.eps, steps, alpha, step_rule)
+        self.random_start = bool(random_start)
+        self.seed = int(seed)
+        self._epoch = 0
+        self._gen: torch.Generator | None = None
+
+    # -- randomness -------------------------------------------------------------------------
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        self._epoch = epoch
+        self._gen = None  # recreated lazily on the batch's device
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The epoch's generator on `device`, seeded from (seed, epoch)."""
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self._epoch)
+        return self._gen
+
+    def uniform_start(self, x: torch.Tensor) -> torch.Tensor:
+        """x + U(-eps, eps) noise (B, C, H, W), clipped to [0, 1]; x itself without random start."""
+        if not self.random_start or self.eps == 0:
+            return x
+        noise = torch.rand(x.shape, generator=self.generator(x.device), device=x.device, dtype=x.dtype)
+        return (x + (2 * noise - 1) * self.eps).clamp(0.0, 1.0)
+
+    def pgd(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Untargeted CE PGD-k x' (B, C, H, W) against the current model."""
+        return linf_pgd(
+            model, x, _ce_per_sample(y), eps=self.eps, alpha=self.alpha, steps=self.steps, start=self.uniform_start(x)
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "eps": self.eps,
+            "steps": self.steps,
+            "alpha": self.alpha,
+            "step_rule": self.step_rule,
+            "random_start": self.random_start,
+            "seed": self.seed,
+            "inner_mode": "eval",
+        }
+
+
+def _split_forward(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward on the concatenated batch (2B, C, H, W); returns clean and adversarial logits."""
+    logits = model(torch.cat([x, x_adv]))
+    return logits[: len(x)], logits[len(x) :]
+
+
+@OBJECTIVES.register("pat", "PGD adversarial training: 1/2 CE(clean) + 1/2 CE(adv), or pure adversarial")
+class PAT(AdversarialObjective):
+    """PGD adversarial training (Madry et al. 2018; the neuron-sensitivity paper's PAT).
+
+    L = ½CE(F(x), y) + ½CE(F(x'), y) with `mix="half"` (default), L = CE(F(x'), y) with
+    `mix="adv"`; x' = L-inf PGD-k on the current model. With `mix="adv"` the returned logits are
+    the adversarial ones (the running accuracy is then robust training accuracy).
+    """
+
+    name = "pat"
+
+    def __init__(self, eps: float = 0.1, steps: int = 10, mix: str = "half", **kwargs: Any) -> None:
+        super().__init__(eps=eps, steps=steps, **kwargs)
+        if mix not in MIXES:
+            raise UserError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}")
+        self.mix = mix
+
+    def adv_loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(L_adv scalar, logits to report (B, K), adversarial logits (B, K) or None)."""
+        if self.mix == "adv":
+            adv_logits = model(x_adv)
+            return F.cross_entropy(adv_logits, y), adv_logits, adv_logits
+        clean, adv = _split_forward(model, x, x_adv)
+        return 0.5 * F.cross_entropy(clean, y) + 0.5 * F.cross_entropy(adv, y), clean, adv
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        x_adv = self.pgd(model, x, y)
+        loss, logits, _ = self.adv_loss(model, x, y, x_adv)
+        return StepOutput(loss, logits, {})
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "mix": self.mix}
+
+
+@OBJECTIVES.register("alp", "adversarial logit pairing: PAT + lambda * ||Z(x) - Z(x')||^2")
+class ALP(PAT):
+    """Adversarial logit pairing (Kannan et al. 2018) as in the neuron-sensitivity paper:
+    L = PAT loss + λ·mean_i ‖Z(x_i) − Z(x'_i)‖²₂ (λ = 0.5, logits Z (B, K)); mix "half" only."""
+
+    name = "alp"
+
+    def __init__(self, eps: float = 0.1, steps: int = 10, lam: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(eps=eps, steps=steps, **kwargs)
+        if self.mix != "half":
+            raise UserError("alp pairs clean and adversarial logits; it needs mix='half'")
+        self.lam = float(lam)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        x_adv = self.pgd(model, x, y)
+        clean, adv = _split_forward(model, x, x_adv)
+        base = 0.5 * F.cross_entropy(clean, y) + 0.5 * F.cross_entropy(adv, y)
+        pair = (clean - adv).pow(2).sum(dim=1).mean()
+        return StepOutput(base + self.lam * pair, clean, {"alp_pair": float(pair.detach())})
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "lam": self.lam}
+
+
+@OBJECTIVES.register("trades", "TRADES: CE(clean) + beta * KL(F(x) || F(x')), KL inner maximisation")
+class TRADES(AdversarialObjective):
+    """TRADES (Zhang et al. 2019): L = CE(F(x), y) + β·KL(p(x) ‖ p(x')), β = 6.
+
+    x' maximises KL(p(x) ‖ p(x')) by L-inf PGD-k from x + 0.001·N(0, 1) (the reference start);
+    KL is summed over classes and averaged over the batch.
+    """
+
+    name = "trades"
+
+    def __init__(self, eps: float = 0.1, steps: int = 10, beta: float = 6.0, **kwargs: Any) -> None:
+        kwargs.setdefault("random_start", True)
+        super().__init__(eps=eps, steps=steps, **kwargs)
+        self.beta = float(beta)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        with eval_modes(model), torch.no_grad():
+            p_clean = F.softmax(model(x).float(), dim=1)
+        start = x
+        if self.random_start:
+            g = self.generator(x.device)
+            start = x + 0.001 * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+
+        def kl(logits: torch.Tensor) -> torch.Tensor:
+            return F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="none").sum(dim=1)
+
+        x_adv = linf_pgd(model, x, kl, eps=self.eps, alpha=self.alpha, steps=self.steps, start=start)
+        clean, adv = _split_forward(model, x, x_adv)
+        robust = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
+        loss = F.cross_entropy(clean, y) + self.beta * robust
+        return StepOutput(loss, clean, {"trades_kl": float(robust.detach())})
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "beta": self.beta}
+
+
+@OBJECTIVES.register("fast", "fast adversarial training: FGSM from a uniform random start (Wong et al. 2020)")
+class FastAT(AdversarialObjective):
+    """Fast AT (Wong et al. 2020): δ0 ~ U(−ε, ε), one signed step of α = 1.25ε (`alpha`),
+    δ clipped to [−ε, ε] and x + δ to [0, 1]; L = CE(F(x + δ), y) (`mix="adv"`, default) or the
+    1:1 mix. Returns the adversarial logits with mix "adv"."""
+
+    name = "fast"
+
+    def __init__(self, eps: float = 0.1, alpha: float | None = None, mix: str = "adv", **kwargs: Any) -> None:
+        kwargs.pop("steps", None)
+        super().__init__(eps=eps, steps=1, alpha=1.25 * eps if alpha is None else alpha, **kwargs)
+        if mix not in MIXES:
+            raise UserError(f"mix must be one of {', '.join(MIXES)}, got {mix!r}")
+        self.mix = mix
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        x_adv = self.pgd(model, x, y)
+        if self.mix == "adv":
+            logits = model(x_adv)
+            return StepOutput(F.cross_entropy(logits, y), logits, {})
+        clean, adv = _split_forward(model, x, x_adv)
+        return StepOutput(0.5 * F.cross_entropy(clean, y) + 0.5 * F.cross_entropy(adv, y), clean, {})
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "mix": self.mix}

@@ -1,0 +1,207 @@
+"""Robust training objectives: contracts on a width-4 smallcnn, oracles, resume, presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from robustdissect.data import Dataset, Split
+from robustdissect.errors import UserError
+from robustdissect.models import build_model
+from robustdissect.training import OBJECTIVES, PAT, TrainConfig, make_objective, train
+from robustdissect.training.robust import ALP, TRADES, FastAT, linf_pgd, step_size
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
+FAST: dict[str, dict[str, Any]] = {
+    "vanilla": {},
+    "pat": {"steps": 2},
+    "alp": {"steps": 2},
+    "trades": {"steps": 2},
+    "fast": {},
+    "sns": {"steps": 2, "reference": "initial", "select_n": 32, "layers": "top2"},
+}
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model("smallcnn", width=4).train()
+
+
+@pytest.fixture(scope="module")
+def batch(fmnist: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    return fmnist.train.x[:16].clone(), fmnist.train.y[:16].clone()
+
+
+def test_registry_lists_every_objective() -> None:
+    assert set(FAST) <= set(OBJECTIVES.names())
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_objective_steps_with_finite_loss_and_gradients(
+    name: str, batch: tuple[torch.Tensor, torch.Tensor], fmnist: Dataset
+) -> None:
+    x, y = batch
+    model = _model()
+    obj = OBJECTIVES.get(name)(**FAST[name])
+    if hasattr(obj, "setup"):
+        obj.setup(model, Split(fmnist.train.x[:64], fmnist.train.y[:64]), torch.device("cpu"))
+    model.train()
+    obj.on_epoch_start(model, 0)
+    modes = {n: m.training for n, m in model.named_modules()}
+    out = obj(model, x, y)
+    assert out.loss.dim() == 0 and torch.isfinite(out.loss)
+    assert out.logits.shape == (16, 10)
+    assert {n: m.training for n, m in model.named_modules()} == modes  # inner attack restored modes
+    out.loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    for n, p in trainable:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert "name" in obj.describe()
+
+
+def test_pgd_stays_in_ball_and_box(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch
+    model = _model()
+    x_adv = linf_pgd(
+        model, x, lambda z: F.cross_entropy(z, y, reduction="none"), eps=0.1, alpha=0.04, steps=3, start=x + 0.05
+    )
+    assert model.training
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not x_adv.requires_grad
+    with torch.no_grad():
+        model.eval()
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
+
+
+def test_step_size_rules() -> None:
+    assert step_size(0.1, 4) == pytest.approx(0.05)
+    assert step_size(0.1, 10, rule="madry") == pytest.approx(0.025)
+    assert step_size(0.1, 10, alpha=0.3) == 0.3
+    with pytest.raises(UserError):
+        step_size(0.1, 10, rule="nope")
+
+
+def test_pat_with_zero_eps_is_cross_entropy(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch
+    model = _model()
+    pat = PAT(eps=0.0, steps=2)
+    pat.on_epoch_start(model, 0)
+    loss = pat(model, x, y).loss
+    ce = F.cross_entropy(model(x), y)
+    assert torch.allclose(loss, ce, atol=1e-5)
+    adv_only = PAT(eps=0.0, steps=2, mix="adv")
+    adv_only.on_epoch_start(model, 0)
+    assert torch.allclose(adv_only(model, x, y).loss, ce, atol=1e-5)
+
+
+def test_alp_pair_term_and_trades_kl_vanish_at_zero_eps(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch
+    model = _model()
+    alp = ALP(eps=0.0, steps=2)
+    alp.on_epoch_start(model, 0)
+    out = alp(model, x, y)
+    assert out.extra["alp_pair"] == pytest.approx(0.0, abs=1e-10)
+    assert torch.allclose(out.loss, F.cross_entropy(model(x), y), atol=1e-5)
+    trades = TRADES(eps=0.0, steps=2)
+    trades.on_epoch_start(model, 0)
+    assert trades(model, x, y).extra["trades_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_alp_pair_is_positive_and_fast_uses_wong_step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch
+    model = _model()
+    alp = ALP(eps=0.1, steps=2)
+    alp.on_epoch_start(model, 0)
+    assert alp(model, x, y).extra["alp_pair"] > 0
+    assert FastAT(eps=0.1).alpha == pytest.approx(0.125)
+    with pytest.raises(UserError, match="mix"):
+        PAT(mix="third")
+
+
+def test_same_seed_same_random_start(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = batch
+    model = _model()
+    a, b = PAT(steps=1, seed=5), PAT(steps=1, seed=5)
+    a.on_epoch_start(model, 2)
+    b.on_epoch_start(model, 2)
+    assert torch.equal(a.pgd(model, x, y), b.pgd(model, x, y))
+    b.on_epoch_start(model, 3)
+    assert not torch.equal(a.uniform_start(x), b.uniform_start(x))
+
+
+class _DiePAT(PAT):
+    def __init__(self, die_at: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.die_at = die_at
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        if epoch == self.die_at:
+            raise KeyboardInterrupt
+        super().on_epoch_start(model, epoch)
+
+
+def test_robust_resume_matches_uninterrupted(tmp_path: Path, fmnist: Dataset) -> None:
+    args = {"eps": 0.1, "steps": 2}
+    cfg = TrainConfig(
+        model_args={"width": 4}, n=128, epochs=2, batch_size=64, seed=3, objective="pat", objective_args=args
+    )
+    full = train(cfg, tmp_path / "full", data=fmnist)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", objective=_DiePAT(1, seed=3, **args), data=fmnist)
+    resumed = train(cfg, tmp_path / "cut", resume=True, data=fmnist)
+    wf, wr = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    assert full.card["objective"]["name"] == "pat" and full.card["objective"]["seed"] == 3
+
+
+def test_init_loads_checkpoint_weights(tmp_path: Path, fmnist: Dataset, shipped_vanilla: nn.Module) -> None:
+    cfg = TrainConfig(model_args={"width": 16}, n=64, epochs=1, batch_size=64, lr=0.0, init="fmnist-smallcnn-vanilla")
+    result = train(cfg, tmp_path / "ft", data=fmnist)
+    w0 = shipped_vanilla.state_dict()
+    assert torch.equal(result.model.state_dict()["conv1.conv.weight"], w0["conv1.conv.weight"])
+    with pytest.raises(UserError, match="architecture"):
+        bad = TrainConfig(model_args={"width": 4}, n=64, epochs=1, init="fmnist-smallcnn-vanilla")
+        train(bad, tmp_path / "bad", data=fmnist)
+
+
+def test_bad_objective_args_are_user_errors() -> None:
+    with pytest.raises(UserError, match="objective_args"):
+        make_objective(TrainConfig(objective="pat", objective_args={"epsilon": 0.1}))
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_train_configs_load(path: Path) -> None:
+    cfg = TrainConfig(**yaml.safe_load(path.read_text()))
+    obj = make_objective(cfg)
+    assert obj.describe()["name"] == cfg.objective
+
+
+def test_cifar_vgg16_presets_step_on_random_data() -> None:
+    torch.manual_seed(0)
+    x, y = torch.rand(24, 3, 32, 32), torch.randint(0, 10, (24,))
+    for name in ("pat", "alp", "sns"):
+        cfg = TrainConfig(**yaml.safe_load((CONFIGS / f"cifar10-vgg16-{name}.yaml").read_text()))
+        assert cfg.objective_args["eps"] == pytest.approx(8 / 255)
+        model = build_model("vgg16", width_mult=0.125, num_classes=10, in_channels=3).train()
+        opt = torch.optim.SGD([p for p in model.parameters()], lr=0.01, momentum=0.9)
+        args = {**cfg.objective_args, "steps": 2}
+        if name == "sns":
+            args["select_n"] = 8
+        obj = OBJECTIVES.get(cfg.objective)(**args)
+        if name == "sns":
+            obj.setup(model, Split(x, y), torch.device("cpu"))
+            assert obj.layers == [f"conv{i}" for i in range(8, 14)]
+            assert "features.conv7.bn" in obj.frozen and "features.conv8.conv" not in obj.frozen
+        obj.on_epoch_start(model, 0)
+        out = obj(model, x[:8], y[:8])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        assert torch.isfinite(out.loss)
