@@ -92,3 +92,46 @@ def line_plot(
     if len(series) > 1:
         ax.legend(fontsize=8)
     return fig
+
+
+def accuracy_bars(rows: Sequence[dict[str, object]]) -> Figure:
+    """Horizontal bars of accuracy with (ci_low, ci_high) error bars; rows from the evaluation table."""
+    names = [str(r["attack"]) for r in rows]
+    acc = np.array([float(r["accuracy"]) for r in rows])  # type: ignore[arg-type]
+    lo = np.array([float(r["ci_low"]) for r in rows])  # type: ignore[arg-type]
+    hi = np.array([float(r["ci_high"]) for r in rows])  # type: ignore[arg-type]
+    fig = Figure(figsize=(6, 0.35 * len(rows) + 1))
+    ax = fig.add_subplot()
+    colors = {"clean": "#55a868", "white-box": "#c44e52", "black-box": "#8172b2", "worst case": "#333333"}
+    ax.barh(range(len(rows)), acc, xerr=[acc - lo, hi - acc], capsize=2,
+            color=[colors.get(str(r["kind"]), "#4c72b0") for r in rows])  # fmt: skip
+    ax.set_yticks(range(len(rows)), names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def adversarial_grid(
+    clean: torch.Tensor, adv: torch.Tensor, classes: Sequence[str], y: torch.Tensor, pred: torch.Tensor
+) -> Figure:
+    """Rows: clean images, adversarial images (title: prediction), |difference| amplified to [0, 1]."""
+    k = clean.shape[0]
+    diff = (adv - clean).abs()
+    diff = diff / diff.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    fig = Figure(figsize=(1.3 * k, 4.2))
+    for row, (imgs, titles) in enumerate(
+        [(clean, [classes[int(t)][:10] for t in y]), (adv, [f"→ {classes[int(p)][:10]}" for p in pred]), (diff, None)]
+    ):
+        for i in range(k):
+            ax = fig.add_subplot(3, k, row * k + i + 1)
+            img = imgs[i].detach().cpu()
+            if img.shape[0] == 1:
+                ax.imshow(img[0].numpy(), cmap="gray" if row < 2 else "magma", vmin=0, vmax=1)
+            else:
+                ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_axis_off()
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=6)
+    return fig
