@@ -205,3 +205,21 @@ def test_cifar_vgg16_presets_step_on_random_data() -> None:
         out.loss.backward()
         opt.step()
         assert torch.isfinite(out.loss)
+
+
+def test_channels_last_and_bf16_autocast_train(tmp_path: Path, fmnist: Dataset) -> None:
+    cfg = TrainConfig(
+        model_args={"width": 4},
+        n=64,
+        epochs=1,
+        batch_size=32,
+        objective="pat",
+        objective_args={"steps": 1},
+        channels_last=True,
+        amp="bf16",
+    )
+    result = train(cfg, tmp_path / "cl", data=fmnist)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    with pytest.raises(UserError, match="amp"):
+        train(TrainConfig(n=64, epochs=1, amp="fp8"), tmp_path / "bad", data=fmnist)
+    assert not (tmp_path / "bad").exists()

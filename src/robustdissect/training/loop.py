@@ -105,6 +105,8 @@ def train(
     """Train per `cfg`, writing `out/state.pt` each epoch and `out/model.safetensors` + card."""
     out = Path(out)
     state_path = out / "state.pt"
+    if cfg.amp not in (None, "bf16"):
+        raise UserError(f"amp must be 'bf16' or null, got {cfg.amp!r}")
     if out.exists() and any(out.iterdir()) and not resume:
         raise UserError(f"{out} is not empty; pass --resume to continue the run there, or choose another --out")
     if resume and not state_path.is_file():
@@ -121,8 +123,6 @@ def train(
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if cfg.amp not in (None, "bf16"):
-        raise UserError(f"amp must be 'bf16' or null, got {cfg.amp!r}")
     if objective is None:
         objective = make_objective(cfg)
     setup = getattr(objective, "setup", None)
