@@ -3,6 +3,10 @@
 Resume contract: the data order and augmentation of epoch e depend only on (seed, e), and the
 checkpoint holds model, optimiser and scheduler state, so a run resumed after a kill ends with the
 same weights as an uninterrupted one.
+
+Under `torchrun --nproc_per_node N` the same call trains data-parallel (see `training.distributed`):
+each rank takes a disjoint shard of every global batch, gradients are averaged over the global
+batch, and rank 0 alone writes state.pt, the model and its card.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..data import Dataset, augment, load_dataset
 from ..errors import UserError
 from ..models import build_model, load_checkpoint, save_checkpoint
 from ..runs import atomic_write_bytes, atomic_write_text
+from . import distributed as ddp
 from .objectives import OBJECTIVES, Objective
 
 log = logging.getLogger(__name__)
@@ -102,7 +107,10 @@ def train(
     objective: Objective | None = None,
     data: Dataset | None = None,
 ) -> TrainResult:
-    """Train per `cfg`, writing `out/state.pt` each epoch and `out/model.safetensors` + card."""
+    """Train per `cfg`, writing `out/state.pt` each epoch and `out/model.safetensors` + card.
+
+    Launched by torchrun (WORLD_SIZE > 1 in the environment), every rank calls this with the same
+    arguments; `cfg.batch_size` is the global batch, split over the ranks."""
     out = Path(out)
     state_path = out / "state.pt"
     if cfg.amp not in (None, "bf16"):
@@ -115,7 +123,30 @@ def train(
     data = data or load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     train_split = data.train.subset(cfg.n, seed=cfg.seed)
     device = pick_device(cfg.device)
+    info = ddp.dist_env()
+    if info.active and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    info = ddp.setup(info, device)
+    try:
+        show = progress and info.is_main
+        return _train(cfg, out, state_path, resume, show, objective, data, train_split, device, info)
+    finally:
+        ddp.teardown(info)
 
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    state_path: Path,
+    resume: bool,
+    progress: bool,
+    objective: Objective | None,
+    data: Dataset,
+    train_split: Any,
+    device: torch.device,
+    info: ddp.DistInfo,
+) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model = make_model_for(cfg, data)
     if cfg.init:
@@ -123,8 +154,12 @@ def train(
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if info.active:
+        ddp.broadcast_state(model)
     if objective is None:
         objective = make_objective(cfg)
+    if info.active and hasattr(objective, "rank_stream"):
+        objective.rank_stream = info.rank  # distinct random starts per rank; rank 0 draws as one process
     setup = getattr(objective, "setup", None)
     if callable(setup):
         setup(model, train_split, device)
@@ -160,18 +195,30 @@ def train(
         loss_sum, correct, seen = 0.0, 0, 0
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
         for x, y in train_split.batches(cfg.batch_size, shuffle=True, generator=g):
-            x = augment(x, aug, g).to(device)
+            x = augment(x, aug, g)  # (B, C, H, W): the global batch, augmented before sharding
+            global_n = len(y)
+            if info.active:
+                part = ddp.shard(global_n, info.rank, info.world)
+                x, y = x[part], y[part]
+            x = x.to(device)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                step = objective(step_model, x, y)
-            opt.zero_grad(set_to_none=True)
-            step.loss.backward()  # type: ignore[no-untyped-call]
+            if len(y):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                    step = objective(step_model, x, y)
+                opt.zero_grad(set_to_none=True)
+                step.loss.backward()  # type: ignore[no-untyped-call]
+                loss_sum += float(step.loss.detach()) * len(y)
+                correct += int((step.logits.argmax(1) == y).sum())
+            else:  # this rank's shard of a short last batch is empty: it contributes zero gradients
+                opt.zero_grad(set_to_none=True)
+            if info.active:
+                ddp.average_gradients(model, len(y), global_n)
             opt.step()
             sched.step()
-            loss_sum += float(step.loss.detach()) * len(y)
-            correct += int((step.logits.argmax(1) == y).sum())
+            if info.active:
+                ddp.average_batchnorm_stats(model)
             seen += len(y)
             if bar is not None:
                 bar.update(1)
@@ -180,7 +227,11 @@ def train(
             bar.close()
         seconds = time.perf_counter() - t0
         t_total += seconds
-        val_acc = accuracy(model, data.val.x, data.val.y)
+        val_acc = accuracy(model, data.val.x, data.val.y) if info.is_main else 0.0
+        if info.active:
+            loss_sum, c, s = ddp.sum_scalars([loss_sum, float(correct), float(seen)], device)
+            correct, seen = int(c), int(s)
+            val_acc, seconds = ddp.broadcast_scalars([val_acc, seconds], device)
         history.append(
             {
                 "epoch": epoch + 1,
@@ -190,17 +241,21 @@ def train(
                 "seconds": seconds,
             }
         )
-        log.info(
-            "epoch %d: loss %.4f train %.4f val %.4f (%.1fs)",
-            epoch + 1,
-            loss_sum / seen,
-            correct / seen,
-            val_acc,
-            seconds,
-        )
-        _save_state(state_path, model, opt, sched, epoch + 1, history, cfg)
+        if info.is_main:
+            log.info(
+                "epoch %d: loss %.4f train %.4f val %.4f (%.1fs)",
+                epoch + 1,
+                loss_sum / seen,
+                correct / seen,
+                val_acc,
+                seconds,
+            )
+            _save_state(state_path, model, opt, sched, epoch + 1, history, cfg)
 
-    test_acc = accuracy(model, data.test.x, data.test.y)
+    test_acc = accuracy(model, data.test.x, data.test.y) if info.is_main else 0.0
+    if info.active:
+        (test_acc,) = ddp.broadcast_scalars([test_acc], device)
+        t_total = sum(h.get("seconds", 0.0) for h in history)
     card = {
         "dataset": cfg.dataset,
         "objective": objective.describe(),
@@ -213,8 +268,11 @@ def train(
         "classes": list(data.classes),
     }
     model.eval()
-    save_checkpoint(model, out / "model.safetensors", card)
-    atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
+    if info.is_main:
+        save_checkpoint(model, out / "model.safetensors", card)
+        atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
+    if info.active:
+        ddp.barrier()
     return TrainResult(model, card, history)
 
 

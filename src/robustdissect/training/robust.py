@@ -138,6 +138,7 @@ class AdversarialObjective:
         self.seed = int(seed)
         self._epoch = 0
         self._gen: torch.Generator | None = None
+        self.rank_stream = 0  # set to the rank under data-parallel training: a distinct random stream
 
     # -- randomness -------------------------------------------------------------------------
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
@@ -147,7 +148,8 @@ class AdversarialObjective:
     def generator(self, device: torch.device) -> torch.Generator:
         """The epoch's generator on `device`, seeded from (seed, epoch)."""
         if self._gen is None or self._gen.device != device:
-            self._gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self._epoch)
+            seed = self.seed * 1_000_003 + self._epoch + 7_919 * self.rank_stream
+            self._gen = torch.Generator(device=device).manual_seed(seed)
         return self._gen
 
     def uniform_start(self, x: torch.Tensor) -> torch.Tensor:
