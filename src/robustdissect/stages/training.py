@@ -1,0 +1,310 @@
+"""Stage `training`: robust training compared (METHODS §5.4 E9, E11, E13; §8.3).
+
+By default the stage loads the shipped checkpoints `fmnist-smallcnn-<objective>` (vanilla, PAT,
+SNS variants, ALP, TRADES, fast AT) instead of retraining; a checkpoint that is not there is listed
+in the section's warnings with the command and config that train it. Each model is attacked
+white-box (and black-box on a fixed subset) with the evaluation's attack suite on the same images;
+adversarial examples are cached per model under `adv/<model>/<attack>.safetensors`.
+
+Outputs:
+- Table III: clean and attacked accuracy per model with 95% Wilson intervals, plus the epochs
+  and training seconds from each model's card (`training_comparison`, long form
+  `training_comparison_long`);
+- E11: L-inf PGD accuracy against the number of steps k (at eps = 0.1) and against eps (at k = 10),
+  one line per model;
+- E13: σ of every neuron of every conv layer under the same L-inf PGD for vanilla / PAT / SNS
+  (via `analysis.compare_models`): mean σ per layer and the sorted σ of one layer (conv5).
+
+Tensor shapes: images x (N, C, H, W) in [0, 1], labels y (N,).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis import compare_models
+from ..attacks import make_attack
+from ..config import parse_eps, stage_options
+from ..errors import UserError
+from ..evaluation import (
+    BLACK_BOX,
+    QUICK_EVALUATE,
+    EvaluateOptions,
+    build_attack,
+    pgd_curve,
+    run_cached,
+    wilson_interval,
+)
+from ..models import load_checkpoint, shipped_checkpoints
+from ..pipeline import STAGES, Context, predict, section
+from ..report import plots
+
+log = logging.getLogger(__name__)
+
+PREFIX = "fmnist-smallcnn-"
+DEFAULT_MODELS = [
+    f"{PREFIX}{m}" for m in ("vanilla", "pat", "alp", "trades", "fast", "sns", "sns-dyn", "sns-rand", "sns-all")
+]
+TABLE3 = ["cw-l2", "pgd-l2", "pgd-linf", "fgsm", "spsa", "nattack"]  # the paper's Table III columns
+SIGMA_ROLES = ("vanilla", "pat", "sns")  # E13 overlays
+
+QUICK_TRAINING: dict[str, Any] = {
+    "curve_n": 200,
+    "steps_sweep": [1, 2, 3, 5, 10],
+    "eps_sweep": [0.02, 0.05, 0.1, 0.15, 0.2],
+    "sigma_n": 200,
+}
+
+
+@dataclass(frozen=True)
+class TrainingStageOptions:
+    """Options of the `training` stage.
+
+    models: checkpoints to compare (shipped names or .safetensors paths with a card); the first
+    whose name ends in "vanilla", "pat" and "sns" are the E13 overlays unless `sigma_models` is set.
+    n: images evaluated (a prefix of the run's analysed split; None = all of it).
+    attacks: Table III columns; attack_options: EvaluateOptions settings (eps, pgd_steps, cw_steps,
+    blackbox_n, spsa_iterations, ...); `quick` in the run config applies the evaluation's quick
+    settings first.
+    curve_*: E11 sweeps on the first `curve_n` images; sigma_*: E13 settings.
+    """
+
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    n: int | None = None
+    attacks: list[str] = field(default_factory=lambda: list(TABLE3))
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    curve_n: int = 1000
+    curve_eps: float | str = 0.1
+    curve_steps: int = 10
+    steps_sweep: list[int] = field(default_factory=lambda: list(range(1, 11)))
+    eps_sweep: list[float] = field(default_factory=lambda: [0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2])
+    sigma_models: list[str] | None = None
+    sigma_n: int = 500
+    sigma_eps: float | str = 0.1
+    sigma_steps: int = 10
+    sigma_layer: str = "conv5"
+
+
+def retrain_hint(name: str) -> str:
+    """The command (and committed config) that trains checkpoint `name`."""
+    stem = Path(name).stem
+    root = Path(__file__).resolve().parents[3] / "configs" / "train"
+    config = f"configs/train/{stem}.yaml"
+    cmd = f"robustdissect train --config {config} --out runs/train-{stem}"
+    if not (root / f"{stem}.yaml").is_file():
+        return f"{cmd} (no {config} in this checkout: write one from the §8.3 presets)"
+    return cmd
+
+
+def _load(name: str, dataset: str) -> tuple[nn.Module, dict[str, Any]] | str:
+    """The model and card, or a warning why it cannot be used."""
+    if not name.endswith((".safetensors", ".json")) and name not in shipped_checkpoints():
+        return f"checkpoint '{name}' is not available; train it with: {retrain_hint(name)}"
+    try:
+        model, card = load_checkpoint(name)
+    except UserError as e:
+        return f"checkpoint '{name}' cannot be loaded ({e}); retrain it with: {retrain_hint(name)}"
+    if card.get("dataset") not in (None, dataset):
+        return f"checkpoint '{name}' was trained on {card.get('dataset')}, not {dataset}; skipped"
+    return model.eval(), card
+
+
+def _ci(correct: torch.Tensor) -> tuple[int, float, float, float]:
+    """(n, accuracy, Wilson low, Wilson high) of a boolean vector (N,)."""
+    n, c = len(correct), int(correct.sum())
+    lo, hi = wilson_interval(c, n)
+    return n, (c / n if n else math.nan), lo, hi
+
+
+def _short(name: str) -> str:
+    stem = Path(name).stem
+    return stem[len(PREFIX) :] if stem.startswith(PREFIX) else stem
+
+
+@STAGES.register("training", "robust training compared: Table III with intervals, PGD sweeps, sigma before/after")
+def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
+    if ctx.config.quick:
+        options = {**QUICK_TRAINING, **options}
+    opts: TrainingStageOptions = stage_options(TrainingStageOptions, options, "training")
+    attack_options = {**QUICK_EVALUATE, **opts.attack_options} if ctx.config.quick else dict(opts.attack_options)
+    attack_options.pop("attacks", None)
+    eval_opts: EvaluateOptions = stage_options(
+        EvaluateOptions, {**attack_options, "attacks": list(opts.attacks)}, "training (attack_options)"
+    )
+    names = eval_opts.attack_names()
+    seed, run = ctx.config.seed, ctx.run
+    split = ctx.split
+    n = len(split) if opts.n is None else min(opts.n, len(split))
+    x, y = split.x[:n], split.y[:n]
+    index = torch.arange(n)
+    bb_n = min(eval_opts.blackbox_n, n)
+    bb_index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:bb_n].sort().values
+
+    warnings: list[str] = []
+    models: dict[str, nn.Module] = {}
+    cards: dict[str, dict[str, Any]] = {}
+    for name in opts.models:
+        got = _load(name, ctx.data.name)
+        if isinstance(got, str):
+            warnings.append(got)
+            continue
+        models[_short(name)], cards[_short(name)] = got[0].to(ctx.device), got[1]
+    if not models:
+        warnings.append("no model to compare: none of the listed checkpoints is available")
+        return section("Robust training compared", "No checkpoint available.", warnings=warnings)
+
+    # Table III
+    wide: list[dict[str, Any]] = []
+    long: list[dict[str, Any]] = []
+    for short, model in models.items():
+        card = cards[short]
+        objective = card.get("objective", {})
+        row: dict[str, Any] = {
+            "model": short,
+            "objective": objective.get("name", "") if isinstance(objective, dict) else str(objective),
+            "epochs": card.get("epochs"),
+            "train_seconds": card.get("train_seconds"),
+        }
+        clean = predict(model, x, ctx.device, eval_opts.batch_size) == y
+        results = [("clean", clean, "clean")]
+        for attack_name in names:
+            idx = bb_index if attack_name in BLACK_BOX else index
+            log.info("training: %s / %s on %d images", short, attack_name, len(idx))
+            cache = run.path / "adv" / short / f"{attack_name}.safetensors"
+            out = run_cached(build_attack(attack_name, eval_opts, seed), model, x[idx], y[idx], idx, cache)
+            results.append((attack_name, out.correct, "black-box" if attack_name in BLACK_BOX else "white-box"))
+        for col, correct, kind in results:
+            cn, acc, lo, hi = _ci(correct)
+            row[col], row[f"{col}_ci_low"], row[f"{col}_ci_high"] = acc, lo, hi
+            long.append({"model": short, "attack": col, "kind": kind, "n": cn, "accuracy": acc,
+                         "ci_low": lo, "ci_high": hi})  # fmt: skip
+        wide.append(row)
+    run.write_table("training_comparison", wide)
+    run.write_table("training_comparison_long", long)
+    tables: list[dict[str, Any]] = [
+        {"file": "tables/training_comparison.csv", "title": "Table III: accuracy (95% Wilson interval)", "show": True},
+        {"file": "tables/training_comparison_long.csv", "title": "Table III, one row per model and attack"},
+    ]
+    figures: list[dict[str, str]] = []
+
+    # E11: PGD sweeps
+    cn = min(opts.curve_n, n)
+    curve_eps = parse_eps(opts.curve_eps)
+    by_steps: dict[str, Sequence[float]] = {}
+    by_eps: dict[str, Sequence[float]] = {}
+    for short, model in models.items():
+        e_curve, k_curve = pgd_curve(
+            model, x[:cn], y[:cn], opts.eps_sweep, opts.steps_sweep, eval_opts, seed,
+            fixed_eps=curve_eps, fixed_steps=opts.curve_steps,
+        )  # fmt: skip
+        by_eps[short], by_steps[short] = list(e_curve.values()), list(k_curve.values())
+    steps_rows = [{"steps": k, **{m: v[i] for m, v in by_steps.items()}} for i, k in enumerate(opts.steps_sweep)]
+    eps_rows = [{"eps": e, **{m: v[i] for m, v in by_eps.items()}} for i, e in enumerate(opts.eps_sweep)]
+    run.write_table("training_pgd_steps", steps_rows)
+    run.write_table("training_pgd_eps", eps_rows)
+    tables += [
+        {"file": "tables/training_pgd_steps.csv", "title": f"L∞ PGD accuracy vs steps (ε = {curve_eps:g})"},
+        {"file": "tables/training_pgd_eps.csv", "title": f"L∞ PGD accuracy vs ε (k = {opts.curve_steps})"},
+    ]
+    run.save_figure(
+        "training_pgd_steps",
+        plots.line_plot(opts.steps_sweep, by_steps, "PGD steps k", "robust accuracy", f"L∞ ε = {curve_eps:g}"),
+    )
+    run.save_figure(
+        "training_pgd_eps",
+        plots.line_plot(opts.eps_sweep, by_eps, "ε (L∞)", "robust accuracy", f"PGD-{opts.curve_steps}"),
+    )
+    figures += [
+        {"file": "figures/training_pgd_steps.png", "caption": f"E11: L∞ PGD accuracy vs steps, ε = {curve_eps:g}, "
+                                                              f"{cn} images"},
+        {"file": "figures/training_pgd_eps.png", "caption": f"E11: L∞ PGD-{opts.curve_steps} accuracy vs ε"},
+    ]  # fmt: skip
+
+    # E13: sigma overlays
+    sigma: dict[str, Any] = {}
+    picked = _sigma_models(opts, models)
+    if picked:
+        sn = min(opts.sigma_n, n)
+        s_eps = parse_eps(opts.sigma_eps)
+        attack = make_attack("pgd-linf", eps=s_eps, steps=opts.sigma_steps, step_rule="paper", seed=seed)
+        comp = compare_models(picked, x[:sn], y[:sn], attack, seed=seed)
+        layer_rows = [{k: r[k] for k in ("model", "layer", "depth", "channels", "sigma_mean", "sigma_top_mean")}
+                      for r in comp.summary]  # fmt: skip
+        run.write_table("training_sigma_layers", layer_rows)
+        tables.append({"file": "tables/training_sigma_layers.csv", "title": "E13: mean σ per conv layer"})
+        layers = [r["layer"] for r in comp.summary if r["model"] == next(iter(picked))]
+        means: dict[str, Sequence[float]] = {
+            m: [r["sigma_mean"] for r in comp.summary if r["model"] == m] for m in picked
+        }
+        run.save_figure(
+            "training_sigma_layers",
+            plots.line_plot(list(range(1, len(layers) + 1)), means, "conv layer (depth)", "mean σ",
+                            " / ".join(layers)),
+        )  # fmt: skip
+        figures.append({"file": "figures/training_sigma_layers.png",
+                        "caption": f"E13: mean σ per conv layer under L∞ PGD-{opts.sigma_steps} "
+                                   f"(ε = {s_eps:g}, {sn} images)"})  # fmt: skip
+        profiles = comp.profiles()
+        if all(opts.sigma_layer in p for p in profiles.values()):
+            sorted_sigma: dict[str, Sequence[float]] = {
+                m: [float(v) for v in p[opts.sigma_layer].sorted_sigma] for m, p in profiles.items()
+            }
+            width = max(len(v) for v in sorted_sigma.values())
+            run.write_table(
+                "training_sigma_sorted",
+                [{"rank": i + 1, **{m: (v[i] if i < len(v) else math.nan) for m, v in sorted_sigma.items()}}
+                 for i in range(width)],
+            )  # fmt: skip
+            run.save_figure(
+                "training_sigma_sorted",
+                plots.line_plot(list(range(1, width + 1)), sorted_sigma, "neuron (sorted)", "σ", opts.sigma_layer),
+            )
+            figures.append({"file": "figures/training_sigma_sorted.png",
+                            "caption": f"E13: σ of every {opts.sigma_layer} neuron, sorted"})  # fmt: skip
+        else:
+            warnings.append(f"layer '{opts.sigma_layer}' is not among the compared layers; no sorted-σ figure")
+        sigma = {"models": list(picked), "layers": layers, "mean": means}
+        if len(picked) < 2:
+            warnings.append("E13 needs at least two of vanilla / PAT / SNS to overlay; only " + ", ".join(picked))
+
+    summary = {f"{r['model']} {a}": round(float(r[a]), 4) for r in wide for a in ("clean", "pgd-linf") if a in r}
+    text = (
+        f"{len(models)} models on {n} images of the {ctx.config.split} split (black-box attacks on {bb_n}); "
+        f"L∞ ε = {parse_eps(eval_opts.eps):g}, L2 ε = {parse_eps(eval_opts.eps_l2):g}. "
+        "Accuracies with 95% Wilson intervals; epochs and training seconds from each model's card."
+    )
+    return section(
+        "Robust training compared",
+        text,
+        summary=summary,
+        tables=tables,
+        figures=figures,
+        warnings=warnings,
+        models=list(models),
+        comparison=wide,
+        pgd_steps=steps_rows,
+        pgd_eps=eps_rows,
+        sigma=sigma,
+    )
+
+
+def _sigma_models(opts: TrainingStageOptions, models: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The E13 models: `sigma_models` (short or full names) or the first vanilla / pat / sns."""
+    if opts.sigma_models is not None:
+        wanted = [_short(m) for m in opts.sigma_models]
+        return {m: models[m] for m in wanted if m in models}
+    picked: dict[str, nn.Module] = {}
+    for role in SIGMA_ROLES:
+        for short, model in models.items():
+            if short == role or short.endswith(f"-{role}") or short.startswith(f"{role}-"):
+                picked[short] = model
+                break
+    return picked
