@@ -78,8 +78,8 @@ class EvaluateOptions:
 
 
 QUICK_EVALUATE = {
-    "cw_steps": 100,
-    "cw_search_steps": 1,
+    "cw_steps": 50,
+    "cw_search_steps": 3,
     "apgd_steps": 50,
     "blackbox_n": 100,
     "spsa_iterations": 20,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -70,7 +70,7 @@ def image_grid(x: torch.Tensor, titles: Sequence[str] | None = None, ncols: int 
 
 def line_plot(
     xs: Sequence[float],
-    series: dict[str, Sequence[float]],
+    series: Mapping[str, Sequence[float]],
     xlabel: str,
     ylabel: str,
     title: str = "",

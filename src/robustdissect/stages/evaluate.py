@@ -159,7 +159,9 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         {"file": "figures/accuracy_vs_steps.png", "caption": "Robust accuracy against the number of PGD steps"},
     ]
     if corruption_rows:
-        series = {c: [r["accuracy"] for r in corruption_rows if r["corruption"] == c] for c in opts.corruptions}
+        series: dict[str, list[float]] = {
+            c: [float(r["accuracy"]) for r in corruption_rows if r["corruption"] == c] for c in opts.corruptions
+        }
         run.save_figure(
             "corruptions", plots.line_plot([1, 2, 3, 4, 5], series, "severity", "accuracy", f"scale: {scale}")
         )
