@@ -1,0 +1,217 @@
+"""Auto-PGD (Croce & Hein 2020), APGD-CE and APGD-DLR, in the L-inf or L2 ball.
+
+Step size starts at 2 * eps and is halved at checkpoints w_j (w_0 = 0, w_1 = 0.22 N_iter, intervals
+shrinking by 0.03 N_iter down to 0.06 N_iter) for the samples where (1) the loss increased in at
+most rho = 0.75 of the steps since the last checkpoint, or (2) neither the step size nor the best
+loss changed since the last checkpoint; those samples restart from their best point. Updates use
+momentum alpha = 0.75:
+    z = P(x_k + eta * dir(grad)),  x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1})).
+Each sample returns its last successful iterate if any, else its highest-loss iterate. Restarts
+run on the samples that are still not successful. Cost: N_iter + 1 forward+backward passes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive
+from .losses import cross_entropy, dlr, dlr_targeted
+from .pgd import DEFAULT_EPS
+from .threat import get_threat
+
+LOSSES = ("ce", "dlr")
+
+
+class APGD(Attack):
+    """APGD with loss "ce" or "dlr"; norm "linf" or "l2"; steps (N_iter) 100, restarts 1, rho 0.75."""
+
+    supports_targeted = True
+
+    def __init__(
+        self,
+        eps: float | None = None,
+        *,
+        norm: str = "linf",
+        loss: str = "ce",
+        steps: int = 100,
+        restarts: int = 1,
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        target: str | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+    ) -> None:
+        if norm not in DEFAULT_EPS:
+            raise UserError(f"unknown norm '{norm}' for APGD; use linf or l2")
+        if loss not in LOSSES:
+            raise UserError(f"APGD loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        eps = DEFAULT_EPS[norm] if eps is None else eps
+        super().__init__(name=f"apgd-{loss}", norm=norm, eps=eps, seed=seed, batch_size=batch_size, target=target)
+        check_int("steps", steps)
+        check_int("restarts", restarts)
+        check_positive("rho", rho)
+        check_positive("momentum", momentum)
+        self.loss = loss
+        self.steps = steps
+        self.restarts = restarts
+        self.rho = float(rho)
+        self.momentum = float(momentum)
+
+    def _objective(self, logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
+        if self.loss == "ce":
+            return cross_entropy(logits, y) if targets is None else -cross_entropy(logits, targets)
+        needed = 3 if targets is None else 4
+        if logits.shape[1] < needed:
+            raise UserError(f"APGD-DLR needs at least {needed} classes, the model has {logits.shape[1]}")
+        return dlr(logits, y) if targets is None else dlr_targeted(logits, y, targets)
+
+    def _search(
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+    ) -> SearchOutput:
+        out_x, out_logits, ok = self._run(model, x, y, targets, generator)
+        for _ in range(self.restarts - 1):
+            todo = (~ok).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            sub_t = targets[todo] if targets is not None else None
+            rx, rl, rok = self._run(model, x[todo], y[todo], sub_t, generator)
+            pick = todo[rok]
+            out_x[pick], out_logits[pick], ok[pick] = rx[rok], rl[rok], True
+        return SearchOutput(out_x, logits=out_logits)
+
+    def _start(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """x + eps * t / ||t|| (uniform t for L-inf, Gaussian t for L2), clipped to [0, 1]."""
+        shape = (-1, *([1] * (x.dim() - 1)))
+        if self.norm == "linf":
+            t = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1
+            t = t / t.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(shape)
+        else:
+            t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            t = t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+        return (x + self.eps * t).clamp(0.0, 1.0)
+
+    def _loss_grad(
+        self, model: nn.Module, x_adv: Tensor, y: Tensor, targets: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = model(x_adv)
+        loss = self._objective(logits, y, targets)
+        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        return loss.detach(), grad, logits.detach()
+
+    def _run(
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One APGD run: x_adv (N, C, H, W), its logits (N, K), success (N,)."""
+        assert self.norm is not None
+        threat = get_threat(self.norm)
+        project = threat.projector(x, self.eps)
+        n, n_iter = x.shape[0], self.steps
+        shape = (-1, *([1] * (x.dim() - 1)))
+        k = max(int(0.22 * n_iter), 1)
+        size_decr = max(int(0.03 * n_iter), 1)
+        k_min = max(int(0.06 * n_iter), 1)
+
+        x_adv = project(self._start(x, generator))
+        loss, grad, logits = self._loss_grad(model, x_adv, y, targets)
+        losses = torch.empty((n_iter + 1, n), device=x.device)
+        losses[0] = loss
+        step = torch.full((n,), 2.0 * self.eps, device=x.device, dtype=x.dtype)
+        x_best, grad_best, loss_best, logits_best = x_adv.clone(), grad.clone(), loss.clone(), logits.clone()
+        ok = self._success(logits, y, targets)
+        x_succ, logits_succ, ever = x_adv.clone(), logits.clone(), ok.clone()
+        loss_best_last = loss_best.clone()
+        reduced_last = torch.ones(n, dtype=torch.bool, device=x.device)
+        x_prev = x_adv.clone()
+        since_check = 0
+        for i in range(n_iter):
+            with torch.no_grad():
+                a = self.momentum if i > 0 else 1.0
+                z = project(x_adv + step.view(shape) * threat.direction(grad))
+                x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev))
+                x_prev, x_adv = x_adv, x_new
+            loss, grad, logits = self._loss_grad(model, x_adv, y, targets)
+            with torch.no_grad():
+                losses[i + 1] = loss
+                ok = self._success(logits, y, targets)
+                x_succ = torch.where(ok.view(shape), x_adv, x_succ)
+                logits_succ = torch.where(ok[:, None], logits, logits_succ)
+                ever |= ok
+                better = loss > loss_best
+                x_best = torch.where(better.view(shape), x_adv, x_best)
+                grad_best = torch.where(better.view(shape), grad, grad_best)
+                logits_best = torch.where(better[:, None], logits, logits_best)
+                loss_best = torch.where(better, loss, loss_best)
+                since_check += 1
+                if since_check == k:
+                    window = losses[i + 1 - k : i + 2]
+                    increases = (window[1:] > window[:-1]).sum(dim=0)
+                    oscillating = increases <= k * self.rho
+                    stalled = ~reduced_last & (loss_best_last >= loss_best)
+                    reduce = oscillating | stalled
+                    reduced_last = reduce
+                    loss_best_last = loss_best.clone()
+                    if bool(reduce.any()):
+                        step = torch.where(reduce, step / 2, step)
+                        x_adv = torch.where(reduce.view(shape), x_best, x_adv)
+                        grad = torch.where(reduce.view(shape), grad_best, grad)
+                    k = max(k - size_decr, k_min)
+                    since_check = 0
+        out_x = torch.where(ever.view(shape), x_succ, x_best)
+        out_logits = torch.where(ever[:, None], logits_succ, logits_best)
+        return out_x, out_logits, ever
+
+    @staticmethod
+    def _success(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
+        pred = logits.argmax(dim=1)
+        return pred != y if targets is None else pred == targets
+
+
+class APGDCE(APGD):
+    """APGD with the cross-entropy loss."""
+
+    def __init__(
+        self,
+        eps: float | None = None,
+        *,
+        norm: str = "linf",
+        steps: int = 100,
+        restarts: int = 1,
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        target: str | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            eps, norm=norm, loss="ce", steps=steps, restarts=restarts, rho=rho, momentum=momentum,
+            target=target, seed=seed, batch_size=batch_size,
+        )  # fmt: skip
+
+
+class APGDDLR(APGD):
+    """APGD with the difference-of-logits-ratio loss (needs >= 3 classes, >= 4 when targeted)."""
+
+    def __init__(
+        self,
+        eps: float | None = None,
+        *,
+        norm: str = "linf",
+        steps: int = 100,
+        restarts: int = 1,
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        target: str | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            eps, norm=norm, loss="dlr", steps=steps, restarts=restarts, rho=rho, momentum=momentum,
+            target=target, seed=seed, batch_size=batch_size,
+        )  # fmt: skip
+
+
+ATTACKS.register("apgd-ce", "APGD with cross-entropy (Croce & Hein 2020), L-inf or L2, 100 steps")(APGDCE)
+ATTACKS.register("apgd-dlr", "APGD with the DLR loss (Croce & Hein 2020), L-inf or L2, 100 steps")(APGDDLR)

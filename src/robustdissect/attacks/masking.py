@@ -1,0 +1,206 @@
+"""Gradient-masking checks (Athalye et al. 2018; Carlini et al. 2019; Croce & Hein 2020).
+
+Each `check_*` function takes measured numbers and returns a list of warning strings (empty when
+nothing looks wrong); the messages carry the numbers. `masking_checks` measures what it needs on a
+model and runs every check.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .base import frozen, model_device
+from .pgd import PGD
+
+
+def check_black_box_vs_white_box(
+    accuracies: Mapping[str, float], white_box: Mapping[str, bool], margin: float = 0.01
+) -> list[str]:
+    """Warn when the best black-box attack leaves lower robust accuracy than the best white-box one."""
+    wb = {k: v for k, v in accuracies.items() if white_box.get(k) is True and not math.isnan(v)}
+    bb = {k: v for k, v in accuracies.items() if white_box.get(k) is False and not math.isnan(v)}
+    if not wb or not bb:
+        return []
+    best_wb = min(wb, key=lambda k: wb[k])
+    best_bb = min(bb, key=lambda k: bb[k])
+    if bb[best_bb] < wb[best_wb] - margin:
+        return [
+            f"black-box attack '{best_bb}' leaves {bb[best_bb]:.1%} robust accuracy, "
+            f"{100 * (wb[best_wb] - bb[best_bb]):.1f} points below the best white-box attack "
+            f"'{best_wb}' ({wb[best_wb]:.1%}): gradients may be masked; trust the lower number"
+        ]
+    return []
+
+
+def check_large_eps(curve: Mapping[float, float], max_accuracy: float = 0.05, tolerance: float = 0.02) -> list[str]:
+    """Warn when accuracy at the largest eps stays above `max_accuracy`, or rises with eps."""
+    if not curve:
+        return []
+    eps_sorted = sorted(curve)
+    out: list[str] = []
+    top = eps_sorted[-1]
+    if curve[top] > max_accuracy:
+        out.append(
+            f"robust accuracy is still {curve[top]:.1%} at eps={top:g} (expected near 0 for a large "
+            f"eps, threshold {max_accuracy:.0%}): the attack may be blocked by gradient masking"
+        )
+    for a, b in itertools.pairwise(eps_sorted):
+        if curve[b] > curve[a] + tolerance:
+            out.append(
+                f"robust accuracy rises from {curve[a]:.1%} at eps={a:g} to {curve[b]:.1%} at eps={b:g}: "
+                "a larger ball must not help the model; the attack is unreliable"
+            )
+    return out
+
+
+def check_more_steps(curve: Mapping[int, float], min_gain: float = 0.005, floor: float = 0.05) -> list[str]:
+    """Warn when the most PGD steps do not lower accuracy below the fewest (unless already <= floor)."""
+    if len(curve) < 2:
+        return []
+    ks = sorted(curve)
+    lo, hi = ks[0], ks[-1]
+    a_lo, a_hi = curve[lo], curve[hi]
+    if a_hi > a_lo + min_gain:
+        return [
+            f"PGD-{hi} leaves more robust accuracy ({a_hi:.1%}) than PGD-{lo} ({a_lo:.1%}): "
+            "the iterative attack is not converging; gradients may be masked or the step size is off"
+        ]
+    if a_lo > floor and a_lo - a_hi < min_gain:
+        return [
+            f"PGD-{hi} ({a_hi:.1%}) is no stronger than PGD-{lo} ({a_lo:.1%}): more steps do not help, "
+            "a sign of gradient masking"
+        ]
+    return []
+
+
+@dataclass(frozen=True)
+class OutputRandomness:
+    """flip_rate: fraction of predictions that change under N(0, sigma^2) input noise;
+    normalized_entropy: mean softmax entropy / log K (1 = uniform); repeat_max_diff: largest
+    |logit difference| between two forward passes on the same input (0 for a deterministic model)."""
+
+    sigma: float
+    flip_rate: float
+    normalized_entropy: float
+    repeat_max_diff: float
+
+
+def output_randomness(
+    model: nn.Module, x: Tensor, sigma: float = 1e-3, seed: int = 0, batch_size: int = 500
+) -> OutputRandomness:
+    """Measure how random the model's output is on x (N, C, H, W) in [0, 1]."""
+    device = model_device(model, x.device)
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    flips = 0
+    entropy = 0.0
+    diff = 0.0
+    with torch.inference_mode(False), frozen(model), torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].to(device)
+            a = model(xb)
+            b = model(xb)
+            noise = torch.randn(xb.shape, generator=g, device=xb.device, dtype=xb.dtype)
+            c = model((xb + sigma * noise).clamp(0.0, 1.0))
+            flips += int((a.argmax(1) != c.argmax(1)).sum())
+            logp = torch.log_softmax(a.double(), dim=1)
+            entropy += float(-(logp.exp() * logp).sum(dim=1).sum()) / math.log(max(a.shape[1], 2))
+            diff = max(diff, float((a - b).abs().max()))
+    n = max(1, x.shape[0])
+    return OutputRandomness(sigma, flips / n, entropy / n, diff)
+
+
+def check_random_output(
+    stats: OutputRandomness,
+    max_flip_rate: float = 0.05,
+    max_entropy: float = 0.9,
+    max_repeat_diff: float = 1e-4,
+) -> list[str]:
+    """Warn when the output is stochastic, unstable under tiny noise, or near-uniform."""
+    out: list[str] = []
+    if stats.repeat_max_diff > max_repeat_diff:
+        out.append(
+            f"the model's output changes between two passes on the same input (max |logit diff| "
+            f"{stats.repeat_max_diff:.3g}): randomised defences need EOT attacks"
+        )
+    if stats.flip_rate > max_flip_rate:
+        out.append(
+            f"{stats.flip_rate:.1%} of predictions change under Gaussian noise of sigma={stats.sigma:g} "
+            f"(threshold {max_flip_rate:.0%}): the output looks random, gradients are unreliable"
+        )
+    if stats.normalized_entropy > max_entropy:
+        out.append(
+            f"mean softmax entropy is {stats.normalized_entropy:.2f} of the uniform maximum (threshold "
+            f"{max_entropy:.2f}): near-uniform outputs can hide gradients"
+        )
+    return out
+
+
+def accuracy_vs_eps(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps_values: Sequence[float],
+    norm: str = "linf",
+    steps: int = 20,
+    seed: int = 0,
+) -> dict[float, float]:
+    """Robust accuracy under PGD-k (alpha 2.5 eps / k, random start) for each eps."""
+    return {
+        float(e): PGD(e, norm=norm, steps=steps, step_rule="madry", seed=seed)(model, x, y).robust_accuracy
+        for e in eps_values
+    }
+
+
+def accuracy_vs_steps(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    steps_values: Sequence[int] = (1, 10, 30),
+    norm: str = "linf",
+    seed: int = 0,
+) -> dict[int, float]:
+    """Robust accuracy under PGD-k (alpha 2.5 eps / k, random start) for each k."""
+    return {
+        int(k): PGD(eps, norm=norm, steps=k, step_rule="madry", seed=seed)(model, x, y).robust_accuracy
+        for k in steps_values
+    }
+
+
+def masking_checks(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    accuracies: Mapping[str, float] | None = None,
+    white_box: Mapping[str, bool] | None = None,
+    large_eps: float | None = None,
+    steps_values: Sequence[int] = (1, 10, 30),
+    seed: int = 0,
+) -> list[str]:
+    """Measure and run every check on x (N, C, H, W), y (N,).
+
+    accuracies / white_box: robust accuracy and white-box flag per attack name from an evaluation
+    (for the black-box check). large_eps: default 0.5 (L-inf) or 0.5 * sqrt(C*H*W) (L2).
+    """
+    if eps <= 0:
+        raise UserError(f"masking checks need eps > 0, got {eps}")
+    if large_eps is None:
+        large_eps = max(0.5, 4 * eps) if norm == "linf" else max(0.5 * math.sqrt(x[0].numel()), 4 * eps)
+    eps_values = sorted({eps, 2 * eps, 4 * eps, large_eps})
+    warnings = check_large_eps(accuracy_vs_eps(model, x, y, eps_values, norm=norm, seed=seed))
+    warnings += check_more_steps(accuracy_vs_steps(model, x, y, eps, steps_values, norm=norm, seed=seed))
+    warnings += check_random_output(output_randomness(model, x, seed=seed))
+    if accuracies is not None and white_box is not None:
+        warnings += check_black_box_vs_white_box(accuracies, white_box)
+    return warnings
