@@ -11,6 +11,9 @@ from torch import nn
 from robustdissect.data import Dataset, load_dataset
 from robustdissect.data.idx import FASHION_MNIST_DIR
 
+# The suite's models are tiny: one thread avoids OpenMP overhead that dominates small convolutions.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def fmnist() -> Dataset:

@@ -28,7 +28,9 @@ def _one_line_error(code: int, err: str, needle: str) -> None:
 
 def test_run_quick_writes_a_complete_run_directory(tmp_path: Path, capsys, fmnist) -> None:
     out = tmp_path / "run"
-    code, _, err = _cli(["run", "--quick", "--out", str(out)], capsys)
+    cfg = tmp_path / "overview.yaml"
+    cfg.write_text("stages: [overview]\nn: 500\n")
+    code, _, err = _cli(["run", "--config", str(cfg), "--out", str(out)], capsys)
     assert code == 0, err
     for rel in (
         "config.yaml",
@@ -51,7 +53,7 @@ def test_run_quick_writes_a_complete_run_directory(tmp_path: Path, capsys, fmnis
     assert not (tmp_path / "run.partial").exists()
 
     # an existing run directory is not overwritten silently
-    code, _, err = _cli(["run", "--quick", "--out", str(out)], capsys)
+    code, _, err = _cli(["run", "--config", str(cfg), "--out", str(out)], capsys)
     _one_line_error(code, err, "already exists")
 
     # the report can be rebuilt from the files alone

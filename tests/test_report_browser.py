@@ -19,7 +19,12 @@ def test_report_opens_cleanly_in_chromium(tmp_path: Path, fmnist) -> None:
         pytest.fail("chromium is not installed; run `bash scripts/setup.sh --dev`")
     from playwright.sync_api import sync_playwright
 
-    run = run_pipeline(RunConfig(n=300), tmp_path / "run")
+    stages = {
+        "overview": {},
+        "evaluate": {"attacks": ["fgsm", "pgd-linf"], "corruptions": ["gaussian-noise"], "pgd_steps": 5,
+                     "eps_sweep": [0.05, 0.1], "steps_sweep": [1, 5], "curve_n": 100},
+    }  # fmt: skip
+    run = run_pipeline(RunConfig(n=200, stages=stages), tmp_path / "run")
     # a user-supplied string must be escaped, never interpreted
     report = (run / "report.html").read_text()
     assert "<script" not in report.lower()

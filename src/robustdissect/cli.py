@@ -51,7 +51,8 @@ def _setup_logging(verbose: bool) -> None:
 def run(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML run configuration")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory to create")] = Path("runs/default"),
-    quick: Annotated[bool, typer.Option("--quick", help="fewer images, for a first look")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="300 images, for a first look")] = False,
+    full: Annotated[bool, typer.Option("--full", help="the papers' full attack budgets (slow on CPU)")] = False,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     data: DataOpt = None,
@@ -95,10 +96,10 @@ def _analysis_run(
     from .pipeline import quick_config, run_pipeline
 
     _setup_logging(verbose)
-    cfg = RunConfig(stages={"overview": {}, stage: stage_options})
+    cfg = RunConfig(stages={"overview": {}, stage: stage_options}, quick=False)
     cfg = cfg.replace(model=model, weights=weights, dataset=data, data_dir=data_dir, n=n, seed=seed)
     if quick:
-        cfg = quick_config(cfg.replace(quick=True))
+        cfg = quick_config(cfg)
     path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume, progress=True)
     typer.echo(f"wrote {path}/report.html")
 
@@ -134,6 +135,49 @@ def evaluate(
 
     options = {"attacks": attacks, "eps": parse_eps(eps), "eps_l2": parse_eps(eps_l2), "pgd_steps": steps}
     _analysis_run("evaluate", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose)
+
+
+@app.command()
+def sensitivity(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="comma-separated layer names (default: every conv)")
+    ] = None,
+    attack: Annotated[str, typer.Option("--attack", help="attack for the dual pairs (pgd-linf)")] = "pgd-linf",
+    eps: Annotated[str, typer.Option("--eps", help="L-inf budget, e.g. 0.1 or 8/255")] = "0.1",
+    steps: Annotated[int, typer.Option("--steps", help="PGD steps (alpha = eps/sqrt(k))")] = 10,
+    experiments: Annotated[
+        str | None, typer.Option("--experiments", help="comma-separated: profiles, amplification, eps_sweep, ...")
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option("--models", help="other checkpoints to overlay, comma-separated")
+    ] = None,
+    n: NOpt = 1000,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    quick: QuickOpt = False,
+    out: OutOpt = Path("runs/sensitivity"),
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Neuron sensitivity: every experiment of the paper (profiles, amplification, ratio vs eps, ...)."""
+    from .config import parse_eps
+
+    if attack != "pgd-linf":
+        raise UserError(f"--attack {attack}: the sensitivity protocol uses pgd-linf (METHODS §5.5)")
+    options: dict[str, Any] = {"eps": parse_eps(eps), "steps": steps}
+    if layers:
+        options["layers"] = [s.strip() for s in layers.split(",") if s.strip()]
+    if experiments:
+        options["experiments"] = [s.strip() for s in experiments.split(",") if s.strip()]
+    if models:
+        options["compare"] = [s.strip() for s in models.split(",") if s.strip()]
+    _analysis_run(
+        "sensitivity", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose
+    )
 
 
 @app.command()

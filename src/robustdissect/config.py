@@ -15,7 +15,7 @@ import yaml
 
 from .errors import UserError, unknown_name
 
-DEFAULT_STAGES = ("overview",)
+DEFAULT_STAGES = ("overview", "evaluate", "sensitivity", "training")
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,11 @@ class RunConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     split: str = "test"
-    n: int | None = 2000  # images analysed (None = the whole split)
+    n: int | None = 1000  # images analysed (None = the whole split)
     batch_size: int = 250
     seed: int = 0
     device: str = "auto"
-    quick: bool = False
+    quick: bool = True  # reduced attack budgets in every stage; false = the papers' full budgets
     stages: dict[str, dict[str, Any]] = field(default_factory=lambda: {s: {} for s in DEFAULT_STAGES})
 
     def to_dict(self) -> dict[str, Any]:

@@ -214,8 +214,8 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
 
 
 def quick_config(cfg: RunConfig) -> RunConfig:
-    """A smaller run for a first look: fewer images."""
-    return cfg.replace(n=min(cfg.n or 500, 500))
+    """A smaller run for a first look: 300 images and the reduced attack budgets."""
+    return cfg.replace(n=min(cfg.n or 300, 300), quick=True)
 
 
 def load_results(path: Path) -> dict[str, Any]:

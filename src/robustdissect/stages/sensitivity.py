@@ -1,0 +1,349 @@
+"""Stage `sensitivity`: the experiments of the neuron-sensitivity paper (METHODS §5.4, §8.3) on
+any model — σ profiles (E6), error amplification (E7), σ_Ratio against ε at both hook points
+(E8), sensitive vs. important neurons (E1), cross-target overlap (E3), suppression (E4), regions
+of interest (E2) and model comparison (E6/E13)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..analysis import (
+    compare_models,
+    cross_target_overlap,
+    neuron_sensitivity,
+    ratio_sweep,
+    regions_of_interest,
+    sensitive_neurons,
+    sensitivity_under_attack,
+    sensitivity_vs_importance,
+    sigma_profiles,
+    suppression_experiment,
+    targeted_pair_sets,
+)
+from ..analysis import plots_sensitivity as splots
+from ..attacks import make_attack
+from ..config import parse_eps, stage_options
+from ..errors import UserError
+from ..models import default_conv_layers, load_checkpoint
+from ..pipeline import STAGES, Context, section
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = ("profiles", "amplification", "eps_sweep", "importance", "overlap", "suppression", "roi", "compare")
+
+
+@dataclass(frozen=True)
+class SensitivityOptions:
+    """Defaults follow METHODS §5.5 item 4 and §8.3 (Fashion-MNIST scale)."""
+
+    experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
+    layers: list[str] | None = None  # default: every conv hook point (BN output)
+    eps: float | str = 0.1  # untargeted L-inf PGD for σ (paper ε = 8/255 on CIFAR)
+    steps: int = 10
+    step_rule: str = "paper"  # α = ε/√k
+    fraction: float = 0.1  # top-10% per layer
+    reduction: Literal["eq1", "mindarmour"] = "eq1"
+    n: int | None = None  # images (default: the run's n)
+    eps_sweep: list[float] = field(default_factory=lambda: [0.02, 0.04, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20])
+    noise_severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    noise_scale: str = "auto"
+    importance_n: int = 1000  # images for E1 / E3 (targeted attacks, one set per class)
+    importance_ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    sub_cost: int = 2
+    suppression_betas: list[float] = field(
+        default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5]
+    )
+    suppression_n: int = 500
+    suppression_eps: float = 0.025
+    suppression_eps_l2: float = 1.5
+    suppression_draws: int = 3
+    roi_layer: str = "pool1"
+    compare: list[str] = field(default_factory=list)  # other checkpoints to overlay (E6/E13)
+    batch_size: int = 250
+
+
+QUICK_SENSITIVITY: dict[str, Any] = {
+    "n": 300,
+    "eps_sweep": [0.02, 0.06, 0.1, 0.2],
+    "noise_severities": [1, 3, 5],
+    "importance_n": 300,
+    "importance_ks": [10],
+    "suppression_betas": [1.0, 0.9, 0.7, 0.5],
+    "suppression_n": 200,
+    "suppression_draws": 1,
+}
+
+
+def _pgd(eps: float, opts: SensitivityOptions, seed: int, target: str | None = None) -> Any:
+    return make_attack(
+        "pgd-linf",
+        eps=eps,
+        steps=opts.steps,
+        step_rule=opts.step_rule,
+        seed=seed,
+        batch_size=opts.batch_size,
+        **({"target": target} if target else {}),
+    )
+
+
+@STAGES.register("sensitivity", "neuron sensitivity: profiles, amplification, ratio vs eps, importance, overlap, ...")
+def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
+    if ctx.config.quick:
+        options = {**QUICK_SENSITIVITY, **options}
+    opts: SensitivityOptions = stage_options(SensitivityOptions, options, "sensitivity")
+    unknown = [e for e in opts.experiments if e not in EXPERIMENTS]
+    if unknown:
+        raise UserError(f"unknown sensitivity experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
+    seed, model, run = ctx.config.seed, ctx.model, ctx.run
+    split = ctx.split.subset(opts.n, seed=seed) if opts.n else ctx.split
+    x, y = split.x, split.y
+    eps = parse_eps(opts.eps)
+    conv_layers = opts.layers or default_conv_layers(model, "conv")
+    relu_layers = default_conv_layers(model, "relu")
+    attack = _pgd(eps, opts, seed)
+    tables: list[dict[str, Any]] = []
+    figures: list[dict[str, str]] = []
+    summary: dict[str, Any] = {
+        "images": len(y),
+        "attack": f"PGD-L∞ ε={eps:g}, k={opts.steps}",
+        "hook": "conv (BN output)",
+    }
+    data: dict[str, Any] = {"options": asdict(opts)}
+
+    def table(name: str, rows: list[dict[str, Any]], title: str, show: bool = False) -> None:
+        run.write_table(name, rows)
+        tables.append({"file": f"tables/{name}.csv", "title": title, "show": show})
+
+    def figure(name: str, fig: Any, caption: str) -> None:
+        run.save_figure(name, fig)
+        figures.append({"file": f"figures/{name}.png", "caption": caption})
+
+    # E6: σ of every neuron at every conv layer, and at the ReLU hook points
+    log.info("sensitivity: σ under PGD on %d images", len(y))
+    base = sensitivity_under_attack(
+        model, x, y, attack, conv_layers + relu_layers, reduction=opts.reduction, batch_size=opts.batch_size, seed=seed
+    )
+    table("sigma", base.rows(fraction=opts.fraction), "σ and σ_Ratio per layer × neuron")
+    layer_rows = base.summary_rows(fraction=opts.fraction)
+    table("sigma_layers", layer_rows, "Per-layer summary: mean σ, top-10% gap, mean ratio of sensitive neurons", True)
+    data["layers"] = layer_rows
+    gaps = [r["top_gap"] for r in layer_rows if r["hook"] == "conv"]
+    summary["median top-10% gap (σ top / σ rest)"] = float(torch.tensor(gaps).median()) if gaps else None
+    if "profiles" in opts.experiments:
+        profiles = sigma_profiles(base, fraction=opts.fraction)
+        figure(
+            "sigma_profiles",
+            splots.plot_sigma_profiles({k: v for k, v in profiles.items() if k in conv_layers}),
+            "σ of every neuron, sorted, per conv layer; dashed line: top 10% (Figs. 10–12)",
+        )
+
+    # E7 (amplification) and E8 (ratio vs ε, both hooks)
+    sweep_rows: list[dict[str, Any]] = []
+    if "eps_sweep" in opts.experiments or "amplification" in opts.experiments:
+        log.info("sensitivity: ratio sweep over ε %s", opts.eps_sweep)
+        attacks = {float(e): _pgd(float(e), opts, seed) for e in opts.eps_sweep}
+        sweep_rows += ratio_sweep(
+            model,
+            x,
+            y,
+            attacks,
+            conv_layers + relu_layers,
+            family="pgd-linf",
+            fraction=opts.fraction,
+            batch_size=opts.batch_size,
+            seed=seed,
+        ).rows
+    if "amplification" in opts.experiments:
+        scale = opts.noise_scale
+        if scale == "auto":
+            scale = "fmnist" if ctx.data.image_shape == (1, 28, 28) else "cifar"
+        noises = {
+            float(s): make_attack("gaussian-noise", severity=s, scale=scale, seed=seed) for s in opts.noise_severities
+        }
+        sweep_rows += ratio_sweep(
+            model,
+            x,
+            y,
+            noises,
+            conv_layers,
+            family="gaussian-noise",
+            fraction=opts.fraction,
+            batch_size=opts.batch_size,
+            seed=seed,
+        ).rows
+    if sweep_rows:
+        table("ratio_sweep", sweep_rows, "σ_Ratio of sensitive neurons per layer × strength (Fig. 13, 14; Table II)")
+        conv_rows = [r for r in sweep_rows if r["hook"] == "conv"]
+        figure(
+            "amplification",
+            splots.plot_mean_ratio(conv_rows, series=("family", "strength")),
+            "Mean σ_Ratio of the top-10% neurons per conv layer, PGD at several ε and Gaussian noise (Fig. 13)",
+        )
+        pgd_rows = [r for r in sweep_rows if r["family"] == "pgd-linf"]
+        if pgd_rows:
+            figure(
+                "ratio_vs_eps",
+                splots.plot_ratio_vs_strength(pgd_rows, series=("hook",)),
+                "σ_Ratio of sensitive neurons against ε at the conv (BN) and ReLU hook points (Fig. 14, Table II)",
+            )
+            table2 = _table_ii(pgd_rows)
+            table("table_ii", table2, "Table II layout: mean σ_Ratio of sensitive neurons, layer × ε", True)
+            data["table_ii"] = table2
+
+    # E1 and E3: targeted attacks towards every class
+    if "importance" in opts.experiments or "overlap" in opts.experiments:
+        ni = min(opts.importance_n, len(y))
+        log.info("sensitivity: targeted PGD towards each class on %d images", ni)
+        pair_sets = targeted_pair_sets(
+            model, x[:ni], y[:ni], _pgd(eps, opts, seed), batch_size=opts.batch_size, seed=seed
+        )
+        if "importance" in opts.experiments:
+            imp = sensitivity_vs_importance(
+                model, pair_sets, ks=opts.importance_ks, sub_cost=opts.sub_cost, batch_size=opts.batch_size
+            )
+            table(
+                "importance_per_class",
+                imp.rows,
+                "Spearman and Levenshtein similarity per target class (Figs. 2–3)",
+                True,
+            )
+            table("importance_summary", imp.summary, "E1 summary per k")
+            figure(
+                "spearman_per_class",
+                splots.plot_per_class(imp.rows, "spearman"),
+                "Spearman correlation between sensitivity and importance rankings, per class (Fig. 2)",
+            )
+            figure(
+                "levenshtein_per_class",
+                splots.plot_per_class(imp.rows, "levenshtein"),
+                "Levenshtein similarity of the top-k sensitive and important neurons, per class (Fig. 3)",
+            )
+            data["importance"] = imp.summary
+        if "overlap" in opts.experiments:
+            ov = cross_target_overlap(
+                model,
+                pair_sets,
+                conv_layers,
+                fraction=opts.fraction,
+                sub_cost=opts.sub_cost,
+                batch_size=opts.batch_size,
+            )
+            table("overlap_by_layer", ov.rows, "Cross-target overlap of sensitive sets per layer (Fig. 8)", True)
+            figure(
+                "overlap_by_layer",
+                splots.plot_overlap_by_layer(ov.rows),
+                "Total Jaccard index and mean pairwise Levenshtein similarity of sensitive sets across targets"
+                " (Fig. 8)",
+            )
+            data["overlap"] = ov.rows
+
+    # E4: suppression of the top-10% sensitive neurons (post-ReLU) vs random ones
+    if "suppression" in opts.experiments:
+        ns = min(opts.suppression_n, len(y))
+        log.info("sensitivity: suppression on %d images", ns)
+        relu_sigma = {layer: base.layers[layer].sigma for layer in relu_layers if layer in base.layers}
+        selection = sensitive_neurons(relu_sigma, fraction=opts.fraction)
+        scale = "fmnist" if ctx.data.image_shape == (1, 28, 28) else "cifar"
+        sup_attacks = {
+            "pgd-linf": _pgd(opts.suppression_eps, opts, seed),
+            "pgd-l2": make_attack(
+                "pgd-l2", eps=opts.suppression_eps_l2, steps=opts.steps, step_rule=opts.step_rule, seed=seed
+            ),
+            "fgsm": make_attack("fgsm", eps=opts.suppression_eps, seed=seed),
+            "noise-s3": make_attack("gaussian-noise", severity=3, scale=scale, seed=seed),
+        }
+        sup = suppression_experiment(
+            model,
+            x[:ns],
+            y[:ns],
+            selection,
+            attacks=sup_attacks,
+            betas=opts.suppression_betas,
+            draws=opts.suppression_draws,
+            seed=seed,
+            batch_size=opts.batch_size,
+        )
+        table("suppression", sup.summary, "Accuracy with sensitive vs random neurons scaled by β (Fig. 9)")
+        figure(
+            "suppression",
+            splots.plot_suppression(sup.summary),
+            "Suppression: top-10% sensitive neurons (post-ReLU, every conv layer) vs the same number of"
+            " random ones (Fig. 9)",
+        )
+        data["suppression"] = sup.summary
+
+    # E2: regions of interest
+    if "roi" in opts.experiments:
+        try:
+            from ..models import resolve_layer
+
+            resolve_layer(model, opts.roi_layer)
+            roi_layer = opts.roi_layer
+        except UserError:
+            roi_layer = conv_layers[min(1, len(conv_layers) - 1)]
+        adv = attack(model, x, y).x_adv
+        roi_sigma = neuron_sensitivity(model, (x, adv), [roi_layer], batch_size=opts.batch_size)
+        roi = regions_of_interest(
+            model, x, adv, roi_layer, roi_sigma.layers[roi_layer].sigma, batch_size=opts.batch_size
+        )
+        figure(
+            "regions_of_interest",
+            splots.plot_roi(roi),
+            f"{roi_layer}: 3 most and 3 least sensitive neurons, top-5 images, benign row above"
+            " adversarial row (Figs. 4–7)",
+        )
+
+    # E6 / E13: other checkpoints on the same protocol
+    if "compare" in opts.experiments and opts.compare:
+        models = {ctx.config.model: model}
+        missing = []
+        for name in opts.compare:
+            try:
+                models[name] = load_checkpoint(name)[0].to(ctx.device)
+            except UserError:
+                missing.append(name)
+        if len(models) > 1:
+            comp = compare_models(
+                models, x, y, attack, conv_layers, fraction=opts.fraction, batch_size=opts.batch_size, seed=seed
+            )
+            table("compare_layers", comp.summary, "Per-layer σ of each model on the same attack protocol", True)
+            figure(
+                "compare_profiles",
+                splots.plot_sigma_profiles(comp.profiles(fraction=opts.fraction)),
+                "σ profiles of each model, same attack protocol (Figs. 10–12, 17)",
+            )
+        if missing:
+            data.setdefault("warnings", []).append(f"checkpoints not found for comparison: {', '.join(missing)}")
+
+    return section(
+        "Neuron sensitivity",
+        text=(
+            f"Neuron sensitivity σ (Eq. 1) and σ_Ratio (Eq. 11) of every channel of the conv layers (BN output) "
+            f"and their ReLUs between {len(y)} clean images and their PGD-L∞ adversarial twins "
+            f"(ε = {eps:g}, k = {opts.steps}). Sensitive neurons are the top {opts.fraction:.0%} per layer."
+        ),
+        summary=summary,
+        tables=tables,
+        figures=figures,
+        warnings=data.pop("warnings", []),
+        **data,
+    )
+
+
+def _table_ii(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pivot ratio-sweep rows into Table II: one row per layer (conv and ReLU), one column per ε."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        row = out.setdefault(r["layer"], {"layer": r["layer"], "hook": r["hook"], "depth": r["depth"]})
+        row[f"eps={r['strength']:g}"] = r["ratio_mean_sensitive"]
+
+    def order(r: dict[str, Any]) -> tuple[int, str]:
+        digits = re.findall(r"\d+", str(r["layer"]))
+        return (int(digits[-1]) if digits else r["depth"], r["hook"])
+
+    return sorted(out.values(), key=order)

@@ -1,0 +1,54 @@
+"""The `sensitivity` stage end to end on the shipped model, with tiny budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from robustdissect.config import RunConfig
+from robustdissect.pipeline import run_pipeline
+from robustdissect.runs import read_table
+
+TINY = {
+    "eps_sweep": [0.05, 0.1],
+    "noise_severities": [3],
+    "importance_n": 60,
+    "importance_ks": [5],
+    "suppression_betas": [1.0, 0.5],
+    "suppression_n": 40,
+    "suppression_draws": 1,
+    "compare": ["fmnist-smallcnn-avg-vanilla", "no-such-checkpoint"],
+    "batch_size": 100,
+}
+
+
+def test_sensitivity_stage_writes_every_experiment(tmp_path: Path, fmnist) -> None:
+    cfg = RunConfig(n=60, quick=False, stages={"overview": {}, "sensitivity": TINY})
+    run = run_pipeline(cfg, tmp_path / "run")
+    res = json.loads((run / "results.json").read_text())
+    entry = res["stages"]["sensitivity"]
+
+    sigma = read_table(run / "tables" / "sigma.csv")
+    assert len(sigma) == 2 * (16 + 16 + 32 + 32 + 64 + 64)  # every channel, conv and ReLU hook points
+    assert all(float(r["sigma"]) >= 0 for r in sigma)
+    layers = {r["layer"]: r for r in entry["layers"]}
+    assert set(layers) >= {f"conv{i}" for i in range(1, 7)} | {f"relu{i}" for i in range(1, 7)}
+    for r in entry["layers"]:
+        assert r["k"] == max(1, round(0.1 * r["channels"]))
+        assert r["top_gap"] >= 1.0  # top-10% by σ cannot be below the rest
+
+    table_ii = entry["table_ii"]
+    assert len(table_ii) == 12 and {"eps=0.05", "eps=0.1"} <= set(table_ii[0])
+    assert [r["layer"] for r in table_ii[:2]] == ["conv1", "relu1"]
+
+    assert {r["k"] for r in entry["importance"]} == {5}
+    overlap = {r["layer"]: r for r in entry["overlap"]}
+    assert all(0.0 <= r["total_jaccard"] <= 1.0 for r in overlap.values())
+    sup = entry["suppression"]
+    clean_beta1 = [r for r in sup if r["beta"] == 1.0 and r["condition"] == "clean"]
+    assert len({round(r["accuracy"], 9) for r in clean_beta1}) == 1  # β = 1 changes nothing
+    assert any("no-such-checkpoint" in w for w in entry["warnings"])
+    for fig in ("sigma_profiles", "amplification", "ratio_vs_eps", "spearman_per_class", "overlap_by_layer",
+                "suppression", "regions_of_interest", "compare_profiles"):  # fmt: skip
+        assert (run / "figures" / f"{fig}.png").is_file(), fig
+    assert "Neuron sensitivity" in (run / "report.html").read_text()
