@@ -70,8 +70,10 @@ def run(
     _setup_logging(verbose)
     cfg = load_config(config) if config else RunConfig()
     cfg = cfg.replace(model=model, weights=weights, dataset=data, data_dir=data_dir, n=n, seed=seed)
-    if quick or cfg.quick:
-        cfg = quick_config(cfg.replace(quick=True))
+    if full:
+        cfg = cfg.replace(quick=False)
+    if quick:
+        cfg = quick_config(cfg)
     path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume, progress=True)
     typer.echo(f"wrote {path}/report.html")
 
