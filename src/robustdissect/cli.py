@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -248,7 +249,8 @@ def train(
     if folder is None:
         raise UserError("pass --out DIR (or --resume DIR to continue a run)")
     result = train_fn(cfg, folder, resume=resume is not None, progress=True)
-    typer.echo(f"test accuracy {result.card['test_accuracy']:.4f}; wrote {folder}/model.safetensors")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line under torchrun, not one per process
+        typer.echo(f"test accuracy {result.card['test_accuracy']:.4f}; wrote {folder}/model.safetensors")
 
 
 @app.command()
