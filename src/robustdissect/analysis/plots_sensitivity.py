@@ -175,7 +175,9 @@ def plot_roi(roi: ROIResult, alpha: float = 0.45) -> Figure:
     return fig
 
 
-def plot_per_class(rows: Rows, metric: str = "spearman", k: int | None = None) -> Figure:
+def plot_per_class(
+    rows: Rows, metric: str = "spearman", k: int | None = None, class_names: Sequence[str] | None = None
+) -> Figure:
     """Figs. 2-3: per target class, Spearman or Levenshtein similarity between sensitive and
     important neurons (rows from `sensitivity_vs_importance(...).rows`)."""
     ks = sorted({int(r["k"]) for r in rows})
@@ -184,7 +186,9 @@ def plot_per_class(rows: Rows, metric: str = "spearman", k: int | None = None) -
     fig = Figure(figsize=(6.0, 3.2), layout="constrained")
     ax = fig.subplots()
     vals = np.array([float(r[metric]) for r in sub], dtype=np.float64)
-    ax.bar([str(r["target"]) for r in sub], vals)
+    ax.bar(range(len(sub)), vals)
+    names = [class_names[int(r["target"])][:12] if class_names else str(r["target"]) for r in sub]
+    ax.set_xticks(range(len(sub)), names, rotation=45 if class_names else 0, ha="right" if class_names else "center")
     if vals.size and np.isfinite(vals).any():
         ax.axhline(float(np.nanmean(vals)), color="k", ls="--", lw=0.8, label="mean")
         ax.legend(fontsize="small")

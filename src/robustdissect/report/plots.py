@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -56,16 +57,20 @@ def image_grid(x: torch.Tensor, titles: Sequence[str] | None = None, ncols: int 
     nrows = max(1, -(-n // ncols))
     fig = Figure(figsize=(1.3 * ncols, 1.55 * nrows))
     for i in range(n):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        img = x[i].detach().cpu()
-        if img.shape[0] == 1:
-            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
-        else:
-            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
-        ax.set_axis_off()
-        if titles is not None:
-            ax.set_title(titles[i], fontsize=6)
+        _show(fig.add_subplot(nrows, ncols, i + 1), x[i], None if titles is None else titles[i])
     return fig
+
+
+def _show(ax: Any, img: torch.Tensor, title: str | None, cmap: str = "gray") -> None:
+    """Draw one (C, H, W) image in [0, 1] without axes; `cmap` applies to 1-channel images."""
+    img = img.detach().cpu()
+    if img.shape[0] == 1:
+        ax.imshow(img[0].numpy(), cmap=cmap, vmin=0, vmax=1)
+    else:
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+    ax.set_axis_off()
+    if title is not None:
+        ax.set_title(title, fontsize=6)
 
 
 def line_plot(
@@ -125,13 +130,6 @@ def adversarial_grid(
         [(clean, [classes[int(t)][:10] for t in y]), (adv, [f"→ {classes[int(p)][:10]}" for p in pred]), (diff, None)]
     ):
         for i in range(k):
-            ax = fig.add_subplot(3, k, row * k + i + 1)
-            img = imgs[i].detach().cpu()
-            if img.shape[0] == 1:
-                ax.imshow(img[0].numpy(), cmap="gray" if row < 2 else "magma", vmin=0, vmax=1)
-            else:
-                ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
-            ax.set_axis_off()
-            if titles is not None:
-                ax.set_title(titles[i], fontsize=6)
+            title = None if titles is None else titles[i]
+            _show(fig.add_subplot(3, k, row * k + i + 1), imgs[i], title, "gray" if row < 2 else "magma")
     return fig

@@ -215,12 +215,12 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             table("importance_summary", imp.summary, "E1 summary per k")
             figure(
                 "spearman_per_class",
-                splots.plot_per_class(imp.rows, "spearman"),
+                splots.plot_per_class(imp.rows, "spearman", class_names=ctx.data.classes),
                 "Spearman correlation between sensitivity and importance rankings, per class (Fig. 2)",
             )
             figure(
                 "levenshtein_per_class",
-                splots.plot_per_class(imp.rows, "levenshtein"),
+                splots.plot_per_class(imp.rows, "levenshtein", class_names=ctx.data.classes),
                 "Levenshtein similarity of the top-k sensitive and important neurons, per class (Fig. 3)",
             )
             data["importance"] = imp.summary
