@@ -28,7 +28,7 @@ class RunConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     split: str = "test"
-    n: int | None = 1000  # images analysed (None = the whole split)
+    n: int | None = 500  # images analysed (None = the whole split)
     batch_size: int = 250
     seed: int = 0
     device: str = "auto"
