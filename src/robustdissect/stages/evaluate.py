@@ -180,7 +180,11 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             }
         )
     robust = {r["attack"]: r["accuracy"] for r in rows if r["kind"] != "clean"}
-    run.update_results(robust_accuracy=robust, warnings=ctx.run.results().get("warnings", []) + warnings)
+    run.update_results(
+        clean_accuracy=rows[0]["accuracy"],
+        robust_accuracy=robust,
+        warnings=run.results().get("warnings", []) + warnings,
+    )
     summary = {
         r["attack"]: f"{100 * r['accuracy']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]" for r in rows
     }
