@@ -57,6 +57,7 @@ TABLE3 = ["cw-l2", "pgd-l2", "pgd-linf", "fgsm", "spsa", "nattack"]  # the paper
 SIGMA_ROLES = ("vanilla", "pat", "sns")  # E13 overlays
 
 QUICK_TRAINING: dict[str, Any] = {
+    "n": 200,
     "curve_n": 200,
     "steps_sweep": [1, 2, 3, 5, 10],
     "eps_sweep": [0.02, 0.05, 0.1, 0.15, 0.2],
