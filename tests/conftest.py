@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,6 +48,19 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.flat(self.pool(self.relu(self.conv(x)))))
+
+
+def interrupt_at(objective: Any, epoch: int) -> Any:
+    """Make `objective` raise KeyboardInterrupt when `epoch` starts: a kill between two epochs."""
+    original = objective.on_epoch_start
+
+    def on_epoch_start(model: nn.Module, e: int) -> None:
+        if e == epoch:
+            raise KeyboardInterrupt
+        original(model, e)
+
+    objective.on_epoch_start = on_epoch_start
+    return objective
 
 
 @pytest.fixture

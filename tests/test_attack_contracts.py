@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,15 +39,6 @@ CASES = [(n, FAST.get(n, {})) for n in NAMES] + [
     ("pgd-linf", {**FAST["pgd-linf"], "restarts": 2, "random_start": False}),
 ]
 CASE_IDS = [f"{n}-{i}" if i >= len(NAMES) else n for i, (n, _) in enumerate(CASES)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread avoids thread-pool stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build(name: str, **over: Any) -> Attack:

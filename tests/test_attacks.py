@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -38,16 +37,6 @@ from robustdissect.attacks import (
     worst_case,
 )
 from robustdissect.errors import UserError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread avoids thread-pool stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------- exact values on a linear model
 # z = W x for a 2x2 image flattened to (x1, x2, x3, x4); label y = 1.

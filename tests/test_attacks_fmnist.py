@@ -7,7 +7,6 @@ Black-box and C&W budgets are reduced to keep the file fast; the assertions stay
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,15 +17,6 @@ from robustdissect.attacks import APGD, ATTACKS, CW, PGD, GaussianNoise, NAttack
 from robustdissect.data import Dataset
 
 EPS = 0.1
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: steadier on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import interrupt_at
 from torch import nn
 
 from robustdissect.models import load_checkpoint
@@ -56,15 +57,6 @@ def test_shards_are_disjoint_and_cover_the_batch() -> None:
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-class _DieAtEpoch(Vanilla):
-    def __init__(self, epoch: int) -> None:
-        self.die_at = epoch
-
-    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
-        if epoch == self.die_at:
-            raise KeyboardInterrupt
-
-
 def test_two_ranks_match_one_process_and_resume(tmp_path: Path, fmnist) -> None:
     """2 epochs: a single-process run against (a) a 2-rank run from scratch and (b) a single-process
     run killed after epoch 1 and resumed by 2 ranks from its state.pt. Global batch 64 = 2 x 32."""
@@ -79,7 +71,7 @@ def test_two_ranks_match_one_process_and_resume(tmp_path: Path, fmnist) -> None:
     assert abs(ddp_card["test_accuracy"] - single.card["test_accuracy"]) <= 2e-4
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", objective=_DieAtEpoch(1), data=fmnist)
+        train(cfg, tmp_path / "cut", objective=interrupt_at(Vanilla(), 1), data=fmnist)
     _torchrun(tmp_path, cfg, tmp_path / "cut", resume=True)
     resumed, _card = load_checkpoint(str(tmp_path / "cut" / "model.safetensors"))
     assert _max_diff(single.model, resumed) < 1e-5

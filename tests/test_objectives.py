@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import interrupt_at
 from torch import nn
 
 from robustdissect.data import Dataset, Split
@@ -136,17 +137,6 @@ def test_same_seed_same_random_start(batch: tuple[torch.Tensor, torch.Tensor]) -
     assert not torch.equal(a.uniform_start(x), b.uniform_start(x))
 
 
-class _DiePAT(PAT):
-    def __init__(self, die_at: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.die_at = die_at
-
-    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
-        if epoch == self.die_at:
-            raise KeyboardInterrupt
-        super().on_epoch_start(model, epoch)
-
-
 def test_robust_resume_matches_uninterrupted(tmp_path: Path, fmnist: Dataset) -> None:
     args = {"eps": 0.1, "steps": 2}
     cfg = TrainConfig(
@@ -154,7 +144,7 @@ def test_robust_resume_matches_uninterrupted(tmp_path: Path, fmnist: Dataset) ->
     )
     full = train(cfg, tmp_path / "full", data=fmnist)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", objective=_DiePAT(1, seed=3, **args), data=fmnist)
+        train(cfg, tmp_path / "cut", objective=interrupt_at(PAT(seed=3, **args), 1), data=fmnist)
     resumed = train(cfg, tmp_path / "cut", resume=True, data=fmnist)
     wf, wr = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(wf[k], wr[k]) for k in wf)

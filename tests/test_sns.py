@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import interrupt_at
 from torch import nn
 
 from robustdissect.data import Dataset, Split
@@ -150,14 +151,8 @@ def test_sns_dyn_resume_matches_uninterrupted(tmp_path: Path, fmnist: Dataset) -
     )
     full = train(cfg, tmp_path / "full", data=fmnist)
 
-    class Die(SNS):
-        def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
-            if epoch == 1:
-                raise KeyboardInterrupt
-            super().on_epoch_start(model, epoch)
-
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", objective=Die(seed=2, **args), data=fmnist)
+        train(cfg, tmp_path / "cut", objective=interrupt_at(SNS(seed=2, **args), 1), data=fmnist)
     resumed = train(cfg, tmp_path / "cut", resume=True, data=fmnist)
     wf, wr = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(wf[k], wr[k]) for k in wf)

@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import interrupt_at
 from torch import nn
 
 from robustdissect.errors import UserError
@@ -26,19 +27,10 @@ def test_same_seed_same_weights(tmp_path: Path, fmnist) -> None:
     assert len(a.history) == 2 and a.card["epochs"] == 2
 
 
-class _DieAtEpoch(Vanilla):
-    def __init__(self, epoch: int) -> None:
-        self.die_at = epoch
-
-    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
-        if epoch == self.die_at:
-            raise KeyboardInterrupt
-
-
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, fmnist) -> None:
     full = train(CFG, tmp_path / "full", data=fmnist)
     with pytest.raises(KeyboardInterrupt):
-        train(CFG, tmp_path / "cut", objective=_DieAtEpoch(1), data=fmnist)
+        train(CFG, tmp_path / "cut", objective=interrupt_at(Vanilla(), 1), data=fmnist)
     assert (tmp_path / "cut" / "state.pt").is_file() and not (tmp_path / "cut" / "model.safetensors").exists()
     resumed = train(CFG, tmp_path / "cut", resume=True, data=fmnist)
     wf, wr = _weights(full.model), _weights(resumed.model)

@@ -7,13 +7,12 @@ stage function. Stages that already finished in an interrupted run are skipped o
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,6 @@ class Context:
     data: Dataset
     device: torch.device
     progress: bool = False
-    cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def split(self) -> Split:
@@ -216,8 +214,3 @@ def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size:
 def quick_config(cfg: RunConfig) -> RunConfig:
     """A smaller run for a first look: 300 images and the reduced attack budgets."""
     return cfg.replace(n=min(cfg.n or 300, 300), quick=True)
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((path / "results.json").read_text())
-    return data
