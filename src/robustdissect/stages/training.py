@@ -1,7 +1,8 @@
 """Stage `training`: robust training compared (METHODS §5.4 E9, E11, E13; §8.3).
 
 By default the stage loads the shipped checkpoints `fmnist-smallcnn-<objective>` (vanilla, PAT,
-SNS variants, ALP, TRADES, fast AT) instead of retraining; a checkpoint that is not there is listed
+PAT-ft, SNS variants, ALP, TRADES, fast AT; the reduced preset only vanilla, PAT, PAT-ft and SNS)
+instead of retraining; a checkpoint that is not there is listed
 in the section's warnings with the command and config that train it. Each model is attacked
 white-box (and black-box on a fixed subset) with the evaluation's attack suite on the same images;
 adversarial examples are cached per model under `adv/<model>/<attack>.safetensors`.
@@ -50,13 +51,19 @@ from ..report import plots
 log = logging.getLogger(__name__)
 
 PREFIX = "fmnist-smallcnn-"
+# pat-ft is SNS's control (the same fine-tuning of PAT with λ = 0); sns-from-vanilla is SNS fine-tuned
+# from the vanilla model, the paper's literal recipe.
 DEFAULT_MODELS = [
-    f"{PREFIX}{m}" for m in ("vanilla", "pat", "alp", "trades", "fast", "sns", "sns-dyn", "sns-rand", "sns-all")
-]
+    f"{PREFIX}{m}"
+    for m in ("vanilla", "pat", "pat-ft", "alp", "trades", "fast", "sns", "sns-dyn", "sns-rand", "sns-all",
+              "sns-from-vanilla")
+]  # fmt: skip
+QUICK_MODELS = [f"{PREFIX}{m}" for m in ("vanilla", "pat", "pat-ft", "sns")]
 TABLE3 = ["cw-l2", "pgd-l2", "pgd-linf", "fgsm", "spsa", "nattack"]  # the paper's Table III columns
 SIGMA_ROLES = ("vanilla", "pat", "sns")  # E13 overlays
 
 QUICK_TRAINING: dict[str, Any] = {
+    "models": QUICK_MODELS,
     "n": 200,
     "curve_n": 200,
     "steps_sweep": [1, 2, 3, 5, 10],
