@@ -213,3 +213,17 @@ def test_channels_last_and_bf16_autocast_train(tmp_path: Path, fmnist: Dataset) 
     with pytest.raises(UserError, match="amp"):
         train(TrainConfig(n=64, epochs=1, amp="fp8"), tmp_path / "bad", data=fmnist)
     assert not (tmp_path / "bad").exists()
+
+
+def test_compiled_training_matches_eager(tmp_path: Path, fmnist: Dataset) -> None:
+    """`compile` wraps the step model in torch.compile; through the "eager" backend the graph
+    capture must not change a single weight (the inductor default needs a C++ compiler)."""
+    base = {"model_args": {"width": 4}, "n": 64, "epochs": 1, "batch_size": 32, "objective": "pat",
+            "objective_args": {"steps": 2}}  # fmt: skip
+    plain = train(TrainConfig(**base), tmp_path / "plain", data=fmnist)
+    compiled = train(TrainConfig(**base, compile="eager"), tmp_path / "compiled", data=fmnist)
+    for (name, a), b in zip(plain.model.state_dict().items(), compiled.model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    with pytest.raises(UserError, match="backend"):
+        train(TrainConfig(**base, compile="no-such-backend"), tmp_path / "bad", data=fmnist)
+    assert not (tmp_path / "bad").exists()

@@ -53,7 +53,7 @@ class TrainConfig:
     init: str | None = None  # start from this checkpoint (shipped name or .safetensors path): fine-tuning
     channels_last: bool = False  # NHWC memory format for model and batches
     amp: str | None = None  # "bf16": bfloat16 autocast for the training forward (inner attacks stay fp32)
-    compile: bool = False  # torch.compile the model used for the steps
+    compile: bool | str = False  # torch.compile the model used for the steps; a string names the backend
 
 
 @dataclass
@@ -115,6 +115,8 @@ def train(
     state_path = out / "state.pt"
     if cfg.amp not in (None, "bf16"):
         raise UserError(f"amp must be 'bf16' or null, got {cfg.amp!r}")
+    if cfg.compile:
+        _compile_backend(cfg.compile)  # an unknown backend fails before anything is written
     if out.exists() and any(out.iterdir()) and not resume:
         raise UserError(f"{out} is not empty; pass --resume to continue the run there, or choose another --out")
     if resume and not state_path.is_file():
@@ -165,7 +167,7 @@ def _train(
         setup(model, train_split, device)
     step_model: nn.Module = model
     if cfg.compile:
-        step_model = torch.compile(model)  # type: ignore[assignment]
+        step_model = torch.compile(model, backend=_compile_backend(cfg.compile))  # type: ignore[assignment]
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     steps_per_epoch = -(-len(train_split) // cfg.batch_size)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
@@ -293,6 +295,18 @@ def make_objective(cfg: TrainConfig) -> Objective:
     except TypeError as e:
         raise UserError(f"bad objective_args for '{cfg.objective}': {e}") from None
     return obj
+
+
+def _compile_backend(option: bool | str) -> str:
+    """The torch.compile backend of the `compile` option (True = inductor)."""
+    if option is True:
+        return "inductor"
+    import torch._dynamo
+
+    backends = set(torch._dynamo.list_backends()) | {"inductor", "eager", "aot_eager"}
+    if not isinstance(option, str) or option not in backends:
+        raise UserError(f"compile must be true, false or a backend ({', '.join(sorted(backends))}), got {option!r}")
+    return option
 
 
 def _load_init(model: nn.Module, name: str) -> None:
