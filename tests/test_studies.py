@@ -10,7 +10,7 @@ import torch
 
 from robustdissect.errors import UserError
 from robustdissect.training import TrainConfig
-from robustdissect.training.studies import layer_selection_study, main
+from robustdissect.training.studies import layer_selection_study, main, read_layer_study
 
 BASE = TrainConfig(
     model="smallcnn",
@@ -40,6 +40,8 @@ def test_layer_selection_study_trains_each_k_and_resumes(tmp_path: Path, fmnist)
     saved = json.loads((tmp_path / "study" / "layer_selection.json").read_text())
     assert saved == json.loads(json.dumps(rows))
     assert (tmp_path / "study" / "layer_selection.csv").read_text().startswith("k,layers,frozen")
+    assert (tmp_path / "study" / "layer_selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_layer_study(tmp_path / "study") == saved
 
     # a second call loads the trained models instead of retraining, with the same numbers
     stamp = (tmp_path / "study" / "top1" / "model.safetensors").stat().st_mtime_ns
@@ -52,3 +54,14 @@ def test_layer_selection_study_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(UserError):
         layer_selection_study(BASE, [], tmp_path / "none")
     assert main(["--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_read_layer_study_rejects_missing_and_malformed(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no layer-selection study"):
+        read_layer_study(tmp_path)
+    (tmp_path / "layer_selection.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_layer_study(tmp_path)
+    (tmp_path / "layer_selection.json").write_text('[{"layers": "conv6"}]')
+    with pytest.raises(UserError, match="no study rows"):
+        read_layer_study(tmp_path)

@@ -12,6 +12,7 @@ import torch
 from robustdissect.config import RunConfig
 from robustdissect.evaluation import wilson_interval
 from robustdissect.pipeline import run_pipeline
+from robustdissect.stages.training import _layer_study_block
 
 TINY = {
     "models": ["fmnist-smallcnn-vanilla", "fmnist-smallcnn-nonexistent"],
@@ -26,9 +27,22 @@ TINY = {
 }
 
 
+def _study_rows() -> list[dict[str, object]]:
+    """Rows in the format `python -m robustdissect.training.studies` writes (two k)."""
+    return [
+        {"k": k, "layers": layers, "frozen": frozen, "epochs": 1, "train_seconds": 1.0,
+         "clean": c, "clean_ci_low": c - 0.02, "clean_ci_high": c + 0.02,
+         "pgd-linf": p, "pgd-linf_ci_low": p - 0.03, "pgd-linf_ci_high": p + 0.03}
+        for k, layers, frozen, c, p in ((1, "conv6", 15, 0.88, 0.77), (2, "conv5,conv6", 12, 0.87, 0.78))
+    ]  # fmt: skip
+
+
 def test_training_stage_tiny(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    cfg = RunConfig(n=64, device="cpu", stages={"overview": {}, "training": TINY})
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "layer_selection.json").write_text(json.dumps(_study_rows()))
+    cfg = RunConfig(n=64, device="cpu", stages={"overview": {}, "training": {**TINY, "layer_study": str(study)}})
     run = run_pipeline(cfg, tmp_path / "run")
     entry = json.loads((run / "results.json").read_text())["stages"]["training"]
 
@@ -56,3 +70,17 @@ def test_training_stage_tiny(tmp_path: Path) -> None:
         assert (run / "figures" / f"{name}.png").is_file()
     assert entry["sigma"]["models"] == ["vanilla"] and len(entry["sigma"]["layers"]) == 6
     assert "report.html" in {p.name for p in run.iterdir()}
+
+    # E12 from the finished study: its rows as a table, accuracy against k as a figure
+    with (run / "tables" / "training_layer_selection.csv").open() as f:
+        study_rows = list(csv.DictReader(f))
+    assert [int(r["k"]) for r in study_rows] == [1, 2]
+    assert [float(r["pgd-linf"]) for r in study_rows] == [0.77, 0.78]
+    assert (run / "figures" / "training_layer_selection.png").is_file()
+    assert not any("E12" in w for w in entry["warnings"])
+
+
+def test_training_stage_without_layer_study_names_the_command() -> None:
+    warnings: list[str] = []
+    _layer_study_block(None, None, [], [], warnings)
+    assert len(warnings) == 1 and "robustdissect.training.studies" in warnings[0]

@@ -308,13 +308,33 @@ def list_(
         typer.echo(f"{entry.name:<20} {entry.summary}")
 
 
+def _exit_code(e: SystemExit) -> int:
+    if e.code is None or isinstance(e.code, int):
+        return int(e.code or 0)
+    print(e.code, file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit with code 2."""
     try:
         app(args=argv)
+        code = 0
     except UserError as e:
         print(f"robustdissect: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except SystemExit as e:
+        code = _exit_code(e)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, gloo's worker threads can still be alive when the interpreter runs its
+        # C++ static destructors, which then aborts the process (SIGABRT) after a run that
+        # finished and wrote everything. All output is flushed here and the process ends without
+        # those destructors, so its exit status is the command's own.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ Outputs:
 - E11: L-inf PGD accuracy against the number of steps k (at eps = 0.1) and against eps (at k = 10),
   one line per model;
 - E13: σ of every neuron of every conv layer under the same L-inf PGD for vanilla / PAT / SNS
-  (via `analysis.compare_models`): mean σ per layer and the sorted σ of one layer (conv5).
+  (via `analysis.compare_models`): mean σ per layer and the sorted σ of one layer (conv5);
+- E12 (Fig. 16): accuracy of SNS with the top-k layers, from a finished
+  `python -m robustdissect.training.studies` folder given as `layer_study`.
 
 Tensor shapes: images x (N, C, H, W) in [0, 1], labels y (N,).
 """
@@ -47,6 +49,7 @@ from ..evaluation import (
 from ..models import load_checkpoint, shipped_checkpoints
 from ..pipeline import STAGES, Context, predict, section
 from ..report import plots
+from ..training.studies import layer_study_figure, read_layer_study
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ class TrainingStageOptions:
     blackbox_n, spsa_iterations, ...); `quick` in the run config applies the evaluation's quick
     settings first.
     curve_*: E11 sweeps on the first `curve_n` images; sigma_*: E13 settings.
+    layer_study: output folder of `python -m robustdissect.training.studies` (its
+    layer_selection.json) to show as E12 / Fig. 16; None lists the command that makes one.
     """
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -99,6 +104,7 @@ class TrainingStageOptions:
     sigma_eps: float | str = 0.1
     sigma_steps: int = 10
     sigma_layer: str = "conv5"
+    layer_study: str | None = None
 
 
 def retrain_hint(name: str) -> str:
@@ -283,6 +289,8 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         if len(picked) < 2:
             warnings.append("E13 needs at least two of vanilla / PAT / SNS to overlay; only " + ", ".join(picked))
 
+    _layer_study_block(opts.layer_study, run, tables, figures, warnings)
+
     summary = {f"{r['model']} {a}": round(float(r[a]), 4) for r in wide for a in ("clean", "pgd-linf") if a in r}
     text = (
         f"{len(models)} models on {n} images of the {ctx.config.split} split (black-box attacks on {bb_n}); "
@@ -302,6 +310,33 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         pgd_eps=eps_rows,
         sigma=sigma,
     )
+
+
+LAYER_STUDY_COMMAND = (
+    "python -m robustdissect.training.studies --config configs/train/fmnist-smallcnn-sns-layers.yaml "
+    "--out runs/layer-study"
+)
+
+
+def _layer_study_block(
+    folder: str | None,
+    run: Any,
+    tables: list[dict[str, Any]],
+    figures: list[dict[str, str]],
+    warnings: list[str],
+) -> None:
+    """E12 / Fig. 16 from a finished layer-selection study: its rows as a table, accuracy vs k."""
+    if folder is None:
+        warnings.append(f"E12 (layer selection) not shown: run `{LAYER_STUDY_COMMAND}` and set "
+                        "training.layer_study to that folder")  # fmt: skip
+        return
+    rows = read_layer_study(folder)
+    run.write_table("training_layer_selection", rows)
+    tables.append({"file": "tables/training_layer_selection.csv",
+                   "title": "E12: SNS with the top-k layers (95% Wilson intervals)", "show": True})  # fmt: skip
+    run.save_figure("training_layer_selection", layer_study_figure(rows))
+    figures.append({"file": "figures/training_layer_selection.png",
+                    "caption": "E12 (Fig. 16): accuracy of SNS with the top-k conv layers as S"})  # fmt: skip
 
 
 def _sigma_models(opts: TrainingStageOptions, models: dict[str, nn.Module]) -> dict[str, nn.Module]:

@@ -5,12 +5,14 @@ layers at the hook point; every layer below the lowest of them frozen), into `ou
 whose model is already written is loaded, one with only a state.pt is resumed, so an interrupted
 study continues where it stopped. Every model is then evaluated on the same test images: clean
 accuracy and the listed attacks, each with a 95% Wilson interval; the rows go to
-`out/layer_selection.csv` and `out/layer_selection.json`.
+`out/layer_selection.csv` and `out/layer_selection.json`, and accuracy against k (Fig. 16) to
+`out/layer_selection.png`. The `training` stage shows a finished study (`training.layer_study`).
 
-Command line (the base is any `robustdissect train` YAML, e.g. configs/train/fmnist-smallcnn-sns.yaml):
+Command line (the base is any `robustdissect train` YAML; the Fashion-MNIST preset is
+configs/train/fmnist-smallcnn-sns-layers.yaml):
 
-    python -m robustdissect.training.studies --config configs/train/fmnist-smallcnn-sns.yaml \\
-        --ks 1,2,3,4,5,6 --out runs/layer-selection [--eval-n 1000]
+    python -m robustdissect.training.studies --config configs/train/fmnist-smallcnn-sns-layers.yaml \\
+        --ks 1,2,3,4,5,6 --out runs/layer-study [--eval-n 1000]
 
 Under torchrun every rank trains its shard (see `training.distributed`); rank 0 evaluates.
 """
@@ -23,21 +25,24 @@ import dataclasses
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.figure import Figure
 
 from ..data import Dataset, load_dataset
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack, wilson_interval
 from ..models import load_checkpoint
+from ..report import plots
 from ..runs import atomic_write_text
 from .distributed import dist_env
 from .loop import TrainConfig, accuracy, pick_device, train
 
-__all__ = ["layer_selection_study", "main"]
+__all__ = ["layer_selection_study", "layer_study_figure", "main", "read_layer_study"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +118,31 @@ def layer_selection_study(
     return rows
 
 
+def read_layer_study(folder: str | Path) -> list[dict[str, Any]]:
+    """The rows a finished study wrote to `folder`/layer_selection.json."""
+    path = Path(folder) / "layer_selection.json"
+    if not path.is_file():
+        raise UserError(f"no layer-selection study in {folder} (missing {path.name})")
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "k" in r for r in rows):
+        raise UserError(f"{path} holds no study rows (a list of objects with 'k')")
+    return rows
+
+
+def layer_study_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    """Accuracy (clean and each attack, 95% bands) against the number k of top layers in S."""
+    ks = [int(r["k"]) for r in rows]
+    columns = [c for c in rows[0] if f"{c}_ci_low" in rows[0]]
+    series = {c: [float(r[c]) for r in rows] for c in columns}
+    bands = {c: ([float(r[f"{c}_ci_low"]) for r in rows], [float(r[f"{c}_ci_high"]) for r in rows]) for c in columns}
+    fig = plots.line_plot(ks, series, "k (top conv layers in S)", "accuracy", "SNS layer selection", bands=bands)
+    fig.axes[0].set_xticks(ks)
+    return fig
+
+
 def _write(out: Path, rows: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "layer_selection.json", json.dumps(rows, indent=2) + "\n")
@@ -122,6 +152,10 @@ def _write(out: Path, rows: list[dict[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_text(out / "layer_selection.csv", buf.getvalue())
+    if rows:
+        tmp = out / "layer_selection.png.tmp"
+        layer_study_figure(rows).savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, out / "layer_selection.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
