@@ -137,7 +137,9 @@ def layer_study_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     ks = [int(r["k"]) for r in rows]
     columns = [c for c in rows[0] if f"{c}_ci_low" in rows[0]]
     series = {c: [float(r[c]) for r in rows] for c in columns}
-    bands = {c: ([float(r[f"{c}_ci_low"]) for r in rows], [float(r[f"{c}_ci_high"]) for r in rows]) for c in columns}
+    bands: dict[str, tuple[Sequence[float], Sequence[float]]] = {
+        c: ([float(r[f"{c}_ci_low"]) for r in rows], [float(r[f"{c}_ci_high"]) for r in rows]) for c in columns
+    }
     fig = plots.line_plot(ks, series, "k (top conv layers in S)", "accuracy", "SNS layer selection", bands=bands)
     fig.axes[0].set_xticks(ks)
     return fig
