@@ -42,6 +42,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def save_png(fig: Figure, path: Path, dpi: int = 110) -> Path:
+    """Render `fig` to PNG, write it atomically to `path` and close the figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def _jsonable(obj: Any) -> Any:
     """Convert tensors, numpy values and tuples to plain JSON types (NaN -> None)."""
     if isinstance(obj, Mapping):
@@ -138,14 +149,7 @@ class RunDir:
         return path
 
     def save_figure(self, name: str, fig: Figure) -> Path:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        path = self.path / "figures" / f"{name}.png"
-        atomic_write_bytes(path, buf.getvalue())
-        return path
+        return save_png(fig, self.path / "figures" / f"{name}.png")
 
     def write_text(self, relpath: str, text: str) -> Path:
         path = self.path / relpath

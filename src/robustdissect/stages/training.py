@@ -49,6 +49,7 @@ from ..evaluation import (
 from ..models import load_checkpoint, shipped_checkpoints
 from ..pipeline import STAGES, Context, predict, section
 from ..report import plots
+from ..runs import RunDir
 from ..training.studies import layer_study_figure, read_layer_study
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,7 @@ LAYER_STUDY_COMMAND = (
 
 def _layer_study_block(
     folder: str | None,
-    run: Any,
+    run: RunDir,
     tables: list[dict[str, Any]],
     figures: list[dict[str, str]],
     warnings: list[str],

@@ -25,7 +25,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack, wilson_interval
 from ..models import load_checkpoint
 from ..report import plots
-from ..runs import atomic_write_text
+from ..runs import atomic_write_text, save_png
 from .distributed import dist_env
 from .loop import TrainConfig, accuracy, pick_device, train
 
@@ -155,9 +154,7 @@ def _write(out: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
     atomic_write_text(out / "layer_selection.csv", buf.getvalue())
     if rows:
-        tmp = out / "layer_selection.png.tmp"
-        layer_study_figure(rows).savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, out / "layer_selection.png")
+        save_png(layer_study_figure(rows), out / "layer_selection.png", dpi=120)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
