@@ -22,15 +22,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.layers import default_conv_layers, resolve_layer
-from ..probe import (
-    Pairs,
-    PairStats,
-    eval_mode,
-    gated,
-    iter_pair_batches,
-    model_device,
-    record,
-)
+from ..modelutil import eval_mode, model_device
+from ..probe import Pairs, PairStats, gated, iter_pair_batches, record
 from .ranking import (
     Encoding,
     average_pairwise_similarity,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..probe import eval_mode, model_device
+from ..modelutil import model_device, predict
 
 __all__ = ["AttackFn", "AttackOutput", "attack_pairs", "targeted_pair_sets", "targeted_pairs"]
 
@@ -41,12 +41,6 @@ class AttackFn(Protocol):
         targets: torch.Tensor | None = None,
         seed: int | None = None,
     ) -> AttackOutput: ...
-
-
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with eval_mode(model), torch.no_grad():
-        out: torch.Tensor = model(x.to(model_device(model))).argmax(1)
-    return out
 
 
 def attack_pairs(
@@ -93,7 +87,7 @@ def attack_pairs(
         if xa.shape != xb.shape:
             raise UserError(f"attack returned shape {tuple(xa.shape)} for input {tuple(xb.shape)}")
         if keep == "success":
-            pred = _predict(model, xa).to(yb.device)
+            pred = predict(model, xa, batch_size).to(yb.device)
             ok = pred == tb if tb is not None else pred != yb
             xb, xa, yb = xb[ok], xa[ok], yb[ok]
         if xb.shape[0]:

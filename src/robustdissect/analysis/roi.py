@@ -20,15 +20,8 @@ from numpy.typing import NDArray
 from torch import nn
 
 from ..errors import UserError
-from ..probe import (
-    ChannelHistogram,
-    ChannelRange,
-    RunningTopK,
-    eval_mode,
-    model_device,
-    record,
-    spatial_reduce,
-)
+from ..modelutil import eval_mode, model_device
+from ..probe import ChannelHistogram, ChannelRange, RunningTopK, record, spatial_reduce
 from .sensitivity import top_k_indices
 
 __all__ = ["ROIResult", "regions_of_interest"]

@@ -10,7 +10,6 @@ from the unmodified model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,8 @@ from numpy.typing import NDArray
 from torch import nn
 
 from ..errors import UserError
-from ..probe import ChannelEdit, eval_mode, intervene, model_device, record, scale_channels
+from ..modelutil import accuracy, eval_mode, model_device
+from ..probe import ChannelEdit, intervene, record, scale_channels
 from .pairs import AttackFn
 
 __all__ = [
@@ -73,19 +73,6 @@ def random_non_sensitive(
 def suppression_edits(selection: Selection, beta: float) -> list[ChannelEdit]:
     """One `scale_channels` edit per layer."""
     return [scale_channels(name, [int(c) for c in idx], beta) for name, idx in selection.items()]
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of the model (eval mode, no grad) on x (N, C, H, W), y (N,)."""
-    if x.shape[0] == 0:
-        return math.nan
-    device = model_device(model)
-    correct = 0
-    with eval_mode(model), torch.no_grad():
-        for s in range(0, x.shape[0], batch_size):
-            pred = model(x[s : s + batch_size].to(device)).argmax(1).cpu()
-            correct += int((pred == y[s : s + batch_size].cpu()).sum())
-    return correct / x.shape[0]
 
 
 def _attacked(
