@@ -12,13 +12,14 @@ import yaml
 from conftest import interrupt_at
 from torch import nn
 
+from robustdissect.attacks import PGD
 from robustdissect.data import Dataset, Split
 from robustdissect.errors import UserError
 from robustdissect.models import build_model
 from robustdissect.training import OBJECTIVES, PAT, TrainConfig, make_objective, train
-from robustdissect.training.robust import ALP, TRADES, FastAT, linf_pgd, step_size
+from robustdissect.training.robust import ALP, TRADES, FastAT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "robustdissect" / "configs" / "train"
 FAST: dict[str, dict[str, Any]] = {
     "vanilla": {},
     "pat": {"steps": 2},
@@ -67,13 +68,33 @@ def test_objective_steps_with_finite_loss_and_gradients(
     assert "name" in obj.describe()
 
 
-def test_pgd_stays_in_ball_and_box(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+def _reference_linf_pgd(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, g: torch.Generator
+) -> torch.Tensor:
+    """Madry et al.'s L-inf PGD written out in plain torch: uniform start, signed steps, clamp."""
+    lo, hi = (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
+    u = torch.rand(x.shape, generator=g)
+    x_adv = torch.max(torch.min(x + (2 * u - 1) * eps, hi), lo)
+    model.eval()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
+        x_adv = torch.max(torch.min(x_adv.detach() + alpha * grad.sign(), hi), lo)
+    model.train()
+    return x_adv
+
+
+def test_training_perturbation_is_the_attack_librarys_pgd(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """PAT's inner maximisation equals plain Madry PGD bitwise, stays in the ball and box, and
+    leaves the model's modes and parameter flags as they were."""
     x, y = batch
     model = _model()
-    x_adv = linf_pgd(
-        model, x, lambda z: F.cross_entropy(z, y, reduction="none"), eps=0.1, alpha=0.04, steps=3, start=x + 0.05
-    )
-    assert model.training
+    pat = PAT(eps=0.1, steps=3, alpha=0.04, seed=7)
+    pat.on_epoch_start(model, 0)
+    x_adv = pat.pgd(model, x, y)
+    ref = _reference_linf_pgd(model, x, y, 0.1, 0.04, 3, torch.Generator().manual_seed(7 * 1_000_003))
+    assert torch.equal(x_adv, ref)
+    assert model.training and all(p.requires_grad for p in model.parameters())
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert not x_adv.requires_grad
     with torch.no_grad():
@@ -81,12 +102,25 @@ def test_pgd_stays_in_ball_and_box(batch: tuple[torch.Tensor, torch.Tensor]) -> 
         assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
 
 
+def test_trades_inner_loss_is_kl_to_the_clean_prediction(fmnist: Dataset, shipped_vanilla: nn.Module) -> None:
+    x, y = fmnist.test.x[:16], fmnist.test.y[:16]
+    model = shipped_vanilla
+    trades = TRADES(eps=0.1, steps=5)
+    assert trades.attack.loss == "kl" and trades.attack.random_start == "gaussian"
+    trades.on_epoch_start(model, 0)
+    x_adv = trades.pgd(model, x, y)
+    with torch.no_grad():
+        p = F.softmax(model(x), dim=1)
+        kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p, reduction="batchmean")
+    assert kl > 1.0  # the start is 0.001-Gaussian, where KL is ~0: PGD must have climbed
+
+
 def test_step_size_rules() -> None:
-    assert step_size(0.1, 4) == pytest.approx(0.05)
-    assert step_size(0.1, 10, rule="madry") == pytest.approx(0.025)
-    assert step_size(0.1, 10, alpha=0.3) == 0.3
+    assert PGD.default_alpha(0.1, 4) == pytest.approx(0.05)
+    assert PGD.default_alpha(0.1, 10, "madry") == pytest.approx(0.025)
+    assert PGD(0.1, steps=10, alpha=0.3).alpha == 0.3
     with pytest.raises(UserError):
-        step_size(0.1, 10, rule="nope")
+        PGD(0.1, step_rule="nope")
 
 
 def test_pat_with_zero_eps_is_cross_entropy(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -134,7 +168,7 @@ def test_same_seed_same_random_start(batch: tuple[torch.Tensor, torch.Tensor]) -
     b.on_epoch_start(model, 2)
     assert torch.equal(a.pgd(model, x, y), b.pgd(model, x, y))
     b.on_epoch_start(model, 3)
-    assert not torch.equal(a.uniform_start(x), b.uniform_start(x))
+    assert not torch.equal(a.pgd(model, x, y), b.pgd(model, x, y))
 
 
 def test_robust_resume_matches_uninterrupted(tmp_path: Path, fmnist: Dataset) -> None:

@@ -81,17 +81,6 @@ class APGD(Attack):
             out_x[pick], out_logits[pick], ok[pick] = rx[rok], rl[rok], True
         return SearchOutput(out_x, logits=out_logits)
 
-    def _start(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """x + eps * t / ||t|| (uniform t for L-inf, Gaussian t for L2), clipped to [0, 1]."""
-        shape = (-1, *([1] * (x.dim() - 1)))
-        if self.norm == "linf":
-            t = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1
-            t = t / t.flatten(1).abs().amax(dim=1).clamp_min(1e-12).view(shape)
-        else:
-            t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            t = t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-        return (x + self.eps * t).clamp(0.0, 1.0)
-
     def _loss_grad(
         self, model: nn.Module, x_adv: Tensor, y: Tensor, targets: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,7 +103,7 @@ class APGD(Attack):
         size_decr = max(int(0.03 * n_iter), 1)
         k_min = max(int(0.06 * n_iter), 1)
 
-        x_adv = project(self._start(x, generator))
+        x_adv = threat.boundary_start(x, self.eps, generator)
         loss, grad, logits = self._loss_grad(model, x_adv, y, targets)
         losses = torch.empty((n_iter + 1, n), device=x.device)
         losses[0] = loss

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .base import ATTACKS, Attack, check_int, check_positive
 from .losses import margin
+from .threat import get_threat
 
 _DEFAULT_MAX_BATCH = 4096
 
@@ -71,10 +72,8 @@ class SPSA(Attack):
         self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
     ) -> Tensor:
         n = x.shape[0]
-        lo = (x - self.eps).clamp(min=0.0)
-        hi = (x + self.eps).clamp(max=1.0)
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = torch.clamp(x + (2 * u - 1) * self.eps, lo, hi)
+        threat = get_threat("linf")
+        x_adv = threat.random_start(x, self.eps, generator)
         m = torch.zeros_like(x)
         v = torch.zeros_like(x)
         active = torch.arange(n, device=x.device)
@@ -95,7 +94,7 @@ class SPSA(Attack):
             va = v[active].mul_(b2).addcmul_(g, g, value=1 - b2)
             m[active], v[active] = ma, va
             step = self.lr * math.sqrt(1 - b2 ** (it + 1)) / (1 - b1 ** (it + 1))
-            x_adv[active] = torch.clamp(xa - step * ma / (va.sqrt() + adam_eps), lo[active], hi[active])
+            x_adv[active] = threat.project(xa - step * ma / (va.sqrt() + adam_eps), x[active], self.eps)
         return x_adv
 
     def _gradient(
@@ -169,7 +168,7 @@ class NAttack(Attack):
     def _candidate(self, x: Tensor, w: Tensor, base: Tensor, z: Tensor) -> Tensor:
         """Images for perturbations z (..., C, H, W) of clean x with tanh-space w and base g(w)."""
         moved = (torch.tanh(w + z) + 1.0) / 2.0
-        return (x + (moved - base).clamp(-self.eps, self.eps)).clamp(0.0, 1.0)
+        return get_threat("linf").project(x + (moved - base), x, self.eps)
 
     def _search(
         self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator

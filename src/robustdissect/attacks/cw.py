@@ -66,6 +66,7 @@ class CW(Attack):
         best_l2 = torch.full((n,), math.inf, device=x.device)
         best_x = x.clone()
         label = targets if targets is not None else y
+        project = get_threat("l2").projector(x, self.eps if bounded else math.inf)
         b1, b2, adam_eps = 0.9, 0.999, 1e-8
         check_every = max(1, self.steps // 10)
         for _ in range(self.search_steps):
@@ -78,9 +79,7 @@ class CW(Attack):
                 w.requires_grad_(True)
                 x_new = (torch.tanh(w) + 1.0) / 2.0
                 if bounded:
-                    delta = x_new - x
-                    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-                    x_new = x + delta * (self.eps / norms).clamp(max=1.0).view(shape)
+                    x_new = project(x_new)
                 logits = model(x_new)
                 l2 = (x_new - x).flatten(1).pow(2).sum(dim=1)
                 real = logits.gather(1, label[:, None]).squeeze(1)

@@ -2,7 +2,8 @@
 
 FGSM:   x' = clip[0,1](x + eps * sign(grad_x CE(F(x), y)))         (targeted: minus, CE to target)
 PGD:    x(t+1) = Proj_{B(x, eps) ∩ [0,1]}(x(t) + alpha * step_norm(grad_x L(x(t))))
-        L = CE(F(x), y) (untargeted) or -CE(F(x), t) (targeted); random start in the ball.
+        L = CE(F(x), y) (untargeted) or -CE(F(x), t) (targeted), or KL to the clean prediction
+        (TRADES), the margin, DLR, or a callable; the start comes from the threat model.
 
 Step size: alpha = eps / sqrt(k) ("paper", the neuron-sensitivity paper), or 2.5 * eps / k
 ("madry"), or an explicit value. Each sample keeps its best iterate over all restarts: successful
@@ -16,14 +17,19 @@ iterate; gradients are taken with torch.autograd.grad on the input only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive
-from .losses import cross_entropy
-from .threat import get_threat
+from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive, frozen
+from .losses import cross_entropy, dlr, dlr_targeted, margin, other_max
+from .threat import STARTS, get_threat
+
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits (N, K), labels (N,)) -> per-sample loss (N,) to maximise
+LOSSES = ("ce", "kl", "margin", "dlr")
 
 DEFAULT_EPS = {"linf": 0.1, "l2": 1.5}  # Fashion-MNIST defaults (METHODS §8.1)
 STEP_RULES = ("paper", "madry")
@@ -63,13 +69,21 @@ class FGSM(Attack):
 
 
 class PGD(Attack):
-    """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball.
+    """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball; the one iterative
+    gradient loop of the package (evaluation, analyses and every training objective use it).
 
     eps: radius (pixel units); steps: k; alpha: step size (None: from `step_rule`, "paper" =
-    eps/sqrt(k), "madry" = 2.5*eps/k); random_start: start at a random point of the ball; restarts:
-    number of runs, each after the first only on the samples not yet successful; target: None,
-    "random" or "least-likely" (explicit targets go to the call); keep: "best", "first" or "last"
-    iterate per sample.
+    eps/sqrt(k), "madry" = 2.5*eps/k); loss: "ce" (default), "kl" (KL(p(x) || p(x')), TRADES),
+    "margin" (max_{j!=y} z_j - z_y), "dlr", or a callable (logits (N, K), y (N,)) -> (N,) to
+    maximise; random_start: True/"uniform" (uniform in the ball), "gaussian" (x + start_sigma *
+    N(0, 1)), "boundary", or False/"none"; restarts: number of runs, each after the first only on
+    the samples not yet successful; target: None, "random" or "least-likely" (explicit targets go
+    to the call); keep: "best", "first" or "last" iterate per sample; early_stop: drop a sample
+    from the attacked batch at its first successful iterate (robust accuracy is unchanged, the
+    returned point is that iterate; σ pairs that need the k-th iterate leave it off).
+
+    `perturb(model, x, y, generator)` is the training entry point: the same loop for exactly k
+    steps, returning the last iterate without the evaluation's bookkeeping or extra forwards.
     """
 
     supports_targeted = True
@@ -82,10 +96,13 @@ class PGD(Attack):
         steps: int = 10,
         alpha: float | None = None,
         step_rule: str = "paper",
-        random_start: bool = True,
+        loss: str | LossFn = "ce",
+        random_start: bool | str = True,
+        start_sigma: float = 0.001,
         restarts: int = 1,
         target: str | None = None,
         keep: str = "best",
+        early_stop: bool = False,
         seed: int = 0,
         batch_size: int | None = None,
     ) -> None:
@@ -101,28 +118,87 @@ class PGD(Attack):
             raise UserError(f"keep must be one of {', '.join(KEEP_RULES)}, got {keep!r}")
         if alpha is not None:
             check_positive("alpha", alpha)
+        check_positive("start_sigma", start_sigma)
+        if callable(loss):
+            self._loss_fn: LossFn | None = loss
+            self.loss = getattr(loss, "__name__", type(loss).__name__)
+        else:
+            if loss not in LOSSES:
+                raise UserError(f"loss must be one of {', '.join(LOSSES)} or a callable, got {loss!r}")
+            self._loss_fn = None
+            self.loss = loss
+        if isinstance(random_start, bool):
+            random_start = "uniform" if random_start else "none"
+        if random_start not in STARTS:
+            raise UserError(f"random_start must be true, false or one of {', '.join(STARTS)}, got {random_start!r}")
         self.steps = steps
         self.step_rule = step_rule
         self.alpha = float(alpha) if alpha is not None else self.default_alpha(self.eps, steps, step_rule)
-        self.random_start = bool(random_start)
+        self.random_start = random_start
+        self.start_sigma = float(start_sigma)
         self.restarts = restarts
         self.keep = keep
+        self.early_stop = bool(early_stop)
 
     @staticmethod
     def default_alpha(eps: float, steps: int, rule: str = "paper") -> float:
         """eps / sqrt(k) ("paper") or 2.5 * eps / k ("madry")."""
         return eps / math.sqrt(steps) if rule == "paper" else 2.5 * eps / steps
 
+    # -- the loss ------------------------------------------------------------------------------
+    def _per_sample(self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None) -> dict[str, Tensor]:
+        """Per-sample tensors the loss needs (labels, targets, clean probabilities for "kl");
+        indexed together when early stopping shrinks the batch."""
+        aux = {"y": y}
+        if targets is not None:
+            if self._loss_fn is not None or self.loss == "kl":
+                raise UserError(f"PGD with loss '{self.loss}' has no targeted mode")
+            aux["t"] = targets
+        if self.loss == "kl" and self._loss_fn is None:
+            with torch.no_grad():
+                aux["p"] = F.softmax(model(x).float(), dim=1)
+        return aux
+
+    def _objective(self, logits: Tensor, aux: dict[str, Tensor]) -> Tensor:
+        """Per-sample loss (N,) to maximise."""
+        y, t = aux["y"], aux.get("t")
+        if self._loss_fn is not None:
+            return self._loss_fn(logits, y)
+        if self.loss == "ce":
+            return cross_entropy(logits, y) if t is None else -cross_entropy(logits, t)
+        if self.loss == "kl":
+            return F.kl_div(F.log_softmax(logits.float(), dim=1), aux["p"], reduction="none").sum(dim=1)
+        if self.loss == "margin":
+            return -margin(logits, y) if t is None else logits.gather(1, t[:, None]).squeeze(1) - other_max(logits, t)
+        if logits.shape[1] < (3 if t is None else 4):
+            raise UserError(f"the DLR loss needs at least {3 if t is None else 4} classes, got {logits.shape[1]}")
+        return dlr(logits, y) if t is None else dlr_targeted(logits, y, t)
+
+    # -- search --------------------------------------------------------------------------------
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        """Exactly `steps` steps from the start, the last iterate x' (N, C, H, W), detached.
+
+        For training: the model's modules are put in eval mode for the search and their flags
+        restored; gradients are taken with respect to the input only (parameters untouched),
+        in fp32 (autocast off). No validation, restarts, early stop or final forward."""
+        if self._is_identity():
+            return x.detach().clone()
+        with frozen(model), torch.autocast(x.device.type, enabled=False), torch.enable_grad():
+            out, *_ = self._run(model, x.detach(), y, None, generator, track=False)
+        return out
+
     def _search(
         self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
     ) -> SearchOutput:
         best_x, best_logits, best_loss, best_ok, clean = self._run(model, x, y, targets, generator)
+        assert best_logits is not None and best_loss is not None and best_ok is not None
         for _ in range(self.restarts - 1):
             todo = (~best_ok).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
             sub_t = targets[todo] if targets is not None else None
             rx, rl, rloss, rok, _ = self._run(model, x[todo], y[todo], sub_t, generator)
+            assert rl is not None and rloss is not None and rok is not None
             better = _better(rok, rloss, best_ok[todo], best_loss[todo], self.keep)
             pick = todo[better]
             best_x[pick] = rx[better]
@@ -132,46 +208,80 @@ class PGD(Attack):
         return SearchOutput(best_x, logits=best_logits, clean_logits=clean)
 
     def _run(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-        """One PGD run; returns best x (N, C, H, W), its logits (N, K), loss (N,), success (N,)
-        and the clean logits when the run started at x."""
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        targets: Tensor | None,
+        generator: torch.Generator,
+        track: bool = True,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """One PGD run. With `track`: best x (N, C, H, W) under the keep rule, its logits (N, K),
+        loss (N,), success (N,), and the clean logits when the run started at x. Without: the
+        k-th iterate and four Nones."""
         assert self.norm is not None
         threat = get_threat(self.norm)
-        project = threat.projector(x, self.eps)
-        x_t = threat.random_start(x, self.eps, generator) if self.random_start else x.clone()
-        best_x = x_t
+        aux = self._per_sample(model, x, y, targets)
+        x_cur = x  # the clean images of the samples still attacked
+        project = threat.projector(x_cur, self.eps)
+        x_t = threat.start(self.random_start, x, self.eps, generator, self.start_sigma)
+        if not track:
+            for _ in range(self.steps):
+                x_t.requires_grad_(True)
+                (grad,) = torch.autograd.grad(self._objective(model(x_t), aux).sum(), x_t)
+                x_t = project(threat.step(x_t.detach(), grad, self.alpha))
+            return x_t.detach(), None, None, None, None
+
+        n = x.shape[0]
+        active: Tensor | None = None  # positions of the attacked samples; None = all of them
+        best_x = x_t.clone()
         best_logits: Tensor | None = None
-        best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
-        best_ok = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        best_loss = torch.full((n,), -math.inf, device=x.device)
+        best_ok = torch.zeros(n, dtype=torch.bool, device=x.device)
         clean: Tensor | None = None
         for t in range(self.steps + 1):
             last = t == self.steps
             if last:
                 with torch.no_grad():
                     logits = model(x_t)
-                    loss = _objective(logits, y, targets)
+                    loss = self._objective(logits, aux)
             else:
                 x_t.requires_grad_(True)
                 logits = model(x_t)
-                loss_g = _objective(logits, y, targets)
+                loss_g = self._objective(logits, aux)
                 (grad,) = torch.autograd.grad(loss_g.sum(), x_t)
                 x_t, logits, loss = x_t.detach(), logits.detach(), loss_g.detach()
             pred = logits.argmax(dim=1)
-            ok = pred != y if targets is None else pred == targets
-            if t == 0 and not self.random_start:
+            ok = pred != aux["y"] if targets is None else pred == aux["t"]
+            if t == 0 and self.random_start == "none":
                 clean = logits
             if best_logits is None:
-                best_x, best_logits, best_loss, best_ok = x_t, logits, loss, ok
-            else:
+                best_logits = logits.new_zeros((n, logits.shape[1]))
+            if active is None:
                 better = _better(ok, loss, best_ok, best_loss, self.keep)
                 b4 = better.view(-1, *([1] * (x.dim() - 1)))
                 best_x = torch.where(b4, x_t, best_x)
                 best_logits = torch.where(better[:, None], logits, best_logits)
                 best_loss = torch.where(better, loss, best_loss)
                 best_ok = best_ok | ok if self.keep != "last" else ok
-            if not last:
-                x_t = project(threat.step(x_t, grad, self.alpha))
+            else:
+                better = _better(ok, loss, best_ok[active], best_loss[active], self.keep)
+                pick = active[better]
+                best_x[pick] = x_t[better]
+                best_logits[pick] = logits[better]
+                best_loss[pick] = loss[better]
+                best_ok[active] = best_ok[active] | ok if self.keep != "last" else ok
+            if last:
+                break
+            if self.early_stop and bool(ok.any()):
+                stay = (~ok).nonzero().squeeze(1)
+                if stay.numel() == 0:
+                    break
+                active = stay if active is None else active[stay]
+                x_t, grad, x_cur = x_t[stay], grad[stay], x_cur[stay]
+                aux = {k: v[stay] for k, v in aux.items()}
+                project = threat.projector(x_cur, self.eps)
+            x_t = project(threat.step(x_t, grad, self.alpha))
         assert best_logits is not None
         return best_x.clone(), best_logits.clone(), best_loss.clone(), best_ok.clone(), clean
 
@@ -187,7 +297,7 @@ def _better(ok: Tensor, loss: Tensor, best_ok: Tensor, best_loss: Tensor, keep: 
 
 
 class PGDLinf(PGD):
-    """PGD in the L-inf ball (default eps 0.1, k 10, alpha eps/sqrt(k), random start)."""
+    """PGD in the L-inf ball (default eps 0.1, k 10, alpha eps/sqrt(k), CE loss, random start)."""
 
     def __init__(
         self,
@@ -196,10 +306,13 @@ class PGDLinf(PGD):
         steps: int = 10,
         alpha: float | None = None,
         step_rule: str = "paper",
-        random_start: bool = True,
+        loss: str | LossFn = "ce",
+        random_start: bool | str = True,
+        start_sigma: float = 0.001,
         restarts: int = 1,
         target: str | None = None,
         keep: str = "best",
+        early_stop: bool = False,
         seed: int = 0,
         batch_size: int | None = None,
     ) -> None:
@@ -209,17 +322,20 @@ class PGDLinf(PGD):
             steps=steps,
             alpha=alpha,
             step_rule=step_rule,
+            loss=loss,
             random_start=random_start,
+            start_sigma=start_sigma,
             restarts=restarts,
             target=target,
             keep=keep,
+            early_stop=early_stop,
             seed=seed,
             batch_size=batch_size,
         )
 
 
 class PGDL2(PGD):
-    """PGD in the L2 ball (default eps 1.5, k 10, alpha eps/sqrt(k), random start)."""
+    """PGD in the L2 ball (default eps 1.5, k 10, alpha eps/sqrt(k), CE loss, random start)."""
 
     def __init__(
         self,
@@ -228,10 +344,13 @@ class PGDL2(PGD):
         steps: int = 10,
         alpha: float | None = None,
         step_rule: str = "paper",
-        random_start: bool = True,
+        loss: str | LossFn = "ce",
+        random_start: bool | str = True,
+        start_sigma: float = 0.001,
         restarts: int = 1,
         target: str | None = None,
         keep: str = "best",
+        early_stop: bool = False,
         seed: int = 0,
         batch_size: int | None = None,
     ) -> None:
@@ -241,10 +360,13 @@ class PGDL2(PGD):
             steps=steps,
             alpha=alpha,
             step_rule=step_rule,
+            loss=loss,
             random_start=random_start,
+            start_sigma=start_sigma,
             restarts=restarts,
             target=target,
             keep=keep,
+            early_stop=early_stop,
             seed=seed,
             batch_size=batch_size,
         )

@@ -66,6 +66,29 @@ class ThreatModel(ABC):
     def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """Per-sample distance ||x_adv - x|| in this norm, (N,)."""
 
+    @abstractmethod
+    def boundary_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+        """x + eps * t / ||t|| (a point on the sphere of radius eps, AutoAttack's APGD start),
+        projected onto B(x, eps) ∩ [0, 1]."""
+
+    def gaussian_start(self, x: Tensor, eps: float, sigma: float, generator: torch.Generator) -> Tensor:
+        """x + sigma * N(0, 1) (TRADES' start, sigma = 0.001), projected onto B(x, eps) ∩ [0, 1]."""
+        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.project(x + sigma * g, x, eps)
+
+    def start(self, kind: str, x: Tensor, eps: float, generator: torch.Generator, sigma: float = 0.001) -> Tensor:
+        """The start point of a search: "none" (x itself, a copy), "uniform" (`random_start`),
+        "boundary" (`boundary_start`) or "gaussian" (`gaussian_start` with `sigma`)."""
+        if kind == "none" or eps == 0:
+            return x.clone()
+        if kind == "uniform":
+            return self.random_start(x, eps, generator)
+        if kind == "boundary":
+            return self.boundary_start(x, eps, generator)
+        if kind == "gaussian":
+            return self.gaussian_start(x, eps, sigma, generator)
+        raise UserError(f"unknown start '{kind}'; use one of: {', '.join(STARTS)}")
+
 
 class LinfThreat(ThreatModel):
     """||delta||_inf <= eps: clamp to [max(x - eps, 0), min(x + eps, 1)]."""
@@ -93,6 +116,11 @@ class LinfThreat(ThreatModel):
 
     def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
         return (x_adv - x).flatten(1).abs().amax(dim=1)
+
+    def boundary_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+        t = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1
+        t = t / _expand(t.flatten(1).abs().amax(dim=1).clamp_min(1e-12), t)
+        return self.project(x + eps * t, x, eps)
 
 
 class L2Threat(ThreatModel):
@@ -141,7 +169,12 @@ class L2Threat(ThreatModel):
     def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
         return (x_adv - x).flatten(1).norm(dim=1)
 
+    def boundary_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+        t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.project(x + eps * self.direction(t), x, eps)
 
+
+STARTS = ("none", "uniform", "boundary", "gaussian")
 THREATS: dict[str, ThreatModel] = {"linf": LinfThreat(), "l2": L2Threat()}
 
 

@@ -22,97 +22,28 @@ Tensor shapes: x (B, C, H, W) float in [0, 1]; y (B,) int64; logits (B, K).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks import PGD
 from ..errors import UserError
 from .objectives import OBJECTIVES, StepOutput
 
-__all__ = [
-    "ALP",
-    "PAT",
-    "TRADES",
-    "AdversarialObjective",
-    "FastAT",
-    "LossFn",
-    "eval_modes",
-    "linf_pgd",
-    "step_size",
-]
+__all__ = ["ALP", "PAT", "TRADES", "AdversarialObjective", "FastAT"]
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]  # logits (B, K) -> per-sample loss (B,) to maximise
 MIXES = ("half", "adv")
-
-
-@contextmanager
-def eval_modes(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode for the duration; each module's own flag restored afterwards
-    (so layers that an objective keeps in eval mode, e.g. frozen BatchNorm, stay that way)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def step_size(eps: float, steps: int, alpha: float | None = None, rule: str = "paper") -> float:
-    """alpha, or eps/sqrt(k) ("paper") or 2.5*eps/k ("madry")."""
-    if alpha is not None:
-        return float(alpha)
-    if rule == "paper":
-        return eps / math.sqrt(steps)
-    if rule == "madry":
-        return 2.5 * eps / steps
-    raise UserError(f"step_rule must be 'paper' or 'madry', got {rule!r}")
-
-
-def linf_pgd(
-    model: nn.Module,
-    x: torch.Tensor,
-    loss_fn: LossFn,
-    *,
-    eps: float,
-    alpha: float,
-    steps: int,
-    start: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Maximise `loss_fn(model(x'))` over the L-inf ball B(x, eps) ∩ [0, 1] with `steps` signed
-    gradient steps of size `alpha` from `start` (default x); returns x' (B, C, H, W), detached.
-
-    Runs with the model in eval mode, fp32, gradients with respect to the input only.
-    eps == 0 or steps == 0 returns the (projected) start.
-    """
-    lo, hi = (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
-    x_adv = (x if start is None else torch.max(torch.min(start, hi), lo)).detach()
-    if eps == 0 or steps == 0:
-        return x_adv.clone() if x_adv is x else x_adv
-    device_type = x.device.type
-    with eval_modes(model), torch.autocast(device_type, enabled=False), torch.enable_grad():
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            loss = loss_fn(model(x_adv)).sum()
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = torch.max(torch.min(x_adv.detach() + alpha * grad.sign(), hi), lo)
-    return x_adv.detach()
-
-
-def _ce_per_sample(y: torch.Tensor) -> LossFn:
-    return lambda logits: F.cross_entropy(logits.float(), y, reduction="none")
 
 
 class AdversarialObjective:
     """Shared settings and machinery of the L-inf adversarial objectives.
 
     eps: L-inf radius in pixel units; steps: k; alpha: step size (None: `step_rule`, "paper" =
-    eps/sqrt(k), "madry" = 2.5*eps/k); random_start: uniform start in the ball; seed: base of the
-    per-epoch generator.
+    eps/sqrt(k), "madry" = 2.5*eps/k); random_start: start away from x; seed: base of the
+    per-epoch generator; loss and start: the inner attack's loss ("ce", "kl") and start kind
+    ("uniform", "gaussian"). The inner maximisation is `attacks.PGD` (`self.attack`).
     """
 
     name = "adversarial"
@@ -125,6 +56,8 @@ class AdversarialObjective:
         step_rule: str = "paper",
         random_start: bool = True,
         seed: int = 0,
+        loss: str = "ce",
+        start: str = "uniform",
     ) -> None:
         if not (eps >= 0 and math.isfinite(eps)):
             raise UserError(f"eps must be a finite number >= 0, got {eps}")
@@ -133,9 +66,21 @@ class AdversarialObjective:
         self.eps = float(eps)
         self.steps = steps
         self.step_rule = step_rule
-        self.alpha = step_size(self.eps, steps, alpha, step_rule)
         self.random_start = bool(random_start)
         self.seed = int(seed)
+        if self.eps == 0:
+            alpha = None  # nothing to step; the attack returns x
+        self.attack = PGD(
+            self.eps,
+            norm="linf",
+            steps=steps,
+            alpha=alpha,
+            step_rule=step_rule,
+            loss=loss,
+            random_start=start if self.random_start else "none",
+            seed=self.seed,
+        )
+        self.alpha = self.attack.alpha
         self._epoch = 0
         self._gen: torch.Generator | None = None
         self.rank_stream = 0  # set to the rank under data-parallel training: a distinct random stream
@@ -152,18 +97,10 @@ class AdversarialObjective:
             self._gen = torch.Generator(device=device).manual_seed(seed)
         return self._gen
 
-    def uniform_start(self, x: torch.Tensor) -> torch.Tensor:
-        """x + U(-eps, eps) noise (B, C, H, W), clipped to [0, 1]; x itself without random start."""
-        if not self.random_start or self.eps == 0:
-            return x
-        noise = torch.rand(x.shape, generator=self.generator(x.device), device=x.device, dtype=x.dtype)
-        return (x + (2 * noise - 1) * self.eps).clamp(0.0, 1.0)
-
     def pgd(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Untargeted CE PGD-k x' (B, C, H, W) against the current model."""
-        return linf_pgd(
-            model, x, _ce_per_sample(y), eps=self.eps, alpha=self.alpha, steps=self.steps, start=self.uniform_start(x)
-        )
+        """The training perturbation x' (B, C, H, W) against the current model: the attack
+        library's PGD (`self.attack`), k steps from its start, last iterate."""
+        return self.attack.perturb(model, x, y, self.generator(x.device))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -256,21 +193,11 @@ class TRADES(AdversarialObjective):
 
     def __init__(self, eps: float = 0.1, steps: int = 10, beta: float = 6.0, **kwargs: Any) -> None:
         kwargs.setdefault("random_start", True)
-        super().__init__(eps=eps, steps=steps, **kwargs)
+        super().__init__(eps=eps, steps=steps, loss="kl", start="gaussian", **kwargs)
         self.beta = float(beta)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        with eval_modes(model), torch.no_grad():
-            p_clean = F.softmax(model(x).float(), dim=1)
-        start = x
-        if self.random_start:
-            g = self.generator(x.device)
-            start = x + 0.001 * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-
-        def kl(logits: torch.Tensor) -> torch.Tensor:
-            return F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="none").sum(dim=1)
-
-        x_adv = linf_pgd(model, x, kl, eps=self.eps, alpha=self.alpha, steps=self.steps, start=start)
+        x_adv = self.pgd(model, x, y)
         clean, adv = _split_forward(model, x, x_adv)
         robust = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
         loss = F.cross_entropy(clean, y) + self.beta * robust

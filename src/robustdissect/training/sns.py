@@ -38,12 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..analysis.sensitivity import neuron_sensitivity, sensitive_neurons, top_k_count
+from ..attacks import frozen
 from ..data import Split
 from ..errors import UserError
 from ..models import load_checkpoint
 from ..models.layers import default_conv_layers, resolve_layer
 from .objectives import OBJECTIVES, StepOutput
-from .robust import PAT, _ce_per_sample, eval_modes, linf_pgd
+from .robust import PAT
 
 __all__ = ["SNS", "VARIANTS", "frozen_prefix", "parse_layers", "sns_loss"]
 
@@ -219,7 +220,7 @@ class SNS(PAT):
             m.eval()
 
     def _channels(self, model: nn.Module, x1: torch.Tensor) -> dict[str, int]:
-        with _capture(model, self.paths) as feats, eval_modes(model), torch.no_grad():
+        with _capture(model, self.paths) as feats, frozen(model), torch.no_grad():
             model(x1)
         return {p: int(feats[p].shape[1]) for p in self.paths}
 
@@ -240,18 +241,14 @@ class SNS(PAT):
         training images against `ref`."""
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(train), generator=g)[: (len(train) if n is None else n)]
+        noise = torch.Generator(device=device).manual_seed(seed)
         xs, xas = [], []
         for start in range(0, len(idx), 256):
             sel = idx[start : start + 256]
             x, y = train.x[sel].to(device), train.y[sel].to(device)
-            start_x = x
-            if self.random_start and self.eps > 0:
-                noise = torch.rand(x.shape, generator=g).to(device)
-                start_x = (x + (2 * noise - 1) * self.eps).clamp(0.0, 1.0)
-            xa = linf_pgd(ref, x, _ce_per_sample(y), eps=self.eps, alpha=self.alpha, steps=self.steps, start=start_x)
             xs.append(x)
-            xas.append(xa)
-        with eval_modes(ref):
+            xas.append(self.attack.perturb(ref, x, y, noise))
+        with frozen(ref):
             result = neuron_sensitivity(ref, (torch.cat(xs), torch.cat(xas)), self.layers)
         picked = sensitive_neurons(result, fraction=self.fraction)
         return {
