@@ -13,20 +13,24 @@ from robustdissect.attacks import make_attack
 from robustdissect.data import Dataset
 from robustdissect.evaluation import wilson_interval
 from robustdissect.models import load_checkpoint, shipped_checkpoints
+from robustdissect.resources import read_train_config, train_presets
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "train"
+# The committed presets, in the checkout (the package reads the same files as resources).
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "robustdissect" / "configs" / "train"
 ROBUST = ["fmnist-smallcnn-pat", "fmnist-smallcnn-avg-pat", "fmnist-smallcnn-sns"]
 
 
 def test_every_shipped_checkpoint_has_its_config() -> None:
     names = shipped_checkpoints()
     assert set(ROBUST) <= set(names)
+    assert set(names) <= set(train_presets())
     for name in names:
         _model, card = load_checkpoint(name)
         config = CONFIGS / f"{name}.yaml"
         assert config.is_file(), name
-        assert f"--config configs/train/{name}.yaml" in card["retrain"]
+        assert card["retrain"] == f"robustdissect train --config {name} --out runs/train-{name}"
         cfg = yaml.safe_load(config.read_text())
+        assert read_train_config(name) == cfg, name
         # Every setting of the committed config is the one the checkpoint was trained with.
         assert {k: card["train_config"].get(k) for k in cfg} == cfg, name
         assert card["objective"]["name"] == cfg.get("objective", "vanilla"), name

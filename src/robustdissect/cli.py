@@ -193,7 +193,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
 @app.command()
 def train(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML training configuration")] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="training preset (robustdissect list presets) or YAML file")
+    ] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="zoo model name")] = None,
     model_arg: ModelArgOpt = None,
     data: DataOpt = None,
@@ -220,9 +222,9 @@ def train(
     _setup_logging(verbose)
     base: dict[str, Any] = {}
     if config:
-        if not config.is_file():
-            raise UserError(f"config file {config} does not exist")
-        base = yaml.safe_load(config.read_text()) or {}
+        from .resources import read_train_config
+
+        base = read_train_config(config)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = [k for k in base if k not in known]
         if unknown:
@@ -276,36 +278,51 @@ def layers(
 
 @app.command("list")
 def list_(
-    what: Annotated[str, typer.Argument(help="datasets | models | checkpoints | objectives | attacks | stages")],
+    what: Annotated[
+        str, typer.Argument(help="datasets | models | checkpoints | presets | objectives | attacks | stages")
+    ],
+    pattern: Annotated[str, typer.Argument(help="shell-style filter on names, e.g. 'fmnist-*'")] = "*",
 ) -> None:
-    """List what is registered."""
-    from .registry import Registry
+    """List what is registered; models are zoo architectures and shipped checkpoints."""
+    from fnmatch import fnmatchcase
 
-    reg: Registry[Any]
-    if what == "checkpoints":
-        from .models import WEIGHTS_DIR, shipped_checkpoints
-        from .models.io import read_card
+    if what in ("models", "checkpoints"):
+        from .models import describe_model, list_models
 
-        for name in shipped_checkpoints():
-            card = read_card(WEIGHTS_DIR / f"{name}.json")
-            arch = card["arch"].get("name")
-            typer.echo(f"{name:<32} {card.get('dataset', '')}, {arch}, test accuracy {card.get('test_accuracy')}")
+        for name in list_models(pattern):
+            info = describe_model(name)
+            if what == "models":
+                kind = f"checkpoint of {info.arch}" if info.checkpoint else "architecture"
+                typer.echo(f"{name:<34} {kind:<24} {info.summary}")
+            elif info.checkpoint:
+                typer.echo(f"{name:<34} {info.arch:<10} {info.summary}")
+        return
+    if what == "presets":
+        from .resources import train_presets
+
+        for name in train_presets():
+            if fnmatchcase(name, pattern):
+                typer.echo(f"robustdissect train --config {name}")
         return
     import importlib
 
+    from .registry import Registry
+
     registries = {
         "datasets": ("data", "DATASETS"),
-        "models": ("models", "MODELS"),
         "objectives": ("training", "OBJECTIVES"),
         "attacks": ("attacks", "ATTACKS"),
         "stages": ("stages", "STAGES"),
     }
     if what not in registries:
-        raise UserError(f"cannot list '{what}'; choose datasets, models, checkpoints, objectives, attacks or stages")
+        raise UserError(
+            f"cannot list '{what}'; choose datasets, models, checkpoints, presets, objectives, attacks or stages"
+        )
     module, attr = registries[what]
-    reg = getattr(importlib.import_module(f"robustdissect.{module}"), attr)
+    reg: Registry[Any] = getattr(importlib.import_module(f"robustdissect.{module}"), attr)
     for entry in reg:
-        typer.echo(f"{entry.name:<20} {entry.summary}")
+        if fnmatchcase(entry.name, pattern):
+            typer.echo(f"{entry.name:<20} {entry.summary}")
 
 
 def _exit_code(e: SystemExit) -> int:

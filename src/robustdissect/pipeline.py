@@ -23,16 +23,7 @@ from . import __version__
 from .config import RunConfig, dump_config
 from .data import Dataset, Split, load_dataset
 from .errors import UserError
-from .models import (
-    MODELS,
-    apply_weights,
-    build_model,
-    check_classifier,
-    load_checkpoint,
-    load_state_dict,
-    load_user_model,
-    shipped_checkpoints,
-)
+from .models.resolve import resolve_model as resolve_model
 from .registry import Registry
 from .runs import RunDir, write_json
 from .training import pick_device
@@ -90,44 +81,6 @@ def section(
 def load_stages() -> None:
     """Import the stage modules so that they register themselves in STAGES."""
     from . import stages  # noqa: F401
-
-
-def resolve_model(
-    spec: str,
-    weights: str | None,
-    model_args: Mapping[str, Any],
-    data: Dataset,
-    require_weights: bool = True,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a shipped checkpoint, a checkpoint file with card, a zoo model + weights, or a user
-    `file.py:factory` / `pkg.module:factory` (+ weights), and check it fits the data."""
-    card: dict[str, Any]
-    if spec in shipped_checkpoints() or spec.endswith((".safetensors", ".json")):
-        model, card = load_checkpoint(spec)
-        if weights:
-            raise UserError("--weights is only for zoo or user models; a checkpoint already has weights")
-    elif spec in MODELS:
-        mean, std = data.channel_stats()
-        args = {"num_classes": data.num_classes, "in_channels": data.image_shape[0], "mean": mean, "std": std}
-        args.update(model_args)
-        model = build_model(spec, **args)
-        if not weights and require_weights:
-            raise UserError(
-                f"'{spec}' is an architecture without weights; pass --weights FILE, a shipped checkpoint "
-                f"({', '.join(shipped_checkpoints())}), or train one with `robustdissect train`"
-            )
-        card = {"arch": getattr(model, "arch", {"name": spec}), "weights": weights}
-    elif ":" in spec:
-        model = load_user_model(spec, **model_args)
-        card = {"arch": {"name": spec, **model_args}, "weights": weights, "user_model": True}
-    else:
-        load_checkpoint(spec)  # raises the unknown-model error with close matches
-        raise AssertionError("unreachable")
-    if weights:
-        apply_weights(model, load_state_dict(Path(weights)), weights)
-    model = check_classifier(model, data.image_shape, data.num_classes)
-    model.eval()
-    return model, card
 
 
 def environment(cfg: RunConfig, device: torch.device) -> dict[str, Any]:

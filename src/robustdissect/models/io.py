@@ -2,7 +2,7 @@
 
 A checkpoint is `NAME.safetensors` (the state dict) next to `NAME.json` (the card: architecture
 and its arguments, dataset, objective, seed, epochs, accuracy, package version). Shipped
-checkpoints live in the package's `weights/` folder and load by name.
+checkpoints are package resources (`robustdissect/weights/`) and load by name.
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import importlib
 import importlib.util
 import json
 import sys
+from importlib.resources import as_file
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import resources
 from ..errors import UserError, unknown_name
 from .zoo import MODELS
-
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
@@ -34,12 +35,14 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def shipped_checkpoints() -> list[str]:
-    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json"))
+    """Names of the checkpoints shipped with the package."""
+    return resources.checkpoint_names()
 
 
-def read_card(path: Path) -> dict[str, Any]:
+def read_card(path: Path | Traversable) -> dict[str, Any]:
+    """A checkpoint's JSON card; it must name its architecture (`arch.name`)."""
     try:
-        card: dict[str, Any] = json.loads(path.read_text())
+        card: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read model card {path}: {e}") from None
     if "arch" not in card or "name" not in card["arch"]:
@@ -96,22 +99,28 @@ def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) 
 def load_checkpoint(name_or_path: str) -> tuple[nn.Module, dict[str, Any]]:
     """Load a shipped checkpoint by name, or a `.safetensors` file that has a `.json` card beside it."""
     path = Path(name_or_path)
-    if path.suffix == ".safetensors":
-        card_path = path.with_suffix(".json")
-    elif path.suffix == ".json":
-        card_path, path = path, path.with_suffix(".safetensors")
-    elif (WEIGHTS_DIR / f"{name_or_path}.json").is_file():
-        card_path, path = WEIGHTS_DIR / f"{name_or_path}.json", WEIGHTS_DIR / f"{name_or_path}.safetensors"
+    if path.suffix in (".safetensors", ".json"):
+        card_path, path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        if not card_path.is_file():
+            raise UserError(f"no model card {card_path} next to the weights")
+        card = read_card(card_path)
+        model = _build_from_card(card)
+        apply_weights(model, load_state_dict(path), str(path))
+    elif name_or_path in shipped_checkpoints():
+        weights, card_file = resources.checkpoint_files(name_or_path)
+        card = read_card(card_file)
+        model = _build_from_card(card)
+        with as_file(weights) as file:  # a real file even when the package is not on a file system
+            apply_weights(model, load_state_dict(file), name_or_path)
     else:
         raise unknown_name("model", name_or_path, [*MODELS.names(), *shipped_checkpoints()])
-    if not card_path.is_file():
-        raise UserError(f"no model card {card_path} next to the weights")
-    card = read_card(card_path)
-    arch = dict(card["arch"])
-    model = build_model(arch.pop("name"), **arch)
-    apply_weights(model, load_state_dict(path), str(path))
     model.eval()
     return model, card
+
+
+def _build_from_card(card: dict[str, Any]) -> nn.Module:
+    arch = dict(card["arch"])
+    return build_model(arch.pop("name"), **arch)
 
 
 def save_checkpoint(model: nn.Module, path: Path, card: dict[str, Any]) -> None:

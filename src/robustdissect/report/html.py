@@ -12,12 +12,21 @@ import html
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, FunctionLoader, select_autoescape
 
+from .. import resources
 from ..errors import UserError
 from ..runs import atomic_write_text, read_json
 
 MAX_TABLE_ROWS = 60
+
+
+def _template_source(name: str) -> str | None:
+    """A template from the package resources (None makes Jinja2 raise TemplateNotFound)."""
+    try:
+        return resources.template(name)
+    except FileNotFoundError:
+        return None
 
 
 def _figure_uri(run: Path, rel: str) -> str | None:
@@ -85,9 +94,7 @@ def render_report(run_dir: str | Path) -> Path:
                 "seconds": entry.get("seconds"),
             }
         )
-    jenv = Environment(
-        loader=PackageLoader("robustdissect", "report/templates"), autoescape=select_autoescape(["html", "j2"])
-    )
+    jenv = Environment(loader=FunctionLoader(_template_source), autoescape=select_autoescape(["html", "j2"]))
     jenv.filters["fmt"] = _fmt
     page = jenv.get_template("report.html.j2").render(
         results=results,
