@@ -1,0 +1,96 @@
+"""Package resources: training presets by name or path, shipped checkpoints, report templates, and
+the CLI commands that read them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from robustdissect import resources
+from robustdissect.cli import main
+from robustdissect.errors import UserError
+from robustdissect.models import list_models, shipped_checkpoints
+
+PRESETS = Path(__file__).resolve().parents[1] / "src" / "robustdissect" / "configs" / "train"
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_presets_are_the_committed_files() -> None:
+    names = resources.train_presets()
+    assert names == sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    assert "fmnist-smallcnn-vanilla" in names and "cifar10-vgg16-pat" in names
+    for name in names:
+        assert resources.read_train_config(name) == yaml.safe_load((PRESETS / f"{name}.yaml").read_text()), name
+
+
+def test_config_by_path_wins_and_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mine.yaml").write_text("epochs: 3\nlr: 0.1\n")
+    assert resources.read_train_config(tmp_path / "mine.yaml") == {"epochs": 3, "lr": 0.1}
+    assert resources.read_train_config(str(tmp_path / "mine.yaml")) == {"epochs": 3, "lr": 0.1}
+    # A file in the working directory named like a preset is read as that file.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fmnist-smallcnn-pat").write_text("epochs: 1\n")
+    assert resources.read_train_config("fmnist-smallcnn-pat") == {"epochs": 1}
+    with pytest.raises(UserError, match="configs/train/fmnist-smallcnn-pat.yaml does not exist; .*--config fmnist"):
+        resources.read_train_config("configs/train/fmnist-smallcnn-pat.yaml")
+    with pytest.raises(UserError, match="mine.yml does not exist$"):
+        resources.read_train_config("mine.yml")
+    with pytest.raises(UserError, match="unknown training preset 'fmnist-smallcnn-vanila'; did you mean"):
+        resources.read_train_config("fmnist-smallcnn-vanila")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must hold a mapping of settings, not list"):
+        resources.read_train_config("list.yaml")
+    (tmp_path / "bad.yaml").write_text("epochs: [1\n")
+    with pytest.raises(UserError, match="bad.yaml is not valid YAML"):
+        resources.read_train_config("bad.yaml")
+
+
+def test_checkpoint_files_and_templates() -> None:
+    names = resources.checkpoint_names()
+    assert names == shipped_checkpoints() and "fmnist-smallcnn-pat" in names
+    weights, card = resources.checkpoint_files("fmnist-smallcnn-pat")
+    assert weights.name == "fmnist-smallcnn-pat.safetensors" and weights.is_file()
+    assert card.name == "fmnist-smallcnn-pat.json" and card.is_file()
+    with pytest.raises(UserError, match="unknown shipped checkpoint 'fmnist-smallcnn-pta'"):
+        resources.checkpoint_files("fmnist-smallcnn-pta")
+    assert "{{" in resources.template("report.html.j2")
+    with pytest.raises(FileNotFoundError, match="nope.j2"):
+        resources.template("nope.j2")
+
+
+def test_cli_list_filters_with_a_pattern(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _cli(["list", "models", "fmnist-*"], capsys)
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()] == list_models("fmnist-*")
+    assert all("checkpoint of smallcnn" in line for line in out.splitlines())
+    code, out, _ = _cli(["list", "models"], capsys)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == list_models()
+    assert "architecture" in next(line for line in out.splitlines() if line.startswith("vgg16 "))
+    code, out, _ = _cli(["list", "checkpoints", "*-avg-*"], capsys)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == [
+        "fmnist-smallcnn-avg-pat",
+        "fmnist-smallcnn-avg-vanilla",
+    ]
+    code, out, _ = _cli(["list", "presets", "cifar10-*"], capsys)
+    assert code == 0 and out.splitlines() == [
+        f"robustdissect train --config {n}" for n in resources.train_presets() if n.startswith("cifar10-")
+    ]
+
+
+def test_cli_train_takes_a_preset_name(capsys: pytest.CaptureFixture[str]) -> None:
+    # The preset is read and validated into a TrainConfig before the missing --out is reported.
+    code, _, err = _cli(["train", "--config", "fmnist-smallcnn-vanilla"], capsys)
+    assert code == 2 and "pass --out DIR" in err, err
+    code, _, err = _cli(["train", "--config", "fmnist-smallcnn-vanila", "--out", "x"], capsys)
+    assert code == 2 and "unknown training preset 'fmnist-smallcnn-vanila'" in err, err
