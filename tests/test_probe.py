@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustdissect.errors import UserError
+from robustdissect.errors import ReusedModuleError, UserError
 from robustdissect.models import build_model
 from robustdissect.probe import (
     ChannelHistogram,
@@ -211,7 +211,7 @@ class _Twice(nn.Module):
 
 
 def test_layer_reused_in_forward_is_refused(images: torch.Tensor) -> None:
-    with pytest.raises(UserError, match="exactly once"):
+    with pytest.raises(ReusedModuleError, match="module 'act' is called 2 times"):
         probe_pairs(_Twice(), (images[:2], images[2:4]), ["act"])
 
 

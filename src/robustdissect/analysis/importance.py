@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from ..errors import UserError
-from ..models.layers import default_conv_layers, resolve_layer
+from ..models.layers import resolve_layer
 from ..modelutil import eval_mode, model_device
 from ..probe import Pairs, PairStats, gated, iter_pair_batches, record
 from .ranking import (
@@ -39,6 +39,7 @@ from .sensitivity import (
     Hook,
     Reduction,
     SensitivityResult,
+    _default_layers,
     neuron_sensitivity,
     penultimate_k,
     sensitive_neurons,
@@ -301,9 +302,7 @@ def cross_target_overlap(
 
     Rows: layer, hook, depth, channels, k, total_jaccard, levenshtein_avg, targets, min_pairs.
     """
-    names = list(layers) if layers is not None else default_conv_layers(model, hook)
-    if not names:
-        raise UserError("the model has no conv layers to probe; name the layers explicitly")
+    names = _default_layers(model, layers, hook, next(iter(pairs_by_target.values()), None))
     if len(pairs_by_target) < 2:
         raise UserError("cross-target overlap needs at least two targets")
     results: dict[int, SensitivityResult] = {}

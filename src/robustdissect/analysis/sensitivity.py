@@ -9,6 +9,7 @@ Every function returns arrays for figures and `rows()` / `summary_rows()` as lis
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ Hook = Literal["conv", "relu"]
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 
+log = logging.getLogger(__name__)
+
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.PReLU)
 _CONVLIKE = (
     nn.Conv1d,
@@ -62,13 +65,42 @@ _CONVLIKE = (
 )
 
 
-def _default_layers(model: nn.Module, layers: Sequence[str] | None, hook: Hook) -> list[str]:
+def _first_images(pairs: Pairs | torch.Tensor | None) -> torch.Tensor | None:
+    """The clean images of the first batch of `pairs`, when they can be read without consuming
+    an iterator (full tensors or a list of batches); None otherwise."""
+    first: object = pairs
+    if isinstance(first, (tuple, list)) and first:
+        first = first[0]
+        if isinstance(first, (tuple, list)) and first:
+            first = first[0]
+    if isinstance(first, torch.Tensor) and first.ndim > 0 and first.shape[0] > 0:
+        return first
+    return None
+
+
+def _default_layers(
+    model: nn.Module,
+    layers: Sequence[str] | None,
+    hook: Hook,
+    pairs: Pairs | torch.Tensor | None = None,
+) -> list[str]:
+    """`layers`, or every conv hook point; layers whose module runs more than once per forward
+    pass are left out (with a warning) when `pairs` give an example input to find them."""
     if layers is not None:
         return list(layers)
     if hook not in ("conv", "relu"):
         raise UserError(f"hook must be 'conv' or 'relu', got {hook!r}")
-    names = default_conv_layers(model, hook)
+    example = _first_images(pairs)
+    names = default_conv_layers(model, hook, example)
+    dropped = [] if example is None else [n for n in default_conv_layers(model, hook) if n not in names]
+    if dropped:
+        log.warning("left out layers whose module runs more than once per forward pass: %s", ", ".join(dropped))
     if not names:
+        if dropped:
+            raise UserError(
+                f"every conv layer of the model runs more than once per forward pass ({', '.join(dropped)}); "
+                "name the layers explicitly"
+            )
         raise UserError("the model has no conv layers to probe; name the layers explicitly")
     return names
 
@@ -247,7 +279,7 @@ def neuron_sensitivity(
     """
     if reduction not in ("eq1", "mindarmour"):
         raise UserError(f"reduction must be 'eq1' or 'mindarmour', got {reduction!r}")
-    names = _default_layers(model, layers, hook)
+    names = _default_layers(model, layers, hook, pairs)
     stats = probe_pairs(model, pairs, names, batch_size=batch_size, select=select, eps=eps)
     result = sensitivity_from_stats(model, stats, reduction)
     if result.n == 0:
@@ -270,7 +302,7 @@ def sensitivity_under_attack(
 ) -> SensitivityResult:
     """σ over pairs generated on the fly by an untargeted `attack` (streamed batch by batch;
     `only_success` keeps the pairs whose prediction changed)."""
-    names = _default_layers(model, layers, hook)
+    names = _default_layers(model, layers, hook, x)
     keep: Literal["all", "success"] = "success" if only_success else "all"
     pairs = attack_pairs(model, x, y, attack, keep=keep, batch_size=batch_size, seed=seed)
     return neuron_sensitivity(model, pairs, names, reduction=reduction, batch_size=batch_size)

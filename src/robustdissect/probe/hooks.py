@@ -1,5 +1,10 @@
 """Forward hooks on named layers: recording (`record`, `gated`), channel interventions
-(`intervene` with `ChannelEdit`s) and the per-channel view of a layer output."""
+(`intervene` with `ChannelEdit`s), the per-channel view of a layer output, and `call_counts`.
+
+A module that runs more than once per forward pass (e.g. one ReLU called twice in a ResNet block)
+cannot be recorded: its hook would mix the calls, so `record` raises `ReusedModuleError`;
+`call_counts` finds such modules ahead of time.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,15 @@ from typing import Literal, TypeVar
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ReusedModuleError, UserError
 from ..models.layers import resolve_layer
+from ..modelutil import eval_mode, model_device
 
 __all__ = [
     "ChannelEdit",
     "LayerCallback",
     "Recording",
+    "call_counts",
     "gated",
     "intervene",
     "record",
@@ -102,6 +109,9 @@ def record(
     `keep=True` a copy of the output is stored in `Recording.outputs[name]`. Outputs are
     detached unless `detach=False`. All hooks are removed on exit, also after an exception.
     Recording never changes the model's outputs.
+
+    A layer whose module runs more than once in one forward pass of `model` raises
+    `ReusedModuleError` when that pass ends; its later calls are never recorded.
     """
     names = [layers] if isinstance(layers, str) else list(layers)
     paths = {name: resolve_layer(model, name) for name in names}
@@ -112,9 +122,17 @@ def record(
     if capture not in ("output", "input"):
         raise UserError(f"capture must be 'output' or 'input', got {capture!r}")
 
+    # Calls of each layer within the current forward pass of `model` (nested passes count as one).
+    depth = 0
+    in_pass = dict.fromkeys(names, 0)
+
     def seen(name: str, value: object) -> None:
         if not rec.enabled:
             return
+        if depth:
+            in_pass[name] += 1
+            if in_pass[name] > 1:
+                return  # a reused module: reported by `check` when the pass ends
         t = _as_tensor(value, name)
         if detach:
             t = t.detach()
@@ -136,16 +154,61 @@ def record(
 
         return pre_hook
 
+    def enter(_module: nn.Module, _inputs: object) -> None:
+        nonlocal depth
+        if depth == 0:
+            in_pass.update(dict.fromkeys(in_pass, 0))
+        depth += 1
+
+    def check(_module: nn.Module, _inputs: object, _output: object) -> None:
+        if depth == 1:
+            for name, n in in_pass.items():
+                if n > 1:
+                    raise ReusedModuleError(paths[name], n, name)
+
+    def leave(_module: nn.Module, _inputs: object, _output: object) -> None:
+        nonlocal depth
+        depth -= 1
+
     try:
         for name, path in paths.items():
             if capture == "output":
                 handles.append(modules[path].register_forward_hook(make_hook(name)))
             else:
                 handles.append(modules[path].register_forward_pre_hook(make_pre_hook(name)))
+        handles.append(model.register_forward_pre_hook(enter))
+        handles.append(model.register_forward_hook(check))
+        # registered after `check` and always called: also runs when `check` or the forward raises
+        handles.append(model.register_forward_hook(leave, always_call=True))
         yield rec
     finally:
         for h in handles:
             h.remove()
+
+
+def call_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """How often each named submodule runs in one forward pass of the first image of x
+    (N, C, H, W), in eval mode without grad: {module path: calls} in `named_modules()` order,
+    0 for modules the pass does not call (e.g. a ModuleList container)."""
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise UserError(f"call counts need at least one input image, got shape {tuple(x.shape)}")
+    modules = [(path, m) for path, m in model.named_modules() if path]
+    counts = dict.fromkeys((path for path, _ in modules), 0)
+
+    def make_counter(path: str) -> Callable[[nn.Module, object], None]:
+        def count(_module: nn.Module, _inputs: object) -> None:
+            counts[path] += 1
+
+        return count
+
+    handles = [m.register_forward_pre_hook(make_counter(path)) for path, m in modules]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x[:1].to(model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
 
 
 def gated(rec: Recording, items: Iterable[T]) -> Iterator[T]:

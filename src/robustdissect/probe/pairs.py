@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import ReusedModuleError, UserError
 from ..modelutil import eval_mode, model_device
 from .hooks import _per_channel, gated, record
 
@@ -296,6 +296,8 @@ def probe_pairs(
             h = x.shape[0]
             logits = model(torch.cat([x, xa]).to(device))
             for name in names:
+                if rec.calls[name] > 1:
+                    raise ReusedModuleError(rec.paths[name], rec.calls[name], name)
                 if rec.calls[name] != 1:
                     raise UserError(
                         f"layer '{name}' ran {rec.calls[name]} times in one forward pass; "
