@@ -9,10 +9,11 @@ from __future__ import annotations
 import base64
 import csv
 import html
-from pathlib import Path
+import stat
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from jinja2 import Environment, FunctionLoader, select_autoescape
+from jinja2 import Environment, FunctionLoader, UndefinedError, select_autoescape
 
 from .. import resources
 from ..errors import UserError
@@ -29,23 +30,62 @@ def _template_source(name: str) -> str | None:
         return None
 
 
-def _figure_uri(run: Path, rel: str) -> str | None:
-    p = run / rel
-    if not p.is_file():
+def _inside(root: Path, rel: Any, where: str) -> Path | None:
+    """The regular file `rel` names inside the run directory `root` (resolved), or None if absent.
+
+    Absolute paths, `..`, links that lead outside `root` and anything but a regular file are
+    refused: the report embeds only files that belong to the run."""
+    if not isinstance(rel, str) or not rel.strip() or "\x00" in rel:
+        raise UserError(f"{where}: 'file' must be a path inside the run directory, got {rel!r}")
+    if PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+        raise UserError(f"{where}: '{rel}' is not inside the run directory; the report reads only files in it")
+    target = root / rel
+    if not target.exists() and not target.is_symlink():
         return None
-    return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii")
+    try:
+        resolved = target.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise UserError(f"{where}: '{rel}' is a broken or looping link") from None
+    if not resolved.is_relative_to(root):
+        raise UserError(f"{where}: '{rel}' leads outside the run directory; the report reads only files in it")
+    if not stat.S_ISREG(resolved.stat().st_mode):
+        raise UserError(f"{where}: '{rel}' is not a regular file")
+    return resolved
 
 
-def _table(run: Path, rel: str) -> dict[str, Any] | None:
-    p = run / rel
-    if not p.is_file():
-        return None
-    with p.open(newline="") as f:
-        rows = list(csv.reader(f))
+def _figure_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _table(path: Path, where: str) -> dict[str, Any] | None:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{where}: cannot read {path.name} as CSV: {e}") from None
     if not rows:
         return None
     body = rows[1:]
     return {"header": rows[0], "rows": body[:MAX_TABLE_ROWS], "truncated": max(0, len(body) - MAX_TABLE_ROWS)}
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _entries(value: Any, where: str) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise UserError(f"{where} must be a list of objects with a 'file'")
+    for i, v in enumerate(value):
+        if "file" not in v:
+            raise UserError(f"{where}[{i}] has no 'file'")
+    return value
 
 
 def _fmt(v: Any) -> str:
@@ -59,50 +99,67 @@ def _fmt(v: Any) -> str:
 
 
 def render_report(run_dir: str | Path) -> Path:
-    """Write run_dir/report.html from the files in run_dir; return its path."""
+    """Write run_dir/report.html from the files in run_dir; return its path.
+
+    Only regular files inside run_dir are read; a results.json that names anything else, or
+    that does not have the shape the run writes, is a UserError."""
     run = Path(run_dir)
-    if not (run / "results.json").is_file():
+    if not run.is_dir():
+        raise UserError(f"{run} is not a run directory")
+    root = run.resolve()
+    results_path = _inside(root, "results.json", str(run))
+    if results_path is None:
         raise UserError(f"{run} is not a run directory (no results.json)")
-    results: dict[str, Any] = read_json(run / "results.json")
-    env_info = read_json(run / "env.json") if (run / "env.json").is_file() else {}
+    results = _mapping(read_json(results_path), f"{run}/results.json")
+    env_path = _inside(root, "env.json", str(run))
+    env_info = _mapping(read_json(env_path), f"{run}/env.json") if env_path else {}
     sections = []
-    for name, entry in results.get("stages", {}).items():
-        if not isinstance(entry, dict):
-            continue
-        figures = [
-            {"uri": uri, "caption": f.get("caption", ""), "file": f["file"]}
-            for f in entry.get("figures", [])
-            if (uri := _figure_uri(run, f["file"])) is not None
-        ]
-        tables = []
-        for t in entry.get("tables", []):
+    for name, raw in _mapping(results.get("stages"), "results.json 'stages'").items():
+        where = f"results.json stage '{name}'"
+        entry = _mapping(raw, where)
+        figures = []
+        for i, f in enumerate(_entries(entry.get("figures"), f"{where} figures")):
+            path = _inside(root, f["file"], f"{where} figure {i}")
+            if path is not None:
+                figures.append({"uri": _figure_uri(path), "caption": str(f.get("caption", "")), "file": f["file"]})
+        tables, links = [], []
+        for i, t in enumerate(_entries(entry.get("tables"), f"{where} tables")):
+            path = _inside(root, t["file"], f"{where} table {i}")
+            if path is None:
+                continue
+            links.append(t)
             if t.get("show"):
-                data = _table(run, t["file"])
+                data = _table(path, f"{where} table {i}")
                 if data is not None:
                     tables.append({"title": t.get("title", t["file"]), "file": t["file"], **data})
-        links = [t for t in entry.get("tables", []) if (run / t["file"]).is_file()]
+        warnings = entry.get("warnings") or []
         sections.append(
             {
                 "id": name,
                 "title": entry.get("title", name),
                 "text": entry.get("text", ""),
-                "summary": entry.get("summary", {}),
+                "summary": _mapping(entry.get("summary"), f"{where} summary"),
                 "figures": figures,
                 "tables": tables,
                 "links": links,
-                "warnings": entry.get("warnings", []),
-                "seconds": entry.get("seconds"),
+                "warnings": [str(w) for w in warnings] if isinstance(warnings, list) else [str(warnings)],
+                "seconds": entry.get("seconds") if isinstance(entry.get("seconds"), (int, float)) else None,
             }
         )
     jenv = Environment(loader=FunctionLoader(_template_source), autoescape=select_autoescape(["html", "j2"]))
     jenv.filters["fmt"] = _fmt
-    page = jenv.get_template("report.html.j2").render(
-        results=results,
-        env=env_info,
-        sections=sections,
-        card=results.get("model_card", {}),
-        dataset=results.get("dataset", {}),
-    )
+    try:
+        page = jenv.get_template("report.html.j2").render(
+            results=results,
+            env=env_info,
+            sections=sections,
+            card=_mapping(results.get("model_card"), "results.json 'model_card'"),
+            dataset=_mapping(results.get("dataset"), "results.json 'dataset'"),
+        )
+    except (TypeError, ValueError, AttributeError, UndefinedError) as e:
+        raise UserError(f"{run}/results.json has a value of an unexpected type ({e})") from None
     out = run / "report.html"
+    if out.is_dir() and not out.is_symlink():
+        raise UserError(f"{out} is a directory; remove it to render the report")
     atomic_write_text(out, page)
     return out
