@@ -7,6 +7,9 @@ does not change this file.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,13 @@ class RunConfig:
     quick: bool = True  # reduced attack budgets in every stage; false = the papers' full budgets
     stages: dict[str, dict[str, Any]] = field(default_factory=lambda: {s: {} for s in DEFAULT_STAGES})
 
+    def __post_init__(self) -> None:
+        for name in ("weights", "data_dir"):  # accept paths from Python callers; YAML holds strings
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+        _check_types(self)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -42,63 +52,154 @@ class RunConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
+MAX_CONFIG_VALUES = 100_000
+
+
+def config_from_dict(data: Any, where: str = "config") -> RunConfig:
+    """Build a validated RunConfig from parsed YAML; every problem is a UserError naming `where`."""
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a mapping of settings, got {type(data).__name__}")
     known = {f.name: f for f in fields(RunConfig)}
     for key in data:
         if key not in known:
-            raise unknown_name(f"setting in {where}", key, known)
+            raise unknown_name(f"setting in {where}", str(key), known)
     stages = data.get("stages")
     if stages is not None:
-        if isinstance(stages, list):
-            data = {**data, "stages": {str(s): {} for s in stages}}
+        if isinstance(stages, list) and all(isinstance(s, str) for s in stages):
+            data = {**data, "stages": {s: {} for s in stages}}
         elif isinstance(stages, dict):
+            for k, v in stages.items():
+                if v is not None and not isinstance(v, dict):
+                    raise UserError(f"{where}: the options of stage '{k}' must be a mapping, got {type(v).__name__}")
             data = {**data, "stages": {str(k): dict(v or {}) for k, v in stages.items()}}
         else:
             raise UserError(f"{where}: 'stages' must be a list of names or a mapping name -> options")
-    cfg = RunConfig(**data)
-    _check_types(cfg, where)
+    try:
+        cfg = RunConfig(**data)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    check_device(cfg.device, where)
     return cfg
 
 
-def _check_types(cfg: RunConfig, where: str) -> None:
-    if cfg.n is not None and (not isinstance(cfg.n, int) or cfg.n <= 0):
-        raise UserError(f"{where}: n must be a positive integer or null, got {cfg.n!r}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size <= 0:
-        raise UserError(f"{where}: batch_size must be a positive integer, got {cfg.batch_size!r}")
-    if cfg.split not in ("train", "val", "test"):
-        raise UserError(f"{where}: split must be train, val or test, got {cfg.split!r}")
-    if not isinstance(cfg.seed, int):
-        raise UserError(f"{where}: seed must be an integer, got {cfg.seed!r}")
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_types(cfg: RunConfig) -> None:
+    """Refuse values of the wrong type or range (raised from RunConfig.__post_init__)."""
+
+    def need(ok: bool, what: str, value: Any) -> None:
+        if not ok:
+            raise UserError(f"{what}, got {value!r}")
+
+    need(isinstance(cfg.model, str) and bool(cfg.model.strip()), "model must be a name or a path", cfg.model)
+    need(cfg.weights is None or isinstance(cfg.weights, str), "weights must be a path or null", cfg.weights)
+    need(isinstance(cfg.model_args, dict), "model_args must be a mapping", cfg.model_args)
+    need(isinstance(cfg.dataset, str) and bool(cfg.dataset.strip()), "dataset must be a name", cfg.dataset)
+    need(cfg.data_dir is None or isinstance(cfg.data_dir, str), "data_dir must be a path or null", cfg.data_dir)
+    need(cfg.split in ("train", "val", "test"), "split must be train, val or test", cfg.split)
+    need(cfg.n is None or (_is_int(cfg.n) and cfg.n > 0), "n must be a positive integer or null", cfg.n)
+    need(_is_int(cfg.batch_size) and cfg.batch_size > 0, "batch_size must be a positive integer", cfg.batch_size)
+    need(_is_int(cfg.seed) and 0 <= cfg.seed < 2**63, "seed must be a non-negative integer", cfg.seed)
+    need(isinstance(cfg.device, str) and _DEVICE.fullmatch(cfg.device) is not None, _DEVICE_HELP, cfg.device)
+    need(isinstance(cfg.quick, bool), "quick must be true or false", cfg.quick)
+    need(
+        isinstance(cfg.stages, dict) and all(isinstance(v, dict) for v in cfg.stages.values()),
+        "stages must map stage names to option mappings",
+        cfg.stages,
+    )
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d{1,3})?")
+_DEVICE_HELP = "device must be auto, cpu, cuda, cuda:N or mps"
+
+
+def check_device(name: Any, where: str = "--device") -> None:
+    """Refuse a device name that is malformed or absent on this machine."""
+    if not isinstance(name, str) or _DEVICE.fullmatch(name) is None:
+        raise UserError(f"{where}: {_DEVICE_HELP}, got {name!r}")
+    if name in ("auto", "cpu"):
+        return
+    import torch
+
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"{where}: device mps is not available on this machine; use auto or cpu")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= count:
+        have = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise UserError(f"{where}: device {name} is not available (this machine has {have}); use auto or cpu")
+
+
+def _count_values(data: Any, limit: int) -> int:
+    """Count the values in parsed YAML, stopping past `limit` (YAML aliases can expand hugely)."""
+    count, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            break
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def load_yaml(path: str | Path, what: str = "config file") -> Any:
+    """Parse a YAML file with safe loading; a missing, unreadable, invalid or oversized file is a
+    UserError with one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {p} does not exist" if not p.exists() else f"{what} {p} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} {p}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise UserError(f"{p} is nested too deeply to be a configuration") from None
+    if _count_values(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise UserError(f"{p} expands to more than {MAX_CONFIG_VALUES} values; not a configuration")
+    return {} if data is None else data
 
 
 def load_config(path: str | Path) -> RunConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return config_from_dict(data, str(p))
+    """Load and validate a run configuration from YAML."""
+    return config_from_dict(load_yaml(path), str(path))
 
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def parse_eps(text: str | float) -> float:
-    """Parse an epsilon such as `0.1`, `8/255` or `2/255`."""
-    if isinstance(text, (int, float)):
-        return float(text)
+def parse_eps(text: str | float, maximum: float | None = None, name: str = "epsilon") -> float:
+    """Parse an epsilon such as `0.1`, `8/255` or `2/255`; refuse NaN, infinity, negative values
+    and values above `maximum`."""
     try:
-        if "/" in text:
+        if isinstance(text, bool):
+            raise ValueError
+        if isinstance(text, (int, float)):
+            value = float(text)
+        elif "/" in text:
             num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise UserError(f"cannot read epsilon '{text}'; write e.g. 0.1 or 8/255") from None
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError):
+        raise UserError(f"cannot read {name} '{text}'; write e.g. 0.1 or 8/255") from None
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"{name} must be a finite, non-negative number, got {text}")
+    if maximum is not None and value > maximum:
+        raise UserError(f"{name} {text} is above {maximum:g}; images lie in [0, 1], write e.g. 0.1 or 8/255")
+    return value
 
 
 def stage_options(cls: type[Any], options: dict[str, Any], stage: str) -> Any:

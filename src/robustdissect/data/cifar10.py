@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,13 @@ def _load_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # any malformed batch is the user's file problem
-        raise UserError(f"{where} is not a CIFAR-10 python batch: {e}") from None
+        raise UserError(f"{where} is not a CIFAR-10 python batch: {' '.join(str(e).split())[:200]}") from None
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise UserError(f"{where}: {len(data)} images but {labels.size} labels")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= len(CIFAR10_CLASSES)):
+        raise UserError(
+            f"{where}: labels must lie in 0..{len(CIFAR10_CLASSES) - 1}, found {int(labels.min())}..{int(labels.max())}"
+        )
     return data, labels
 
 
@@ -65,7 +72,10 @@ def _read_batches(path: Path) -> dict[str, bytes]:
         for n in names:
             if not (base / n).is_file():
                 raise UserError(f"missing {n} in {base}; expected the CIFAR-10 python batches")
-            out[n] = (base / n).read_bytes()
+            try:
+                out[n] = (base / n).read_bytes()
+            except OSError as e:
+                raise UserError(f"cannot read {base / n}: {e.strerror}") from None
     elif path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
         try:
             with tarfile.open(path, "r:gz") as tar:
@@ -75,7 +85,7 @@ def _read_batches(path: Path) -> dict[str, bytes]:
                         f = tar.extractfile(member)
                         if f is not None:
                             out[stem] = f.read()
-        except (tarfile.TarError, OSError, EOFError) as e:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise UserError(f"cannot read {path}: {e}") from None
         missing = [n for n in names if n not in out]
         if missing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"cannot read IDX file {path}: {e}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise UserError(f"{path} is not an IDX file (bad magic number)")
@@ -75,9 +76,13 @@ def load_idx_dataset(name: str, directory: Path, classes: tuple[str, ...], seed:
         labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
             raise UserError(f"{directory}: {split} images {images.shape} do not match labels {labels.shape}")
+        if labels.size == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+            raise UserError(f"{directory}: the {split} IDX files hold no images")
+        if images.dtype != np.uint8 or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"{directory}: {split} images must be uint8 and labels integers in IDX files")
         x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
         y = torch.from_numpy(labels.astype(np.int64))
-        if int(y.max()) >= len(classes):
+        if int(y.max()) >= len(classes) or int(y.min()) < 0:
             raise UserError(f"{directory}: label {int(y.max())} out of range for {len(classes)} classes")
         arrays[split] = (x, y)
     train, val = split_train_val(*arrays["train"], val_size=5000, seed=seed)
