@@ -14,18 +14,21 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
+import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..data import Dataset, augment, load_dataset
-from ..errors import UserError
-from ..models import build_model, load_checkpoint, save_checkpoint
-from ..runs import atomic_write_bytes, atomic_write_text
+from ..data import DATASETS, Dataset, augment, load_dataset
+from ..errors import UserError, unknown_name
+from ..models import MODELS, build_model, load_checkpoint, save_checkpoint
+from ..runs import ERROR_LOG, LOCK, DirLock, atomic_write_bytes, atomic_write_text, check_writable_parent
 from . import distributed as ddp
 from .objectives import OBJECTIVES, Objective
 
@@ -55,6 +58,83 @@ class TrainConfig:
     amp: str | None = None  # "bf16": bfloat16 autocast for the training forward (inner attacks stay fp32)
     compile: bool | str = False  # torch.compile the model used for the steps; a string names the backend
 
+    def __post_init__(self) -> None:
+        for name in ("data_dir", "init"):  # accept paths from Python callers; YAML holds strings
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+        check_train_config(self)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse settings of the wrong type or range with one line (before anything is written)."""
+
+    def need(ok: bool, what: str, value: Any) -> None:
+        if not ok:
+            raise UserError(f"{what}, got {value!r}")
+
+    need(isinstance(cfg.model, str) and bool(cfg.model.strip()), "model must be a zoo architecture name", cfg.model)
+    need(isinstance(cfg.model_args, dict), "model_args must be a mapping", cfg.model_args)
+    need(isinstance(cfg.dataset, str) and bool(cfg.dataset.strip()), "dataset must be a name", cfg.dataset)
+    need(cfg.data_dir is None or isinstance(cfg.data_dir, str), "data_dir must be a path or null", cfg.data_dir)
+    need(cfg.n is None or (_is_int(cfg.n) and cfg.n > 0), "n must be a positive integer or null", cfg.n)
+    need(_is_int(cfg.epochs) and 1 <= cfg.epochs <= 100_000, "epochs must be a positive integer", cfg.epochs)
+    need(_is_int(cfg.batch_size) and cfg.batch_size > 0, "batch_size must be a positive integer", cfg.batch_size)
+    need(_is_number(cfg.lr) and cfg.lr >= 0, "lr must be a finite, non-negative number", cfg.lr)
+    need(_is_number(cfg.momentum) and 0 <= cfg.momentum < 1, "momentum must be a number in [0, 1)", cfg.momentum)
+    need(
+        _is_number(cfg.weight_decay) and cfg.weight_decay >= 0,
+        "weight_decay must be a finite, non-negative number",
+        cfg.weight_decay,
+    )
+    need(cfg.schedule in ("cosine", "step", "constant"), "schedule must be cosine, step or constant", cfg.schedule)
+    need(cfg.augment in ("auto", "none", "crop-flip"), "augment must be auto, none or crop-flip", cfg.augment)
+    need(isinstance(cfg.objective, str) and bool(cfg.objective), "objective must be a name", cfg.objective)
+    need(isinstance(cfg.objective_args, dict), "objective_args must be a mapping", cfg.objective_args)
+    need(_is_int(cfg.seed) and 0 <= cfg.seed < 2**63, "seed must be a non-negative integer", cfg.seed)
+    need(isinstance(cfg.device, str), "device must be auto, cpu, cuda, cuda:N or mps", cfg.device)
+    need(cfg.init is None or isinstance(cfg.init, str), "init must be a checkpoint name or path", cfg.init)
+    need(isinstance(cfg.channels_last, bool), "channels_last must be true or false", cfg.channels_last)
+    need(cfg.amp in (None, "bf16"), "amp must be 'bf16' or null", cfg.amp)
+    need(isinstance(cfg.compile, (bool, str)), "compile must be true, false or a backend name", cfg.compile)
+
+
+def train_config_from_dict(data: Any, where: str = "training config") -> TrainConfig:
+    """A validated TrainConfig from parsed YAML (unknown keys refused with close matches)."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping of settings, got {type(data).__name__}")
+    known = {f.name for f in fields(TrainConfig)}
+    for key in data:
+        if key not in known:
+            raise unknown_name(f"setting in {where}", str(key), known)
+    try:
+        return TrainConfig(**data)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def saved_train_config(folder: Path) -> dict[str, Any]:
+    """The configuration an interrupted run in `folder` was started with (from its state.pt)."""
+    state = Path(folder) / "state.pt"
+    if not state.is_file():
+        raise UserError(f"nothing to resume in {folder} (no state.pt)")
+    try:
+        saved = torch.load(state, map_location="cpu", weights_only=True)
+        config = saved["config"]
+    except Exception as e:  # a truncated or foreign file is the user's file problem
+        raise UserError(f"cannot read {state}: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{state} holds no training configuration")
+    return dict(config)
+
 
 @dataclass
 class TrainResult:
@@ -64,6 +144,10 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device for `name` (auto = CUDA when present); absent devices are a UserError."""
+    from ..config import check_device
+
+    check_device(name, "device")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -113,28 +197,89 @@ def train(
     arguments; `cfg.batch_size` is the global batch, split over the ranks."""
     out = Path(out)
     state_path = out / "state.pt"
-    if cfg.amp not in (None, "bf16"):
-        raise UserError(f"amp must be 'bf16' or null, got {cfg.amp!r}")
+    check_train_config(cfg)
+    pick_device(cfg.device)
     if cfg.compile:
         _compile_backend(cfg.compile)  # an unknown backend fails before anything is written
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise UserError(f"{out} is not empty; pass --resume to continue the run there, or choose another --out")
-    if resume and not state_path.is_file():
-        raise UserError(f"nothing to resume in {out} (no state.pt)")
-    out.mkdir(parents=True, exist_ok=True)
-    data = data or load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
-    train_split = data.train.subset(cfg.n, seed=cfg.seed)
-    device = pick_device(cfg.device)
+    if data is None:
+        DATASETS.get(cfg.dataset)
+    MODELS.get(cfg.model)
+    if objective is None:
+        objective = make_objective(cfg)
     info = ddp.dist_env()
-    if info.active and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-    info = ddp.setup(info, device)
+    lock: DirLock | None = None
+    created = False
+    if info.is_main:
+        lock, created = _open_out(out, resume)
+    else:  # the other ranks check the same conditions, read-only, so that all of them stop together
+        _check_contents(out, resume)
     try:
-        show = progress and info.is_main
-        return _train(cfg, out, state_path, resume, show, objective, data, train_split, device, info)
-    finally:
-        ddp.teardown(info)
+        data = data or load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+        train_split = data.train.subset(cfg.n, seed=cfg.seed)
+        device = pick_device(cfg.device)
+        if info.active and device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
+            torch.cuda.set_device(device)
+        info = ddp.setup(info, device)
+        try:
+            show = progress and info.is_main
+            result = _train(cfg, out, state_path, resume, show, objective, data, train_split, device, info)
+        finally:
+            ddp.teardown(info)
+    except UserError:
+        if lock is not None:
+            _release(lock, out if created and not state_path.exists() else None)
+        raise
+    if lock is not None:
+        _release(lock, None)
+    return result
+
+
+_OWN_FILES = {LOCK, ERROR_LOG}
+
+
+def _open_out(out: Path, resume: bool) -> tuple[DirLock, bool]:
+    """Check and lock the training folder; (lock, whether this call created the folder)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out} is a file; name a folder for the training run")
+    created = not out.exists()
+    _check_contents(out, resume)  # before touching the folder: a refused one stays as it was
+    if created:
+        check_writable_parent(out)
+        out.mkdir(parents=True)
+    elif not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"{out} is not writable")
+    hint = f"the last finished epoch is kept in {out}; continue with: robustdissect train --resume {out}"
+    had_lock_file = (out / LOCK).exists()
+    try:
+        lock = DirLock.acquire(out / LOCK, out, hint)
+    except UserError:
+        if not had_lock_file:
+            (out / LOCK).unlink(missing_ok=True)
+        raise
+    try:
+        _check_contents(out, resume)
+    except BaseException:
+        _release(lock, out if created else None)
+        raise
+    return lock, created
+
+
+def _release(lock: DirLock, remove: Path | None) -> None:
+    """Remove the lock file (and the folder `remove`, when it holds nothing else), then unlock."""
+    lock.path.unlink(missing_ok=True)
+    if remove is not None and not any(p.name not in _OWN_FILES for p in remove.iterdir()):
+        shutil.rmtree(remove, ignore_errors=True)
+    lock.close()
+
+
+def _check_contents(out: Path, resume: bool) -> None:
+    """A new run needs an empty folder (its own lock and error log aside); a resumed one, state.pt."""
+    if resume and not (out / "state.pt").is_file():
+        what = "no state.pt" if out.is_dir() else "no such folder"
+        raise UserError(f"nothing to resume in {out} ({what})")
+    if not resume and out.is_dir() and any(p.name not in _OWN_FILES for p in out.iterdir()):
+        raise UserError(f"{out} is not empty; pass --resume to continue the run there, or choose another --out")
 
 
 def _train(
@@ -143,7 +288,7 @@ def _train(
     state_path: Path,
     resume: bool,
     progress: bool,
-    objective: Objective | None,
+    objective: Objective,
     data: Dataset,
     train_split: Any,
     device: torch.device,
@@ -158,8 +303,6 @@ def _train(
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if info.active:
         ddp.broadcast_state(model)
-    if objective is None:
-        objective = make_objective(cfg)
     if info.active and hasattr(objective, "rank_stream"):
         objective.rank_stream = info.rank  # distinct random starts per rank; rank 0 draws as one process
     setup = getattr(objective, "setup", None)
@@ -179,8 +322,13 @@ def _train(
     start_epoch = 0
     if resume:
         saved = torch.load(state_path, map_location=device, weights_only=True)
-        if saved["config"] != json.loads(json.dumps(asdict(cfg))):
-            raise UserError(f"{out} was started with a different configuration; cannot resume it with this one")
+        now = json.loads(json.dumps(asdict(cfg)))
+        if saved["config"] != now:
+            diff = next(k for k in sorted(set(now) | set(saved["config"])) if now.get(k) != saved["config"].get(k))
+            raise UserError(
+                f"{out} was started with a different configuration ({diff}: {saved['config'].get(diff)!r} there, "
+                f"{now.get(diff)!r} now); resume it with its own configuration (omit --config and the overrides)"
+            )
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
@@ -209,9 +357,12 @@ def _train(
             if len(y):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                     step = objective(step_model, x, y)
+                loss_value = float(step.loss.detach())
+                if not math.isfinite(loss_value):
+                    _non_finite(out, epoch, seen, loss_value, state_path.is_file())
                 opt.zero_grad(set_to_none=True)
                 step.loss.backward()  # type: ignore[no-untyped-call]
-                loss_sum += float(step.loss.detach()) * len(y)
+                loss_sum += loss_value * len(y)
                 correct += int((step.logits.argmax(1) == y).sum())
             else:  # this rank's shard of a short last batch is empty: it contributes zero gradients
                 opt.zero_grad(set_to_none=True)
@@ -270,12 +421,28 @@ def _train(
         "classes": list(data.classes),
     }
     model.eval()
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"training left non-finite weights in {bad[0]}; nothing was saved as a model; lower --lr")
     if info.is_main:
         save_checkpoint(model, out / "model.safetensors", card)
         atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
     if info.active:
         ddp.barrier()
     return TrainResult(model, card, history)
+
+
+def _non_finite(out: Path, epoch: int, seen: int, loss: float, have_state: bool) -> None:
+    """Stop training on a NaN or infinite loss, keeping the last good checkpoint."""
+    kept = (
+        f"the last good checkpoint (epoch {epoch}) is kept in {out / 'state.pt'}"
+        if have_state
+        else "no epoch finished, nothing was saved"
+    )
+    raise UserError(
+        f"the training loss became {loss} in epoch {epoch + 1} after {seen} images; {kept}; "
+        "lower --lr or check the data"
+    )
 
 
 def make_objective(cfg: TrainConfig) -> Objective:
