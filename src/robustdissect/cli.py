@@ -1,7 +1,13 @@
-"""Command-line interface: parse -> config -> one library call. User errors exit with code 2."""
+"""Command-line interface: parse -> config -> one library call.
+
+Exit codes: 0 done; 2 a mistake the user can fix (one line on stderr, nothing left behind);
+1 an unexpected error (one line; the traceback goes to DIR.partial/error.log, or to the terminal
+with --verbose); 130 interrupted (one line that says how to resume).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -35,13 +41,31 @@ ModelArgOpt = Annotated[
 
 
 def _kv(pairs: list[str] | None) -> dict[str, Any]:
+    """Parse repeated `--model-arg KEY=VALUE` (values are YAML scalars or lists)."""
     out: dict[str, Any] = {}
     for p in pairs or []:
-        if "=" not in p:
-            raise UserError(f"expected KEY=VALUE, got '{p}'")
-        k, v = p.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        k, sep, v = p.partition("=")
+        if not sep or not k.strip().isidentifier():
+            raise UserError(f"--model-arg expects KEY=VALUE with KEY a Python name, got '{p}'")
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise UserError(f"--model-arg {p}: cannot read the value ({' '.join(str(e).split())})") from None
     return out
+
+
+def _eps(text: str, flag: str, linf: bool) -> float:
+    """An epsilon from the command line: positive, finite, and at most 1 for L-inf."""
+    from .config import parse_eps
+
+    value = parse_eps(text, maximum=1.0 if linf else None, name=flag)
+    if value <= 0:
+        raise UserError(f"{flag} must be positive, got {text}")
+    return value
+
+
+def _names(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -58,18 +82,23 @@ def run(
     weights: WeightsOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
-    n: Annotated[int | None, typer.Option("--n", help="number of images analysed")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")] = False,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="number of images analysed")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0)] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace an existing run directory (only one robustdissect made)")
+    ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs; tracebacks on the terminal")] = False,
 ) -> None:
     """Run the full dissection and write a run directory with report.html."""
     from .config import RunConfig, load_config
+    from .runs import check_out
+
+    check_out(out, overwrite)
+    cfg = load_config(config) if config else RunConfig()
     from .pipeline import quick_config, run_pipeline
 
     _setup_logging(verbose)
-    cfg = load_config(config) if config else RunConfig()
     cfg = cfg.replace(model=model, weights=weights, dataset=data, data_dir=data_dir, n=n, seed=seed)
     if full:
         cfg = cfg.replace(quick=False)
@@ -108,11 +137,14 @@ def _analysis_run(
 
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="run directory to create")]
-NOpt = Annotated[int | None, typer.Option("--n", help="number of test images")]
+NOpt = Annotated[int | None, typer.Option("--n", min=1, help="number of test images")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", min=0)]
 QuickOpt = Annotated[bool, typer.Option("--quick", help="reduced settings for a first look")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="replace an existing run directory (only one robustdissect made)")
+]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue an interrupted run (cached results are reused)")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logs; tracebacks on the terminal")]
 
 
 @app.command()
@@ -124,9 +156,9 @@ def evaluate(
     attacks: Annotated[str, typer.Option("--attacks", help="all, or a comma-separated list of attacks")] = "all",
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget in pixel units, e.g. 0.1 or 8/255")] = "0.1",
     eps_l2: Annotated[str, typer.Option("--eps-l2", help="L2 budget")] = "1.5",
-    steps: Annotated[int, typer.Option("--steps", help="PGD steps")] = 20,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=100_000, help="PGD steps")] = 20,
     n: NOpt = 1000,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    seed: SeedOpt = None,
     quick: QuickOpt = False,
     out: OutOpt = Path("runs/evaluate"),
     overwrite: OverwriteOpt = False,
@@ -134,9 +166,18 @@ def evaluate(
     verbose: VerboseOpt = False,
 ) -> None:
     """Robust accuracy under every attack (with 95% intervals), curves, grids, masking checks."""
-    from .config import parse_eps
+    from .runs import check_out
 
-    options = {"attacks": attacks, "eps": parse_eps(eps), "eps_l2": parse_eps(eps_l2), "pgd_steps": steps}
+    check_out(out, overwrite)
+    options = {"attacks": attacks, "eps": _eps(eps, "--eps", True), "eps_l2": _eps(eps_l2, "--eps-l2", False)}
+    options["pgd_steps"] = steps
+    if attacks != "all":
+        from .attacks import ATTACKS
+
+        if not _names(attacks):
+            raise UserError("--attacks must be 'all' or a comma-separated list of attack names")
+        for name in _names(attacks):
+            ATTACKS.get(name)  # unknown names fail here, with close matches, before any work
     _analysis_run("evaluate", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose)
 
 
@@ -151,7 +192,7 @@ def sensitivity(
     ] = None,
     attack: Annotated[str, typer.Option("--attack", help="attack for the dual pairs (pgd-linf)")] = "pgd-linf",
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget, e.g. 0.1 or 8/255")] = "0.1",
-    steps: Annotated[int, typer.Option("--steps", help="PGD steps (alpha = eps/sqrt(k))")] = 10,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=100_000, help="PGD steps (alpha = eps/sqrt(k))")] = 10,
     experiments: Annotated[
         str | None, typer.Option("--experiments", help="comma-separated: profiles, amplification, eps_sweep, ...")
     ] = None,
@@ -159,7 +200,7 @@ def sensitivity(
         str | None, typer.Option("--models", help="other checkpoints to overlay, comma-separated")
     ] = None,
     n: NOpt = 1000,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    seed: SeedOpt = None,
     quick: QuickOpt = False,
     out: OutOpt = Path("runs/sensitivity"),
     overwrite: OverwriteOpt = False,
@@ -167,17 +208,20 @@ def sensitivity(
     verbose: VerboseOpt = False,
 ) -> None:
     """Neuron sensitivity: every experiment of the paper (profiles, amplification, ratio vs eps, ...)."""
-    from .config import parse_eps
+    from .runs import check_out
 
+    check_out(out, overwrite)
     if attack != "pgd-linf":
         raise UserError(f"--attack {attack}: the sensitivity protocol uses pgd-linf (METHODS §5.5)")
-    options: dict[str, Any] = {"eps": parse_eps(eps), "steps": steps}
+    options: dict[str, Any] = {"eps": _eps(eps, "--eps", True), "steps": steps}
     if layers:
-        options["layers"] = [s.strip() for s in layers.split(",") if s.strip()]
+        options["layers"] = _names(layers)
     if experiments:
-        options["experiments"] = [s.strip() for s in experiments.split(",") if s.strip()]
+        options["experiments"] = _names(experiments)
     if models:
-        options["compare"] = [s.strip() for s in models.split(",") if s.strip()]
+        options["compare"] = _names(models)
+        for name in options["compare"]:
+            _check_checkpoint(name)
     _analysis_run(
         "sensitivity", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose
     )
@@ -185,7 +229,7 @@ def sensitivity(
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
-    """Re-render report.html from a run directory's files alone."""
+    """Re-render report.html from a run directory's files alone (only files inside it are read)."""
     from .report import render_report
 
     typer.echo(f"wrote {render_report(run_dir)}")
@@ -200,37 +244,45 @@ def train(
     model_arg: ModelArgOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
-    epochs: Annotated[int | None, typer.Option("--epochs")] = None,
-    lr: Annotated[float | None, typer.Option("--lr")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
-    n: Annotated[int | None, typer.Option("--n", help="train on a seeded subset of N images")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="learning rate (finite, >= 0)")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1)] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help="train on a seeded subset of N images")] = None,
     objective: Annotated[
         str | None, typer.Option("--objective", help="training objective (robustdissect list objectives)")
     ] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    device: Annotated[str | None, typer.Option("--device")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0)] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output folder")] = None,
-    resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this folder")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="continue the run in this folder (its own configuration)")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs; tracebacks on the terminal")] = False,
 ) -> None:
     """Train a zoo model; writes per-epoch state, model.safetensors and its card."""
-    import dataclasses
+    from .training.loop import saved_train_config, train_config_from_dict
 
-    from .training import TrainConfig
-    from .training import train as train_fn
-
-    _setup_logging(verbose)
+    if resume is not None and out is not None and Path(out) != Path(resume):
+        raise UserError("pass either --out DIR for a new run or --resume DIR to continue one, not both")
+    folder = resume or out
+    if folder is None:
+        raise UserError("pass --out DIR (or --resume DIR to continue a run)")
     base: dict[str, Any] = {}
+    where = "training config"
     if config:
-        from .resources import read_train_config
+        from .config import load_yaml
 
-        base = read_train_config(config)
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = [k for k in base if k not in known]
-        if unknown:
-            from .errors import unknown_name
+        where = config
+        if Path(config).is_file():
+            base = load_yaml(config, "training config")
+        else:
+            from .resources import read_train_config
 
-            raise unknown_name(f"setting in {config}", unknown[0], known)
+            base = read_train_config(config)
+        if not isinstance(base, dict):
+            raise UserError(f"{config} must hold a mapping of settings, got {type(base).__name__}")
+    elif resume is not None:
+        base, where = saved_train_config(resume), f"the configuration saved in {resume}"
     overrides = {
         "model": model,
         "dataset": data,
@@ -243,13 +295,16 @@ def train(
         "seed": seed,
         "device": device,
     }
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    base = {**base, **{k: v for k, v in overrides.items() if v is not None}}
     if model_arg:
-        base["model_args"] = {**base.get("model_args", {}), **_kv(model_arg)}
-    cfg = TrainConfig(**base)
-    folder = resume or out
-    if folder is None:
-        raise UserError("pass --out DIR (or --resume DIR to continue a run)")
+        previous = base.get("model_args") or {}
+        if not isinstance(previous, dict):
+            raise UserError(f"{where}: model_args must be a mapping, got {previous!r}")
+        base["model_args"] = {**previous, **_kv(model_arg)}
+    cfg = train_config_from_dict(base, where)
+    from .training import train as train_fn
+
+    _setup_logging(verbose)
     result = train_fn(cfg, folder, resume=resume is not None, progress=True)
     if int(os.environ.get("RANK", "0")) == 0:  # one line under torchrun, not one per process
         typer.echo(f"test accuracy {result.card['test_accuracy']:.4f}; wrote {folder}/model.safetensors")
@@ -325,23 +380,97 @@ def list_(
             typer.echo(f"{entry.name:<20} {entry.summary}")
 
 
+def _check_checkpoint(name: str) -> None:
+    """A `--models` entry must be a shipped checkpoint or a checkpoint file with its card."""
+    from .errors import unknown_name
+    from .models import shipped_checkpoints
+
+    if name in shipped_checkpoints():
+        return
+    path = Path(name)
+    if path.suffix in (".safetensors", ".json"):
+        for p in (path.with_suffix(".safetensors"), path.with_suffix(".json")):
+            if not p.is_file():
+                raise UserError(f"--models {name}: {p} does not exist (a checkpoint needs its weights and card)")
+        return
+    raise unknown_name("checkpoint in --models", name, shipped_checkpoints())
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def _exit_code(e: SystemExit) -> int:
     if e.code is None or isinstance(e.code, int):
         return int(e.code or 0)
-    print(e.code, file=sys.stderr)
+    print(f"robustdissect: error: {_one_line(str(e.code))}", file=sys.stderr)
     return 1
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors print one line and exit with code 2."""
+def _unexpected(e: BaseException, verbose: bool) -> None:
+    """One line for an unexpected error; the traceback goes to error.log (and the terminal with -v)."""
+    import traceback
+
+    from . import runs
+
+    trace = "".join(traceback.format_exception(e))
+    stamp = f"--- {' '.join(sys.argv)}\n"
+    log = None
+    with contextlib.suppress(OSError):
+        log = runs.write_error_log(stamp + trace)
+    if verbose:
+        print(trace, end="", file=sys.stderr)
+    what = _one_line(f"{type(e).__name__}: {e}")
+    if len(what) > 200:
+        what = what[:197] + "..."
+    where = f"; details in {log}" if log else ("" if verbose else "; rerun with --verbose for the traceback")
+    print(f"robustdissect: unexpected error: {what}{where}", file=sys.stderr)
+
+
+def _interrupted() -> None:
+    from . import runs
+
+    held = runs.held_locks()
+    hint = f"; {held[-1].hint}" if held and held[-1].hint else ""
+    print(f"robustdissect: interrupted{hint}", file=sys.stderr)
+
+
+def _invoke(args: list[str]) -> int:
+    """Run one command; every outcome is an exit code and at most one line on stderr."""
+    from . import runs
+
+    verbose = any(a in ("--verbose", "-v") for a in args)
+    command = typer.main.get_command(app)
     try:
-        app(args=argv)
-        code = 0
+        rv = command.main(args=args or ["--help"], prog_name="robustdissect", standalone_mode=False)
+        code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+        if code == 130:  # Ctrl-C inside a command (the parser turns it into exit code 130)
+            _interrupted()
     except UserError as e:
-        print(f"robustdissect: error: {e}", file=sys.stderr)
+        print(f"robustdissect: error: {_one_line(str(e))}", file=sys.stderr)
         code = 2
+    except typer.Abort:
+        print("robustdissect: aborted", file=sys.stderr)
+        code = 1
+    except typer.TyperException as e:  # the parser's own errors: unknown option, bad value, ...
+        print(f"robustdissect: error: {_one_line(e.format_message())}", file=sys.stderr)
+        code = int(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        _interrupted()
+        code = 130
     except SystemExit as e:
         code = _exit_code(e)
+    except Exception as e:
+        _unexpected(e, verbose)
+        code = 1
+    finally:
+        runs.release_all()
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors print one line and exit with code 2 (see the module doc)."""
+    code = _invoke(sys.argv[1:] if argv is None else list(argv))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, gloo's worker threads can still be alive when the interpreter runs its
         # C++ static destructors, which then aborts the process (SIGABRT) after a run that
