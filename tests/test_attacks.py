@@ -36,6 +36,7 @@ from robustdissect.attacks import (
     output_randomness,
     worst_case,
 )
+from robustdissect.data import Dataset
 from robustdissect.errors import UserError
 
 # ---------------------------------------------------------------- exact values on a linear model
@@ -371,3 +372,46 @@ def test_pgd_costs_k_gradients_plus_one_forward(norm: str, small: tuple[nn.Modul
     counting.images = counting.with_grad = 0
     FGSM(eps=0.05)(counting, x, y)
     assert counting.with_grad == n and counting.images <= 2 * n + 1
+
+
+# ---------------------------------------------------------------- early stop on the shipped model
+@pytest.mark.parametrize("eps", [0.02, 0.1])
+def test_pgd_early_stop_same_verdicts_fewer_forwards(eps: float, fmnist: Dataset, shipped_vanilla: nn.Module) -> None:
+    """Dropping a sample at its first successful iterate changes no per-sample verdict of PGD with
+    keep="best", keeps every point in B(x, eps) ∩ [0, 1], and forwards fewer images (at eps 0.1,
+    where every sample falls within a few steps, also fewer calls)."""
+    x, y = fmnist.test.x[:200], fmnist.test.y[:200]
+    counts = {"calls": 0, "images": 0}
+
+    def count(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        counts["calls"] += 1
+        counts["images"] += inputs[0].shape[0]
+
+    runs: dict[bool, tuple[rd.attacks.AttackResult, dict[str, int]]] = {}
+    handle = shipped_vanilla.register_forward_pre_hook(count)
+    try:
+        for early_stop in (False, True):
+            counts.update(calls=0, images=0)
+            attack = PGD(eps, steps=10, step_rule="madry", keep="best", early_stop=early_stop)
+            runs[early_stop] = attack(shipped_vanilla, x, y), dict(counts)
+    finally:
+        handle.remove()
+    (full, full_counts), (stop, stop_counts) = runs[False], runs[True]
+
+    assert torch.equal(stop.correct, full.correct)
+    assert torch.equal(stop.success, full.success) and torch.equal(stop.success, ~stop.correct)
+    assert stop.robust_accuracy == full.robust_accuracy
+    clean = float((shipped_vanilla(x).argmax(1) == y).float().mean())
+    if eps == 0.02:  # a mix of broken and robust samples, so the flags compare something
+        assert 0.2 < stop.robust_accuracy < clean - 0.3
+    else:
+        assert stop.robust_accuracy == 0.0 and clean > 0.9
+    assert torch.equal(stop.logits.argmax(1) == y, stop.correct)
+    for res in (stop, full):
+        assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
+        assert float((res.x_adv - x).abs().amax()) <= eps + 1e-6
+
+    assert stop_counts["images"] < full_counts["images"]
+    assert stop_counts["calls"] <= full_counts["calls"]
+    if eps == 0.1:
+        assert stop_counts["calls"] < full_counts["calls"]
