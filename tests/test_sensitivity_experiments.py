@@ -150,7 +150,9 @@ def test_e1_on_cnn_with_attack_pairs(cnn: nn.Module, data: tuple[torch.Tensor, t
         ti = res.targets[t]
         assert ti.sigma.shape == (16,) and np.isfinite(ti.sigma).all()
         assert len(ti.gamma[3]) == 3 and len(ti.omega[3]) == 3
-        assert 0.0 <= ti.levenshtein[3] <= 1.0
+        # Ω is the top 3 by σ; with substitutions costing 2, S_ω(Γ, Ω) = 2 LCS / (3 + 3)
+        assert sorted(ti.omega[3].tolist()) == sorted(np.argsort(-ti.sigma, kind="stable")[:3].tolist())
+        assert ti.levenshtein[3] == pytest.approx(_lcs(ti.gamma[3].tolist(), ti.omega[3].tolist()) / 3)
     assert {r["target"] for r in res.rows} == set(pairs)
     assert pred.shape == (16,)
 
@@ -206,7 +208,27 @@ def test_e3_on_cnn(cnn: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> N
     pairs = {0: (x[:8], xa[:8]), 1: (x[8:], xa[8:])}
     res = cross_target_overlap(cnn, pairs, only_success=False)
     assert [r["layer"] for r in res.rows] == [f"conv{i}" for i in range(1, 7)]
-    assert all(0.0 <= r["total_jaccard"] <= 1.0 for r in res.rows)
+    for r in res.rows:
+        a, b = (set(res.omega[r["layer"]][t].tolist()) for t in (0, 1))
+        assert len(a) == len(b) == r["k"]
+        assert r["total_jaccard"] == pytest.approx(len(a & b) / len(a | b))
+    # the same pairs for both targets: identical sensitive sets and sequences
+    same = cross_target_overlap(cnn, {0: pairs[0], 1: pairs[0]}, only_success=False)
+    assert all(r["total_jaccard"] == 1.0 and r["levenshtein_avg"] == 1.0 for r in same.rows)
+    # channels 0-1 moved for target 0, channels 2-3 for target 1: disjoint sets
+    model = nn.Sequential(nn.Identity(), nn.Flatten())
+    apart = {0: _shift_pairs(0, 1), 1: _shift_pairs(2, 3)}
+    row = cross_target_overlap(model, apart, ["0"], only_success=False).rows[0]
+    assert row["total_jaccard"] == 0.0 and row["levenshtein_avg"] == 0.0
+
+
+def _lcs(a: list[int], b: list[int]) -> int:
+    """Length of the longest common subsequence (textbook dynamic programme)."""
+    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, ai in enumerate(a, start=1):
+        for j, bj in enumerate(b, start=1):
+            d[i][j] = d[i - 1][j - 1] + 1 if ai == bj else max(d[i - 1][j], d[i][j - 1])
+    return d[-1][-1]
 
 
 # ---------------------------------------------------------------------------- E4
