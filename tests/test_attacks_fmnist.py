@@ -88,11 +88,12 @@ LARGE: dict[str, dict[str, Any]] = {
 def test_every_attack_strictly_lowers_accuracy_at_large_budget(
     name: str, shipped_vanilla: nn.Module, batch: tuple[Tensor, Tensor]
 ) -> None:
-    x, y = batch[0][:24], batch[1][:24]
     attack = make_attack(name, **LARGE.get(name, {"severity": 5}))
+    # Corruptions are cheap: all 200 images, on which even JPEG at severity 5 costs accuracy.
+    x, y = (batch[0][:24], batch[1][:24]) if attack.adversarial else batch
     res = attack(shipped_vanilla, x, y)
     clean = _clean(shipped_vanilla, x, y)
     if attack.adversarial:
         assert res.robust_accuracy < clean - 0.2, (name, res.robust_accuracy, clean)
     else:
-        assert res.robust_accuracy <= clean + 0.1  # corruptions at severity 5 are not adversarial
+        assert res.robust_accuracy < clean, (name, res.robust_accuracy, clean)
