@@ -30,11 +30,13 @@ from robustdissect.attacks import (
     check_large_eps,
     check_more_steps,
     check_random_output,
+    check_zero_gradients,
     get_threat,
     make_attack,
     masking_checks,
     output_randomness,
     worst_case,
+    zero_gradient_share,
 )
 from robustdissect.data import Dataset
 from robustdissect.errors import UserError
@@ -322,10 +324,33 @@ def test_masking_checks_flag_a_masked_model(small: tuple[nn.Module, Tensor, Tens
         def forward(self, x: Tensor) -> Tensor:
             return self.inner(torch.round(x * 4) / 4)
 
-    warnings = masking_checks(Masked(), x, y, eps=0.03, steps_values=(1, 5), seed=0)
-    assert any("eps=" in w for w in warnings)
-    clean_warnings = masking_checks(model, x, y, eps=0.3, steps_values=(1, 5), seed=0)
-    assert not any("eps=" in w for w in clean_warnings)
+    report = masking_checks(Masked(), x, y, eps=0.03, steps_values=(1, 5), seed=0)
+    assert any("eps=" in w for w in report.warnings)
+    assert report.zero_gradient_share == 1.0  # rounding has a zero gradient everywhere
+    clean = masking_checks(model, x, y, eps=0.3, steps_values=(1, 5), seed=0)
+    assert not any("eps=" in w for w in clean.warnings)
+    assert clean.zero_gradient_share == 0.0 and not any("zero input gradient" in w for w in clean.warnings)
+
+
+def test_zero_gradient_check_catches_a_saturated_softmax(fmnist: Dataset, shipped_vanilla: nn.Module) -> None:
+    """Logits scaled by 1e4 keep every prediction but saturate the float32 softmax: CE's input
+    gradient is exactly zero on the confidently correct samples, and the check must say so."""
+    x, y = fmnist.test.x[:200], fmnist.test.y[:200]
+
+    class Saturated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = shipped_vanilla
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.inner(x) * 1e4
+
+    share = zero_gradient_share(Saturated(), x, y)
+    correct = float((shipped_vanilla(x).argmax(1) == y).float().mean())
+    assert 0.5 < share <= correct  # most correct samples saturate; no misclassified one can
+    assert check_zero_gradients(share) and "zero input gradient" in check_zero_gradients(share)[0]
+    assert zero_gradient_share(shipped_vanilla, x, y) == 0.0
+    assert check_zero_gradients(0.0) == []
 
 
 # ---------------------------------------------------------------- registry and API

@@ -13,6 +13,7 @@ from robustdissect.config import RunConfig
 from robustdissect.evaluation import wilson_interval
 from robustdissect.pipeline import run_pipeline
 from robustdissect.stages.training import _layer_study_block
+from robustdissect.store import list_evidence
 
 TINY = {
     "models": ["fmnist-smallcnn-vanilla", "fmnist-smallcnn-nonexistent"],
@@ -42,7 +43,8 @@ def test_training_stage_tiny(tmp_path: Path) -> None:
     study = tmp_path / "study"
     study.mkdir()
     (study / "layer_selection.json").write_text(json.dumps(_study_rows()))
-    cfg = RunConfig(n=64, device="cpu", stages={"overview": {}, "training": {**TINY, "layer_study": str(study)}})
+    cfg = RunConfig(n=64, device="cpu", quick=False,
+                    stages={"overview": {}, "training": {**TINY, "layer_study": str(study)}})
     run = run_pipeline(cfg, tmp_path / "run")
     entry = json.loads((run / "results.json").read_text())["stages"]["training"]
 
@@ -64,7 +66,8 @@ def test_training_stage_tiny(tmp_path: Path) -> None:
     wide = entry["comparison"][0]
     assert wide["model"] == "vanilla" and wide["epochs"] == 8 and wide["objective"] == "vanilla"
     assert math.isclose(wide["clean"], by["clean"])
-    assert (run / "adv" / "vanilla" / "pgd-linf.safetensors").is_file()
+    stored = {i["parts"]["name"] for i in list_evidence(run) if i["kind"] == "adv"}
+    assert {"pgd-linf", "fgsm", "spsa"} <= stored
     assert [r["steps"] for r in entry["pgd_steps"]] == [1, 2]
     for name in ("training_pgd_steps", "training_pgd_eps", "training_sigma_layers", "training_sigma_sorted"):
         assert (run / "figures" / f"{name}.png").is_file()

@@ -1,36 +1,26 @@
-"""Robustness evaluation: the attack table with confidence intervals, curves, per-class accuracy,
-perturbation norms, image grids and gradient-masking warnings.
+"""Robustness evaluation: attack settings, Wilson intervals, and adversarial examples as stored
+evidence.
 
-Adversarial examples are cached in the run directory (`adv/<attack>.safetensors`, with the
-attack's settings in the metadata), so analyses reuse them and an interrupted evaluation resumes
-at the first attack it had not finished.
+`attack_evidence` runs an attack through the run's evidence store (`store.EvidenceStore`): the
+adversarial examples, predictions and correctness flags of (model weights, exact images, attack
+settings, seed) are computed once per run and reused by every stage that asks for them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .attacks import (
-    ATTACKS,
-    Attack,
-    check_black_box_vs_white_box,
-    check_large_eps,
-    check_more_steps,
-    check_random_output,
-    make_attack,
-    output_randomness,
-)
+from .attacks import ATTACKS, Attack, make_attack
 from .config import parse_eps
 from .errors import UserError
+from .modelutil import model_device
+from .store import EvidenceStore, evidence_key, index_hash
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +55,10 @@ class EvaluateOptions:
     large_eps: float = 0.5  # for the gradient-masking check
     grid_attack: str = "pgd-linf"
     batch_size: int = 500
+    # white-box L-inf attacks of the worst case, in order (AutoAttack's cascade: each attack only on
+    # the points still robust); table attacks among them reuse their stored results
+    worst_case: list[str] = field(default_factory=lambda: ["pgd-linf", "fgsm", "apgd-ce", "apgd-dlr"])
+    curves: bool = True  # accuracy against eps and steps, and the gradient-masking checks
 
     def attack_names(self) -> list[str]:
         if self.attacks == "all":
@@ -77,7 +71,9 @@ class EvaluateOptions:
         return names
 
 
+# The default run's budgets (`quick: true`); `--full` uses the dataclass defaults above.
 QUICK_EVALUATE = {
+    "attacks": ["pgd-linf", "fgsm", "pgd-l2"],
     "cw_steps": 50,
     "cw_search_steps": 3,
     "apgd_steps": 50,
@@ -86,9 +82,9 @@ QUICK_EVALUATE = {
     "spsa_samples": 128,
     "nattack_iterations": 30,
     "nattack_population": 100,
-    "curve_n": 300,
-    "eps_sweep": [0.02, 0.05, 0.1, 0.15, 0.2],
-    "steps_sweep": [1, 3, 10, 20],
+    "curve_n": 200,
+    "eps_sweep": [0.05, 0.1, 0.2],
+    "steps_sweep": [1, 5, 20],
     "corruptions": ["gaussian-noise"],
 }
 
@@ -98,9 +94,11 @@ def build_attack(name: str, opts: EvaluateOptions, seed: int) -> Attack:
     eps, eps_l2 = parse_eps(opts.eps), parse_eps(opts.eps_l2)
     common: dict[str, Any] = {"seed": seed, "batch_size": opts.batch_size}
     if name == "pgd-linf":
-        return make_attack(name, eps=eps, steps=opts.pgd_steps, step_rule=opts.step_rule, **common)
+        return make_attack(name, eps=eps, steps=opts.pgd_steps, step_rule=opts.step_rule, early_stop=True, **common)
     if name == "pgd-l2":
-        return make_attack(name, eps=eps_l2, steps=opts.pgd_steps, step_rule=opts.step_rule, **common)
+        return make_attack(
+            name, eps=eps_l2, steps=opts.pgd_steps, step_rule=opts.step_rule, early_stop=True, **common
+        )
     if name == "fgsm":
         return make_attack(name, eps=eps, **common)
     if name == "cw-l2":
@@ -129,51 +127,67 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 
 @dataclass
 class AttackOutcome:
-    """One attack on a set of images: x_adv (N, C, H, W), correct (N,) bool, pred (N,)."""
+    """One attack on a set of images: x_adv (N, C, H, W), correct (N,) bool, pred (N,) int64."""
 
     name: str
     x_adv: torch.Tensor
     correct: torch.Tensor
     pred: torch.Tensor
     settings: dict[str, Any]
-    index: torch.Tensor  # (N,) positions of these images in the evaluated set
+    index: torch.Tensor  # (N,) positions of these images in the analysed split
+    key: str = ""  # the evidence key it is stored under
 
     def accuracy(self) -> float:
         return float(self.correct.float().mean()) if len(self.correct) else math.nan
 
 
-def run_cached(
-    attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, cache: Path | None
+def attack_evidence(
+    store: EvidenceStore,
+    model: nn.Module,
+    attack: Attack,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: torch.Tensor,
+    split: str = "test",
 ) -> AttackOutcome:
-    """Run `attack` unless `cache` holds a result with the same settings and images; save it."""
-    from safetensors.torch import load_file, save_file
-
+    """`attack(model, x, y)` from `store`, keyed by the model's weights, the exact indices (N,)
+    of the images in the analysed `split`, the attack's settings and its seed; computed and
+    stored on a miss. Tensors come back on the CPU."""
     settings = attack.describe()
-    key = json.dumps({"settings": settings, "n": len(y), "index_sum": int(index.sum())}, sort_keys=True)
-    if cache is not None and cache.is_file():
-        from safetensors import safe_open
+    parts = {
+        "name": attack.name,
+        "model": store.model_hash(model),
+        "split": split,
+        "images": index_hash(index),
+        "n": len(index),
+        "settings": settings,
+        "seed": attack.seed,
+    }
 
-        with safe_open(str(cache), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("key") == key:
-            t = load_file(str(cache))
-            log.info("reusing cached %s", cache.name)
-            return AttackOutcome(attack.name, t["x_adv"], t["correct"].bool(), t["pred"], settings, index)
-    res = attack(model, x, y)
-    pred = res.logits.argmax(1).cpu()
-    outcome = AttackOutcome(attack.name, res.x_adv.cpu(), res.correct.cpu(), pred, settings, index)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        tensors = {
-            "x_adv": outcome.x_adv.contiguous(),
-            "correct": outcome.correct.to(torch.uint8),
-            "pred": pred.contiguous(),
-            "index": index.contiguous(),
+    def compute() -> dict[str, torch.Tensor]:
+        res = attack(model, x.to(model_device(model, x.device)), y.to(model_device(model, x.device)))
+        return {
+            "x_adv": res.x_adv,
+            "correct": res.correct.to(torch.uint8),
+            "pred": res.logits.argmax(1),
+            "index": index,
         }
-        save_file(tensors, str(tmp), metadata={"key": key, "settings": json.dumps(settings)})
-        tmp.replace(cache)
-    return outcome
+
+    t = store.fetch("adv", parts, compute)
+    return AttackOutcome(
+        attack.name, t["x_adv"], t["correct"].bool(), t["pred"], settings, index, evidence_key(parts)
+    )
+
+
+def clean_predictions(
+    store: EvidenceStore, model: nn.Module, x: torch.Tensor, index: torch.Tensor, split: str = "test",
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """Predicted labels (N,) of `model` on x (N, C, H, W), from the store when already computed."""
+    from .modelutil import predict
+
+    parts = {"name": "clean", "model": store.model_hash(model), "split": split, "images": index_hash(index)}
+    return store.fetch("predictions", parts, lambda: {"pred": predict(model, x, batch_size)})["pred"]
 
 
 def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, float]:
@@ -186,57 +200,3 @@ def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, float]
         "l2_mean": float(l2.mean()),
         "l2_max": float(l2.max()),
     }
-
-
-def pgd_curve(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps_values: Sequence[float],
-    steps_values: Sequence[int],
-    opts: EvaluateOptions,
-    seed: int,
-    fixed_eps: float,
-    fixed_steps: int,
-) -> tuple[dict[float, float], dict[int, float]]:
-    """L-inf PGD accuracy against eps (at fixed_steps) and against steps (at fixed_eps)."""
-
-    def acc(e: float, k: int) -> float:
-        return make_attack("pgd-linf", eps=e, steps=k, step_rule=opts.step_rule, seed=seed, batch_size=opts.batch_size)(
-            model, x, y
-        ).robust_accuracy
-
-    by_eps = {float(e): acc(float(e), fixed_steps) for e in eps_values}
-    by_steps = {int(k): acc(fixed_eps, int(k)) for k in steps_values}
-    return by_eps, by_steps
-
-
-def masking_warnings(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    table: dict[str, float],
-    white_box: dict[str, bool],
-    eps_curve: dict[float, float],
-    steps_curve: dict[int, float],
-    opts: EvaluateOptions,
-    seed: int,
-) -> list[str]:
-    """Every gradient-masking check, on numbers the evaluation already measured (plus one large-eps PGD)."""
-    large = make_attack(
-        "pgd-linf",
-        eps=opts.large_eps,
-        steps=opts.pgd_steps,
-        step_rule=opts.step_rule,
-        seed=seed,
-        batch_size=opts.batch_size,
-    )(model, x, y).robust_accuracy
-    warnings = check_black_box_vs_white_box(table, white_box)
-    warnings += check_large_eps({**eps_curve, opts.large_eps: large})
-    warnings += check_more_steps(steps_curve)
-    warnings += check_random_output(output_randomness(model, x, seed=seed))
-    return warnings
-
-
-def options_dict(opts: EvaluateOptions) -> dict[str, Any]:
-    return asdict(opts)

@@ -1,8 +1,15 @@
 """The stages of `robustdissect run`: each is a function (Context, options) -> results entry.
 
-A stage writes its tables and figures through `ctx.run` and returns a JSON-able entry built with
-`section(...)`; the report renders every entry the same way, so a new capability only adds a
-stage function. Stages that already finished in an interrupted run are skipped on `--resume`.
+A stage chains library functions on stored evidence, writes its tables and figures through
+`ctx.run` and returns a JSON-able entry built with `section(...)`; the report renders every entry
+the same way, so a new capability only adds a stage function. Only this module writes
+results.json. Adversarial examples and other evidence come from `ctx.store` (the run's evidence
+store), so each piece is computed once per run whichever stages need it.
+
+`--resume` continues an interrupted run only when its config and model are the ones it was
+started with (`identity.json`); finished stages are skipped and the store's evidence reused. A
+stage that cannot run on the given model (`AnalysisUnavailable`) becomes a warning in its section;
+finished stages are never deleted.
 """
 
 from __future__ import annotations
@@ -12,21 +19,27 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import __version__
+from .attacks import Attack
 from .config import RunConfig, dump_config
 from .data import Dataset, Split, load_dataset
 from .errors import UserError
+from .evaluation import AttackOutcome, attack_evidence
 from .models.resolve import resolve_model as resolve_model
 from .registry import Registry
-from .runs import RunDir, write_json
+from .runs import RunDir, read_json, write_json
+from .store import EVIDENCE_DIR, EvidenceStore
 from .training import pick_device
+
+if TYPE_CHECKING:
+    from .analysis.sensitivity import SensitivityResult
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +49,7 @@ STAGES: Registry[StageFn] = Registry("stage")
 
 @dataclass
 class Context:
-    """What every stage gets: the config, the run directory, the model, the data."""
+    """What every stage gets: the config, the run directory, the model, the data, the store."""
 
     config: RunConfig
     run: RunDir
@@ -44,12 +57,44 @@ class Context:
     card: dict[str, Any]
     data: Dataset
     device: torch.device
-    progress: bool = False
+    store: EvidenceStore
+    results: dict[str, Any] = field(default_factory=dict)  # run-level fields a stage reports
 
     @property
     def split(self) -> Split:
         """The analysed images: `config.n` images of `config.split`, a seeded subset."""
         return self.data.split(self.config.split).subset(self.config.n, seed=self.config.seed)
+
+    def attack(
+        self, attack: Attack, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, model: nn.Module | None = None
+    ) -> AttackOutcome:
+        """`attack` on images x (N, C, H, W) with labels y (N,), positions `index` (N,) of the
+        analysed split, against `model` (default the run's model): from the store when the same
+        (model weights, images, attack settings, seed) was computed before in this run."""
+        return attack_evidence(
+            self.store, model if model is not None else self.model, attack, x, y, index, self.images_id
+        )
+
+    def sensitivity(
+        self, outcome: AttackOutcome, x: torch.Tensor, layers: Sequence[str], reduction: str = "eq1",
+        model: nn.Module | None = None, batch_size: int = 250,
+    ) -> SensitivityResult:
+        """σ (Eq. 1) of `layers` on the pairs (x, outcome.x_adv), computed once per run."""
+        from .analysis import neuron_sensitivity
+
+        m = model if model is not None else self.model
+        parts = {"adv": outcome.key, "model": self.store.model_hash(m), "layers": list(layers), "reduction": reduction}
+        return self.store.memo(
+            "sigma", parts,
+            lambda: neuron_sensitivity(m, (x, outcome.x_adv), list(layers), reduction=reduction,  # type: ignore[arg-type]
+                                       batch_size=batch_size),
+        )  # fmt: skip
+
+    @property
+    def images_id(self) -> str:
+        """What identifies the analysed image set that `index` positions refer to."""
+        c = self.config
+        return f"{self.data.name}/{c.split}/n={c.n}/seed={c.seed}"
 
 
 def section(
@@ -109,35 +154,115 @@ def prepare(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any], Dataset, torch.d
     return model.to(device), card, data, device
 
 
+class AnalysisUnavailable(UserError):
+    """An analysis that cannot run on the given model (a reused module, a layer without channels);
+    the pipeline turns it into a warning in the stage's section instead of failing the run."""
+
+
+def _identity(cfg: RunConfig, model: nn.Module) -> dict[str, str]:
+    """What a resumed run must share with the interrupted one."""
+    import hashlib
+
+    from .store import model_hash
+
+    return {"config": hashlib.sha256(dump_config(cfg).encode()).hexdigest(), "model": model_hash(model)}
+
+
+def _check_resume(run: RunDir, identity: dict[str, str], cfg: RunConfig) -> None:
+    path = run.path / "identity.json"
+    if not path.is_file():
+        return
+    before = read_json(path)
+    if not isinstance(before, dict):
+        raise UserError(f"cannot resume {run.path}: identity.json is damaged; start over with --overwrite")
+    if before.get("model") != identity["model"]:
+        raise UserError(
+            f"cannot resume {run.path}: it was started with other model weights than {cfg.model}; "
+            "use another --out, or --overwrite to start over"
+        )
+    if before.get("config") != identity["config"]:
+        raise UserError(
+            f"cannot resume {run.path}: its config differs from this one (see {run.path / 'config.yaml'}); "
+            "rerun with --config that file, or --overwrite to start over"
+        )
+
+
+def validate_stages(cfg: RunConfig) -> None:
+    """Check every stage name and its option block before any work starts."""
+    from .config import stage_options
+
+    for name, options in cfg.stages.items():
+        fn = STAGES.get(name)
+        opts_cls = getattr(fn, "options_class", None)
+        if opts_cls is not None:
+            stage_options(opts_cls, _profiled(fn, cfg, dict(options)), name)
+        elif options:
+            raise UserError(f"stage '{name}' takes no options, got {sorted(options)}")
+
+
+def _profiled(fn: StageFn, cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """The stage's options with its reduced-budget defaults under `quick` (the default run)."""
+    reduced = getattr(fn, "reduced_options", None)
+    if cfg.quick and reduced:
+        return {**reduced, **options}
+    return options
+
+
+def stage_settings(name: str, cfg: RunConfig) -> Any:
+    """The validated options object of stage `name` under `cfg` (its profile applied)."""
+    from .config import stage_options
+
+    fn = STAGES.get(name)
+    return stage_options(fn.options_class, _profiled(fn, cfg, dict(cfg.stages.get(name, {}))), name)  # type: ignore[attr-defined]
+
+
 def run_pipeline(
     cfg: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False, progress: bool = False
 ) -> Path:
     """Run every configured stage into a run directory; return its final path."""
     load_stages()
-    for name in cfg.stages:
-        STAGES.get(name)  # fail fast on unknown stage names
+    validate_stages(cfg)
+    model, card, data, device = prepare(cfg)
+    identity = _identity(cfg, model)
     run = RunDir.create(out, overwrite=overwrite, resume=resume)
+    if resume:
+        _check_resume(run, identity, cfg)
     try:
-        model, card, data, device = prepare(cfg)
         torch.manual_seed(cfg.seed)
-        ctx = Context(cfg, run, model, card, data, device, progress)
+        store = EvidenceStore(run.path / EVIDENCE_DIR)
+        ctx = Context(cfg, run, model, card, data, device, store)
         run.write_text("config.yaml", dump_config(cfg))
+        write_json(run.path / "identity.json", identity)
         write_json(run.path / "env.json", environment(cfg, device))
-        run.update_results(schema_version=1, model=cfg.model, model_card=card, dataset=_data_summary(data, cfg))
+        run.update_results(
+            schema_version=1, model=cfg.model, model_card=card, model_hash=identity["model"],
+            dataset=_data_summary(data, cfg),
+        )  # fmt: skip
+        timings: dict[str, float] = {}
         for name, options in cfg.stages.items():
             if run.stage_done(name):
                 log.info("stage %s already done, skipping", name)
                 continue
             log.info("stage %s", name)
             t0 = time.perf_counter()
-            entry = STAGES.get(name)(ctx, dict(options))
+            fn = STAGES.get(name)
+            try:
+                entry = fn(ctx, _profiled(fn, cfg, dict(options)))
+            except AnalysisUnavailable as e:
+                log.warning("stage %s could not run: %s", name, e)
+                entry = section(name, text=f"This analysis could not run on this model: {e}", warnings=[str(e)])
             entry["seconds"] = round(time.perf_counter() - t0, 2)
+            timings[name] = entry["seconds"]
             run.set_stage(name, entry)
+            run.update_results(**ctx.results, evidence=store.counts())
         from .report import render_report
 
         render_report(run.path)
     except UserError:
-        run.discard()
+        if any(run.stage_done(n) for n in cfg.stages):
+            log.warning("finished stages are kept in %s; fix the problem and rerun with --resume", run.path)
+        else:
+            run.discard()
         raise
     except KeyboardInterrupt:
         log.warning("interrupted; finished stages are kept in %s, rerun with --resume", run.path)
@@ -157,13 +282,26 @@ def _data_summary(data: Dataset, cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 500) -> torch.Tensor:
-    """Predicted labels (N,) for images x (N, C, H, W)."""
-    preds = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+# `run --quick`: a first look in under a minute, on top of the reduced budgets of the default run.
+FIRST_LOOK: dict[str, dict[str, Any]] = {
+    "evaluate": {
+        "attacks": ["pgd-linf", "fgsm"],
+        "worst_case": ["pgd-linf", "fgsm", "apgd-ce"],
+        "curve_n": 100,
+        "eps_sweep": [0.1, 0.2],
+        "steps_sweep": [1, 20],
+    },
+    "sensitivity": {
+        "n": 200,
+        "experiments": ["profiles", "amplification", "eps_sweep", "compare"],
+        "eps_sweep": [0.05, 0.1],
+        "noise_severities": [3],
+    },
+}
 
 
 def quick_config(cfg: RunConfig) -> RunConfig:
-    """A smaller run for a first look: 300 images and the reduced attack budgets."""
-    return cfg.replace(n=min(cfg.n or 300, 300), quick=True)
+    """A first look: at most 200 images, the reduced budgets and the lighter stage settings of
+    FIRST_LOOK (options the config already sets win)."""
+    stages = {name: {**FIRST_LOOK.get(name, {}), **opts} for name, opts in cfg.stages.items()}
+    return cfg.replace(n=min(cfg.n or 200, 200), quick=True, stages=stages)

@@ -3,7 +3,7 @@ points that are still classified correctly after the clean pass and all earlier 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,9 @@ from .base import Attack, frozen, make_attack, model_device, validate_inputs
 
 ROBUST = -1
 CLEAN_ERROR = -2
+
+# run(attack, idx) -> (x_adv (M, C, H, W), correct (M,)) for the points at positions idx (M,)
+Runner = Callable[[Attack, Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -70,21 +73,35 @@ def worst_case(
     attacks: Sequence[Attack | str],
     seed: int = 0,
     batch_size: int = 1000,
+    run: Runner | None = None,
+    clean_correct: Tensor | None = None,
 ) -> EnsembleResult:
     """Run `attacks` in order as a cascade on x (N, C, H, W) in [0, 1] with labels y (N,).
 
     Strings are built with make_attack(name). Each attack gets `seed`. Returns per-attack and
-    worst-case robust accuracy, per-sample robust flags and the worst-case x_adv.
+    worst-case robust accuracy, per-sample robust flags and the worst-case x_adv. `run(attack,
+    idx)` replaces the direct call `attack(model, x[idx], y[idx], seed=seed)` (e.g. to fetch
+    stored evidence); `clean_correct` (N,) spares the clean pass when already known.
     """
     built = [make_attack(a) if isinstance(a, str) else a for a in attacks]
     if not built:
         raise UserError("worst_case needs at least one attack")
     x, y, _ = validate_inputs(x, y, None)
     n = x.shape[0]
-    with torch.inference_mode(False), frozen(model), torch.no_grad():
-        device = model_device(model, x.device)
-        preds = torch.cat([model(x[i : i + batch_size].to(device)).argmax(dim=1) for i in range(0, n, batch_size)])
-    clean_correct = preds.to(x.device) == y.to(x.device)
+    if clean_correct is None:
+        with torch.inference_mode(False), frozen(model), torch.no_grad():
+            device = model_device(model, x.device)
+            preds = torch.cat(
+                [model(x[i : i + batch_size].to(device)).argmax(dim=1) for i in range(0, n, batch_size)]
+            )
+        clean_correct = preds.to(x.device) == y.to(x.device)
+    clean_correct = clean_correct.to(x.device).bool()
+
+    def direct(attack: Attack, idx: Tensor) -> tuple[Tensor, Tensor]:
+        res = attack(model, x[idx], y[idx], seed=seed)
+        return res.x_adv, res.correct
+
+    runner = run or direct
     robust = clean_correct.clone()
     broken_by = torch.full((n,), ROBUST, dtype=torch.long, device=x.device)
     broken_by[~clean_correct] = CLEAN_ERROR
@@ -95,11 +112,11 @@ def worst_case(
         idx = robust.nonzero().squeeze(1)
         n_broken = 0
         if idx.numel():
-            res = attack(model, x[idx], y[idx], seed=seed)
-            broke = ~res.correct.to(x.device)
+            adv, correct = runner(attack, idx)
+            broke = ~correct.to(x.device)
             n_broken = int(broke.sum())
             fill = broke | ~first_seen[idx]
-            x_adv[idx[fill]] = res.x_adv[fill].to(x_adv.dtype)
+            x_adv[idx[fill]] = adv[fill].to(x_adv.dtype)
             first_seen[idx] = True
             robust[idx[broke]] = False
             broken_by[idx[broke]] = i

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +143,40 @@ def check_random_output(
     return out
 
 
+AccuracyFn = Callable[[PGD], float]  # robust accuracy of an attack on the checked images
+
+
+def zero_gradient_share(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
+    """Share of samples x (N, C, H, W) whose input gradient of CE(F(x), y) is exactly zero
+    (e.g. a softmax saturated in float32): PGD cannot move them, so their robustness is fake."""
+    device = model_device(model, x.device)
+    zero = 0
+    with torch.inference_mode(False), frozen(model), torch.enable_grad():
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].to(device).detach().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(model(xb), y[i : i + batch_size].to(device), reduction="sum")
+            (g,) = torch.autograd.grad(loss, xb)
+            zero += int((g.flatten(1).abs().amax(dim=1) == 0).sum())
+    return zero / max(1, x.shape[0])
+
+
+def check_zero_gradients(share: float, max_share: float = 0.01) -> list[str]:
+    """Warn when more than `max_share` of the samples have an exactly zero input gradient."""
+    if share > max_share:
+        return [
+            f"{share:.1%} of the samples have an exactly zero input gradient (threshold {max_share:.0%}): "
+            "the softmax is saturated or the gradient is masked, so gradient attacks cannot move them; "
+            "use a margin/DLR loss (apgd-dlr) or a black-box attack before trusting robust accuracy"
+        ]
+    return []
+
+
+def _accuracy_fn(model: nn.Module, x: Tensor, y: Tensor, accuracy: AccuracyFn | None) -> AccuracyFn:
+    if accuracy is not None:
+        return accuracy
+    return lambda attack: attack(model, x, y).robust_accuracy
+
+
 def accuracy_vs_eps(
     model: nn.Module,
     x: Tensor,
@@ -151,10 +185,13 @@ def accuracy_vs_eps(
     norm: str = "linf",
     steps: int = 20,
     seed: int = 0,
+    accuracy: AccuracyFn | None = None,
 ) -> dict[float, float]:
-    """Robust accuracy under PGD-k (alpha 2.5 eps / k, random start) for each eps."""
+    """Robust accuracy under PGD-k (alpha 2.5 eps / k, random start, early stop) for each eps;
+    `accuracy(attack)` runs an attack (default: on x, y directly)."""
+    run = _accuracy_fn(model, x, y, accuracy)
     return {
-        float(e): PGD(e, norm=norm, steps=steps, step_rule="madry", seed=seed)(model, x, y).robust_accuracy
+        float(e): run(PGD(e, norm=norm, steps=steps, step_rule="madry", early_stop=True, seed=seed))
         for e in eps_values
     }
 
@@ -167,12 +204,26 @@ def accuracy_vs_steps(
     steps_values: Sequence[int] = (1, 10, 30),
     norm: str = "linf",
     seed: int = 0,
+    accuracy: AccuracyFn | None = None,
 ) -> dict[int, float]:
-    """Robust accuracy under PGD-k (alpha 2.5 eps / k, random start) for each k."""
+    """Robust accuracy under PGD-k (alpha 2.5 eps / k, random start, early stop) for each k."""
+    run = _accuracy_fn(model, x, y, accuracy)
     return {
-        int(k): PGD(eps, norm=norm, steps=k, step_rule="madry", seed=seed)(model, x, y).robust_accuracy
+        int(k): run(PGD(eps, norm=norm, steps=k, step_rule="madry", early_stop=True, seed=seed))
         for k in steps_values
     }
+
+
+@dataclass(frozen=True)
+class MaskingReport:
+    """What the checks measured (accuracy against eps and against steps, output randomness, share
+    of zero input gradients) and the warnings they raised."""
+
+    accuracy_vs_eps: dict[float, float]
+    accuracy_vs_steps: dict[int, float]
+    randomness: OutputRandomness
+    zero_gradient_share: float
+    warnings: list[str]
 
 
 def masking_checks(
@@ -185,22 +236,31 @@ def masking_checks(
     accuracies: Mapping[str, float] | None = None,
     white_box: Mapping[str, bool] | None = None,
     large_eps: float | None = None,
+    eps_values: Sequence[float] | None = None,
     steps_values: Sequence[int] = (1, 10, 30),
+    steps: int = 20,
     seed: int = 0,
-) -> list[str]:
-    """Measure and run every check on x (N, C, H, W), y (N,).
+    accuracy: AccuracyFn | None = None,
+) -> MaskingReport:
+    """Measure and run every check on x (N, C, H, W), y (N,): accuracy against eps (up to a large
+    eps, AutoAttack's "eps = large" check) and against steps, output randomness, zero gradients,
+    and black-box against white-box when `accuracies` / `white_box` from an evaluation are given.
 
-    accuracies / white_box: robust accuracy and white-box flag per attack name from an evaluation
-    (for the black-box check). large_eps: default 0.5 (L-inf) or 0.5 * sqrt(C*H*W) (L2).
+    large_eps: default 0.5 (L-inf) or 0.5 * sqrt(C*H*W) (L2). eps_values: the sweep (default
+    eps, 2 eps, 4 eps); large_eps is always added. accuracy(attack): how attacks are run (e.g.
+    through a run's evidence store); default directly on x, y.
     """
     if eps <= 0:
         raise UserError(f"masking checks need eps > 0, got {eps}")
     if large_eps is None:
         large_eps = max(0.5, 4 * eps) if norm == "linf" else max(0.5 * math.sqrt(x[0].numel()), 4 * eps)
-    eps_values = sorted({eps, 2 * eps, 4 * eps, large_eps})
-    warnings = check_large_eps(accuracy_vs_eps(model, x, y, eps_values, norm=norm, seed=seed))
-    warnings += check_more_steps(accuracy_vs_steps(model, x, y, eps, steps_values, norm=norm, seed=seed))
-    warnings += check_random_output(output_randomness(model, x, seed=seed))
+    grid = sorted({float(e) for e in (eps_values if eps_values is not None else (eps, 2 * eps, 4 * eps))} | {large_eps})
+    by_eps = accuracy_vs_eps(model, x, y, grid, norm=norm, steps=steps, seed=seed, accuracy=accuracy)
+    by_steps = accuracy_vs_steps(model, x, y, eps, steps_values, norm=norm, seed=seed, accuracy=accuracy)
+    randomness = output_randomness(model, x, seed=seed)
+    zero = zero_gradient_share(model, x, y)
+    warnings = check_large_eps(by_eps) + check_more_steps(by_steps) + check_random_output(randomness)
+    warnings += check_zero_gradients(zero)
     if accuracies is not None and white_box is not None:
         warnings += check_black_box_vs_white_box(accuracies, white_box)
-    return warnings
+    return MaskingReport(by_eps, by_steps, randomness, zero, warnings)

@@ -6,26 +6,25 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from ..attacks import make_attack
+from ..attacks import Attack, make_attack, masking_checks, worst_case
 from ..config import parse_eps, stage_options
+from ..errors import UserError
 from ..evaluation import (
     BLACK_BOX,
     QUICK_EVALUATE,
     AttackOutcome,
     EvaluateOptions,
     build_attack,
-    masking_warnings,
-    options_dict,
+    clean_predictions,
     perturbation_norms,
-    pgd_curve,
-    run_cached,
     wilson_interval,
 )
-from ..pipeline import STAGES, Context, predict, section
+from ..pipeline import STAGES, Context, section
 from ..report import plots
 
 log = logging.getLogger(__name__)
@@ -50,10 +49,10 @@ def _settings_text(s: dict[str, Any]) -> str:
     return ", ".join(f"{k}={s[k]:.4g}" if isinstance(s[k], float) else f"{k}={s[k]}" for k in keep if k in s)
 
 
-@STAGES.register("evaluate", "robust accuracy under every attack, curves, per-class, grids, masking checks")
+@STAGES.register("evaluate", "robust accuracy under every attack, worst case, curves, per-class, grids, masking checks")
 def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
-    if ctx.config.quick:
-        options = {**QUICK_EVALUATE, **options}
+    """Every table attack, the worst case, corruptions, curves and masking checks on the run's
+    analysed images; `options` already carries the run's budget profile."""
     opts: EvaluateOptions = stage_options(EvaluateOptions, options, "evaluate")
     seed = ctx.config.seed
     split = ctx.split
@@ -62,9 +61,9 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     model, run = ctx.model, ctx.run
     classes = ctx.data.classes
     index = torch.arange(n)
+    eps = parse_eps(opts.eps)
 
-    clean_pred = predict(model, x, ctx.device, opts.batch_size)
-    clean_correct = clean_pred == y
+    clean_correct = clean_predictions(ctx.store, model, x, index, ctx.images_id, opts.batch_size) == y
     rows = [_row("clean", clean_correct, "clean")]
     outcomes: dict[str, AttackOutcome] = {}
     bb_n = min(opts.blackbox_n, n)
@@ -74,17 +73,45 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         attack = build_attack(name, opts, seed)
         idx = bb_index if name in BLACK_BOX else index
         log.info("evaluate: %s (%d/%d) on %d images", name, i + 1, len(names), len(idx))
-        out = run_cached(attack, model, x[idx], y[idx], idx, run.path / "adv" / f"{name}.safetensors")
+        out = ctx.attack(attack, x[idx], y[idx], idx)
         outcomes[name] = out
         kind = "black-box" if name in BLACK_BOX else "white-box"
         rows.append(_row(name, out.correct, kind, _settings_text(out.settings)))
 
-    # worst case over every attack, on the images every attack saw (black-box only on their subset)
-    worst = clean_correct.clone()
-    for out in outcomes.values():
-        worst[out.index] &= out.correct
-    if outcomes:
-        rows.append(_row("worst case", worst, "worst case", "min over the attacks above, per image"))
+    # worst case over the white-box L-inf attacks, as a cascade on the points still robust
+    cascade_rows: list[dict[str, Any]] = []
+    if opts.worst_case:
+        chain = [build_attack(name, opts, seed) for name in opts.worst_case]
+        off = [a.name for a in chain if a.norm != "linf" or not a.white_box or a.eps != eps]
+        if off:
+            raise UserError(f"evaluate: worst_case takes white-box L-inf attacks at eps={eps:g}; not {off}")
+
+        def run_attack(attack: Attack, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            done = outcomes.get(attack.name)
+            if done is not None and done.settings == attack.describe() and len(done.index) == n:
+                return done.x_adv[idx], done.correct[idx]
+            out = ctx.attack(attack, x[idx], y[idx], idx)
+            return out.x_adv, out.correct
+
+        ens = worst_case(model, x, y, chain, seed=seed, run=run_attack, clean_correct=clean_correct)
+        rows.append(
+            _row(
+                "worst case (L∞)",
+                ens.robust,
+                "worst case",
+                f"eps={eps:g}; cascade {' → '.join(opts.worst_case)}, each on the points still robust",
+            )
+        )
+        cascade_rows = [
+            {
+                "attack": s.name,
+                "attacked": s.n_attacked,
+                "broken": s.n_broken,
+                "accuracy_on_attacked": s.accuracy_on_attacked,
+                "cumulative_accuracy": s.cumulative_accuracy,
+            }
+            for s in ens.per_attack
+        ]
 
     # corruptions at five severities
     scale = opts.noise_scale
@@ -96,21 +123,28 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             kwargs: dict[str, Any] = {"severity": sev, "seed": seed}
             if cname == "gaussian-noise":
                 kwargs["scale"] = scale
-            res = make_attack(cname, **kwargs)(model, x, y)
+            res = ctx.attack(make_attack(cname, **kwargs), x, y, index)
             lo, hi = wilson_interval(int(res.correct.sum()), n)
             corruption_rows.append(
-                {"corruption": cname, "severity": sev, "accuracy": res.robust_accuracy, "ci_low": lo, "ci_high": hi}
+                {"corruption": cname, "severity": sev, "accuracy": res.accuracy(), "ci_low": lo, "ci_high": hi}
             )
 
-    # curves (L-inf PGD) on a fixed subset
+    # curves (L-inf PGD) and the gradient-masking checks on a fixed subset
     cn = min(opts.curve_n, n)
-    eps = parse_eps(opts.eps)
-    eps_curve, steps_curve = pgd_curve(
-        model, x[:cn], y[:cn], opts.eps_sweep, opts.steps_sweep, opts, seed, fixed_eps=eps, fixed_steps=opts.pgd_steps
-    )
-    table = {r["attack"]: r["accuracy"] for r in rows if r["kind"] in ("white-box", "black-box")}
-    white = {r["attack"]: r["kind"] == "white-box" for r in rows if r["kind"] in ("white-box", "black-box")}
-    warnings = masking_warnings(model, x[:cn], y[:cn], table, white, eps_curve, steps_curve, opts, seed)
+    eps_curve: dict[float, float] = {}
+    steps_curve: dict[int, float] = {}
+    warnings: list[str] = []
+    masking: dict[str, Any] = {}
+    if opts.curves:
+        table = {r["attack"]: r["accuracy"] for r in rows if r["kind"] in ("white-box", "black-box")}
+        white = {r["attack"]: r["kind"] == "white-box" for r in rows if r["kind"] in ("white-box", "black-box")}
+        report = masking_checks(
+            model, x[:cn], y[:cn], eps=eps, large_eps=opts.large_eps, eps_values=opts.eps_sweep,
+            steps_values=opts.steps_sweep, steps=opts.pgd_steps, seed=seed, accuracies=table, white_box=white,
+            accuracy=lambda a: ctx.attack(a, x[:cn], y[:cn], index[:cn]).accuracy(),
+        )  # fmt: skip
+        eps_curve, steps_curve, warnings = report.accuracy_vs_eps, report.accuracy_vs_steps, report.warnings
+        masking = {"zero_gradient_share": report.zero_gradient_share, **asdict(report.randomness)}
 
     # per-class robust accuracy and perturbation norms
     per_class: list[dict[str, Any]] = []
@@ -124,6 +158,8 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
     # files
     run.write_table("robust_accuracy", rows)
+    if cascade_rows:
+        run.write_table("worst_case_cascade", cascade_rows)
     run.write_table("corruptions", corruption_rows)
     run.write_table("accuracy_vs_eps", [{"eps": e, "accuracy": a} for e, a in eps_curve.items()])
     run.write_table("accuracy_vs_steps", [{"steps": k, "accuracy": a} for k, a in steps_curve.items()])
@@ -134,30 +170,25 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     figures.append(
         {"file": "figures/robust_accuracy.png", "caption": "Accuracy under each attack (95% Wilson interval)"}
     )
-    run.save_figure(
-        "accuracy_vs_eps",
-        plots.line_plot(
-            list(eps_curve),
-            {"PGD-Linf": list(eps_curve.values())},
-            "ε (L∞)",
-            "robust accuracy",
-            f"PGD-{opts.pgd_steps}",
-        ),
-    )
-    run.save_figure(
-        "accuracy_vs_steps",
-        plots.line_plot(
-            list(steps_curve),
-            {"PGD-Linf": list(steps_curve.values())},
-            "PGD steps k",
-            "robust accuracy",
-            f"ε = {eps:g}",
-        ),
-    )
-    figures += [
-        {"file": "figures/accuracy_vs_eps.png", "caption": "Robust accuracy against ε (L∞ PGD)"},
-        {"file": "figures/accuracy_vs_steps.png", "caption": "Robust accuracy against the number of PGD steps"},
-    ]
+    if eps_curve:
+        run.save_figure(
+            "accuracy_vs_eps",
+            plots.line_plot(
+                list(eps_curve), {"PGD-Linf": list(eps_curve.values())}, "ε (L∞)", "robust accuracy",
+                f"PGD-{opts.pgd_steps}, {cn} images",
+            ),
+        )  # fmt: skip
+        run.save_figure(
+            "accuracy_vs_steps",
+            plots.line_plot(
+                list(steps_curve), {"PGD-Linf": list(steps_curve.values())}, "PGD steps k", "robust accuracy",
+                f"ε = {eps:g}, {cn} images",
+            ),
+        )  # fmt: skip
+        figures += [
+            {"file": "figures/accuracy_vs_eps.png", "caption": "Robust accuracy against ε (L∞ PGD)"},
+            {"file": "figures/accuracy_vs_steps.png", "caption": "Robust accuracy against the number of PGD steps"},
+        ]
     if corruption_rows:
         series: dict[str, list[float]] = {
             c: [float(r["accuracy"]) for r in corruption_rows if r["corruption"] == c] for c in opts.corruptions
@@ -180,11 +211,7 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             }
         )
     robust = {r["attack"]: r["accuracy"] for r in rows if r["kind"] != "clean"}
-    run.update_results(
-        clean_accuracy=rows[0]["accuracy"],
-        robust_accuracy=robust,
-        warnings=run.results().get("warnings", []) + warnings,
-    )
+    ctx.results.update(clean_accuracy=rows[0]["accuracy"], robust_accuracy=robust)
     summary = {
         r["attack"]: f"{100 * r['accuracy']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]" for r in rows
     }
@@ -192,11 +219,18 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         "Robustness evaluation",
         text=(
             f"{n} {ctx.config.split} images; L∞ ε = {eps:g}, L2 ε = {parse_eps(opts.eps_l2):g}; black-box attacks on "
-            f"{bb_n} images. Adversarial examples are cached in adv/."
+            f"{bb_n} images. The worst case is the cascade of white-box L∞ attacks "
+            f"({', '.join(opts.worst_case)}), each run only on the points still robust; it is an upper bound "
+            "of the true robust accuracy. L2 and C&W rows are other threat models and are not in it."
         ),
         summary=summary,
         tables=[
             {"file": "tables/robust_accuracy.csv", "title": "Accuracy under attack (95% CI)", "show": True},
+            *(
+                [{"file": "tables/worst_case_cascade.csv", "title": "Worst-case cascade (L∞)", "show": True}]
+                if cascade_rows
+                else []
+            ),
             {"file": "tables/robust_accuracy_per_class.csv", "title": "Robust accuracy per class", "show": True},
             {"file": "tables/perturbation_norms.csv", "title": "Perturbation norms", "show": True},
             {"file": "tables/corruptions.csv", "title": "Corruptions", "show": False},
@@ -210,5 +244,10 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         corruptions=corruption_rows,
         accuracy_vs_eps=eps_curve,
         accuracy_vs_steps=steps_curve,
-        options=options_dict(opts),
+        masking=masking,
+        options=asdict(opts),
     )
+
+
+evaluate_stage.options_class = EvaluateOptions  # type: ignore[attr-defined]
+evaluate_stage.reduced_options = QUICK_EVALUATE  # type: ignore[attr-defined]

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..pipeline import STAGES, Context, predict, section
+from ..evaluation import clean_predictions
+from ..pipeline import STAGES, Context, section
 
 
 @STAGES.register("overview", "clean accuracy per class, confusion matrix, sample images")
@@ -17,7 +18,8 @@ def overview_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     if options:
         raise UserError(f"stage 'overview' takes no options, got {sorted(options)}")
     split = ctx.split
-    pred = predict(ctx.model, split.x, ctx.device, ctx.config.batch_size)
+    pred = clean_predictions(ctx.store, ctx.model, split.x, torch.arange(len(split)), ctx.images_id,
+                             ctx.config.batch_size)  # fmt: skip
     k = ctx.data.num_classes
     confusion = torch.zeros(k, k, dtype=torch.long)
     confusion.index_put_((split.y, pred), torch.ones_like(pred), accumulate=True)
@@ -55,7 +57,7 @@ def overview_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             ],
         ),
     )
-    ctx.run.update_results(clean_accuracy=acc)
+    ctx.results["clean_accuracy"] = acc
     return section(
         "Model and clean accuracy",
         text=f"Accuracy of the model on {len(split)} {ctx.config.split} images, per class, with the confusion matrix.",

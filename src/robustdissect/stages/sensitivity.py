@@ -19,7 +19,6 @@ from ..analysis import (
     ratio_sweep,
     regions_of_interest,
     sensitive_neurons,
-    sensitivity_under_attack,
     sensitivity_vs_importance,
     sigma_profiles,
     suppression_experiment,
@@ -29,8 +28,10 @@ from ..analysis import plots_sensitivity as splots
 from ..attacks import make_attack
 from ..config import parse_eps, stage_options
 from ..errors import UserError
-from ..models import default_conv_layers, load_checkpoint
-from ..pipeline import STAGES, Context, section
+from ..models import default_conv_layers
+from ..models.layers import hook_description, reused_layers
+from ..models.resolve import resolve_model
+from ..pipeline import STAGES, AnalysisUnavailable, Context, section
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,17 @@ class SensitivityOptions:
     suppression_eps_l2: float = 1.5
     suppression_draws: int = 3
     roi_layer: str = "pool1"
-    compare: list[str] = field(default_factory=list)  # other checkpoints to overlay (E6/E13)
+    # other checkpoints to overlay (E6/E13); None: the shipped PAT and SNS models when the run
+    # analyses a shipped Fashion-MNIST smallcnn, else none
+    compare: list[str] | None = None
     batch_size: int = 250
 
 
+# The default run's budgets (`quick: true`); `--full` runs every experiment at the paper's settings.
 QUICK_SENSITIVITY: dict[str, Any] = {
+    "experiments": ["profiles", "amplification", "eps_sweep", "roi", "compare"],
     "n": 300,
-    "eps_sweep": [0.02, 0.06, 0.1, 0.2],
+    "eps_sweep": [0.05, 0.1, 0.2],
     "noise_severities": [1, 3, 5],
     "importance_n": 300,
     "importance_ks": [10],
@@ -93,25 +98,43 @@ def _pgd(eps: float, opts: SensitivityOptions, seed: int, target: str | None = N
 
 @STAGES.register("sensitivity", "neuron sensitivity: profiles, amplification, ratio vs eps, importance, overlap, ...")
 def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
-    if ctx.config.quick:
-        options = {**QUICK_SENSITIVITY, **options}
+    """The experiments in `options.experiments` on the first `n` analysed images; every PGD pair
+    set comes from the run's evidence store (one attack per model, ε and image set)."""
     opts: SensitivityOptions = stage_options(SensitivityOptions, options, "sensitivity")
     unknown = [e for e in opts.experiments if e not in EXPERIMENTS]
     if unknown:
         raise UserError(f"unknown sensitivity experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
     seed, model, run = ctx.config.seed, ctx.model, ctx.run
-    split = ctx.split.subset(opts.n, seed=seed) if opts.n else ctx.split
-    x, y = split.x, split.y
+    split = ctx.split
+    n = len(split) if opts.n is None else min(opts.n, len(split))
+    x, y = split.x[:n], split.y[:n]
+    index = torch.arange(n)
     eps = parse_eps(opts.eps)
-    conv_layers = opts.layers or default_conv_layers(model, "conv")
-    relu_layers = default_conv_layers(model, "relu")
+    warnings: list[str] = []
+    reused = reused_layers(model, x[:1])
+    conv_layers = opts.layers or default_conv_layers(model, "conv", x[:1])
+    relu_layers = [] if opts.layers else default_conv_layers(model, "relu", x[:1])
+    if reused:
+        warnings.append(
+            f"modules called several times per forward are left out of the analysis: {', '.join(reused)}"
+        )
+    if not conv_layers:
+        raise AnalysisUnavailable("the model has no conv layer with channels that can be hooked once per forward")
     attack = _pgd(eps, opts, seed)
+    base_out = ctx.attack(attack, x, y, index)
+    base_adv = base_out.x_adv
+    hooked = conv_layers + relu_layers
+
+    def sigma_under(eps_value: float, model_: torch.nn.Module | None = None) -> Any:
+        out = ctx.attack(_pgd(eps_value, opts, seed), x, y, index, model=model_)
+        return ctx.sensitivity(out, x, hooked, opts.reduction, model=model_, batch_size=opts.batch_size)
+
     tables: list[dict[str, Any]] = []
     figures: list[dict[str, str]] = []
     summary: dict[str, Any] = {
         "images": len(y),
         "attack": f"PGD-L∞ ε={eps:g}, k={opts.steps}",
-        "hook": "conv (BN output)",
+        "hook": f"conv ({hook_description(model, conv_layers[0])})",
     }
     data: dict[str, Any] = {"options": asdict(opts)}
 
@@ -125,9 +148,7 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
     # E6: σ of every neuron at every conv layer, and at the ReLU hook points
     log.info("sensitivity: σ under PGD on %d images", len(y))
-    base = sensitivity_under_attack(
-        model, x, y, attack, conv_layers + relu_layers, reduction=opts.reduction, batch_size=opts.batch_size, seed=seed
-    )
+    base = ctx.sensitivity(base_out, x, hooked, opts.reduction, batch_size=opts.batch_size)
     table("sigma", base.rows(fraction=opts.fraction), "σ and σ_Ratio per layer × neuron")
     layer_rows = base.summary_rows(fraction=opts.fraction)
     table("sigma_layers", layer_rows, "Per-layer summary: mean σ, top-10% gap, mean ratio of sensitive neurons", True)
@@ -146,7 +167,7 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     sweep_rows: list[dict[str, Any]] = []
     if "eps_sweep" in opts.experiments or "amplification" in opts.experiments:
         log.info("sensitivity: ratio sweep over ε %s", opts.eps_sweep)
-        attacks = {float(e): _pgd(float(e), opts, seed) for e in opts.eps_sweep}
+        attacks = {float(e): sigma_under(float(e)) for e in opts.eps_sweep}
         sweep_rows += ratio_sweep(
             model,
             x,
@@ -163,7 +184,8 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         if scale == "auto":
             scale = "fmnist" if ctx.data.image_shape == (1, 28, 28) else "cifar"
         noises = {
-            float(s): make_attack("gaussian-noise", severity=s, scale=scale, seed=seed) for s in opts.noise_severities
+            float(s): ctx.attack(make_attack("gaussian-noise", severity=s, scale=scale, seed=seed), x, y, index).x_adv
+            for s in opts.noise_severities
         }
         sweep_rows += ratio_sweep(
             model,
@@ -286,7 +308,7 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             roi_layer = opts.roi_layer
         except UserError:
             roi_layer = conv_layers[min(1, len(conv_layers) - 1)]
-        adv = attack(model, x, y).x_adv
+        adv = base_adv
         roi_sigma = neuron_sensitivity(model, (x, adv), [roi_layer], batch_size=opts.batch_size)
         roi = regions_of_interest(
             model, x, adv, roi_layer, roi_sigma.layers[roi_layer].sigma, batch_size=opts.batch_size
@@ -299,17 +321,24 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         )
 
     # E6 / E13: other checkpoints on the same protocol
-    if "compare" in opts.experiments and opts.compare:
+    compare = _compare_list(ctx, opts)
+    if "compare" in opts.experiments and compare:
         models = {ctx.config.model: model}
         missing = []
-        for name in opts.compare:
+        for name in compare:
             try:
-                models[name] = load_checkpoint(name)[0].to(ctx.device)
-            except UserError:
-                missing.append(name)
+                other, card = resolve_model(name, None, {}, ctx.data)
+            except UserError as e:
+                missing.append(f"{name} ({e})")
+                continue
+            if card.get("dataset") not in (None, ctx.data.name):
+                missing.append(f"{name} (trained on {card.get('dataset')})")
+                continue
+            models[name] = other.to(ctx.device)
         if len(models) > 1:
+            advs = {m: sigma_under(eps, mod) for m, mod in models.items()}
             comp = compare_models(
-                models, x, y, attack, conv_layers, fraction=opts.fraction, batch_size=opts.batch_size, seed=seed
+                models, x, y, advs, conv_layers, fraction=opts.fraction, batch_size=opts.batch_size, seed=seed
             )
             table("compare_layers", comp.summary, "Per-layer σ of each model on the same attack protocol", True)
             figure(
@@ -318,21 +347,37 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
                 "σ profiles of each model, same attack protocol (Figs. 10–12, 17)",
             )
         if missing:
-            data.setdefault("warnings", []).append(f"checkpoints not found for comparison: {', '.join(missing)}")
+            warnings.append(f"models not compared: {'; '.join(missing)}")
 
     return section(
         "Neuron sensitivity",
         text=(
-            f"Neuron sensitivity σ (Eq. 1) and σ_Ratio (Eq. 11) of every channel of the conv layers (BN output) "
+            f"Neuron sensitivity σ (Eq. 1) and σ_Ratio (Eq. 11) of every channel of the conv layers "
+            f"({hook_description(model, conv_layers[0])}) "
             f"and their ReLUs between {len(y)} clean images and their PGD-L∞ adversarial twins "
             f"(ε = {eps:g}, k = {opts.steps}). Sensitive neurons are the top {opts.fraction:.0%} per layer."
         ),
         summary=summary,
         tables=tables,
         figures=figures,
-        warnings=data.pop("warnings", []),
+        warnings=warnings,
         **data,
     )
+
+
+def _compare_list(ctx: Context, opts: SensitivityOptions) -> list[str]:
+    """The checkpoints to overlay: `opts.compare`, or by default PAT and SNS beside a shipped
+    Fashion-MNIST smallcnn (the paper's vanilla / PAT / SNS comparison)."""
+    if opts.compare is not None:
+        return list(opts.compare)
+    shipped = ("fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-sns")
+    if ctx.config.model in shipped:
+        return [m for m in shipped if m != ctx.config.model]
+    return []
+
+
+sensitivity_stage.options_class = SensitivityOptions  # type: ignore[attr-defined]
+sensitivity_stage.reduced_options = QUICK_SENSITIVITY  # type: ignore[attr-defined]
 
 
 def _table_ii(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..analysis import compare_models
-from ..attacks import make_attack
+from ..attacks import Attack, accuracy_vs_eps, accuracy_vs_steps, make_attack
 from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..evaluation import (
@@ -42,13 +42,13 @@ from ..evaluation import (
     QUICK_EVALUATE,
     EvaluateOptions,
     build_attack,
-    pgd_curve,
-    run_cached,
+    clean_predictions,
     wilson_interval,
 )
 from ..models import load_checkpoint, shipped_checkpoints
-from ..pipeline import STAGES, Context, predict, section
+from ..pipeline import STAGES, Context, section
 from ..report import plots
+from ..resources import train_presets
 from ..runs import RunDir
 from ..training.studies import layer_study_figure, read_layer_study
 
@@ -62,17 +62,19 @@ DEFAULT_MODELS = [
     for m in ("vanilla", "pat", "pat-ft", "alp", "trades", "fast", "sns", "sns-dyn", "sns-rand", "sns-all",
               "sns-from-vanilla")
 ]  # fmt: skip
-QUICK_MODELS = [f"{PREFIX}{m}" for m in ("vanilla", "pat", "pat-ft", "sns")]
+QUICK_MODELS = [f"{PREFIX}{m}" for m in ("vanilla", "pat", "sns")]
 TABLE3 = ["cw-l2", "pgd-l2", "pgd-linf", "fgsm", "spsa", "nattack"]  # the paper's Table III columns
 SIGMA_ROLES = ("vanilla", "pat", "sns")  # E13 overlays
 
+# The default run (`quick: true`): vanilla / PAT / SNS under the evaluation's L-inf attacks on the
+# run's images (vanilla's attacks are the evaluate stage's, reused from the store); the sweeps and
+# the σ overlays (also in the sensitivity stage) only with `--full`.
 QUICK_TRAINING: dict[str, Any] = {
     "models": QUICK_MODELS,
-    "n": 200,
-    "curve_n": 200,
-    "steps_sweep": [1, 2, 3, 5, 10],
-    "eps_sweep": [0.02, 0.05, 0.1, 0.15, 0.2],
-    "sigma_n": 200,
+    "attacks": ["pgd-linf", "fgsm"],
+    "steps_sweep": [],
+    "eps_sweep": [],
+    "sigma_models": [],
 }
 
 
@@ -109,13 +111,11 @@ class TrainingStageOptions:
 
 
 def retrain_hint(name: str) -> str:
-    """The command (and committed config) that trains checkpoint `name`."""
+    """The command (and shipped preset) that trains checkpoint `name`."""
     stem = Path(name).stem
-    root = Path(__file__).resolve().parents[3] / "configs" / "train"
-    config = f"configs/train/{stem}.yaml"
-    cmd = f"robustdissect train --config {config} --out runs/train-{stem}"
-    if not (root / f"{stem}.yaml").is_file():
-        return f"{cmd} (no {config} in this checkout: write one from the §8.3 presets)"
+    cmd = f"robustdissect train --config {stem} --out runs/train-{stem}"
+    if stem not in train_presets():
+        return f"{cmd} (there is no preset '{stem}': write a config from the §8.3 presets)"
     return cmd
 
 
@@ -146,8 +146,8 @@ def _short(name: str) -> str:
 
 @STAGES.register("training", "robust training compared: Table III with intervals, PGD sweeps, sigma before/after")
 def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
-    if ctx.config.quick:
-        options = {**QUICK_TRAINING, **options}
+    """Table III for the listed checkpoints (attacks from the evidence store), the E11 sweeps, the
+    E13 σ overlays and the E12 layer study, as `options` asks."""
     opts: TrainingStageOptions = stage_options(TrainingStageOptions, options, "training")
     attack_options = {**QUICK_EVALUATE, **opts.attack_options} if ctx.config.quick else dict(opts.attack_options)
     attack_options.pop("attacks", None)
@@ -188,13 +188,12 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             "epochs": card.get("epochs"),
             "train_seconds": card.get("train_seconds"),
         }
-        clean = predict(model, x, ctx.device, eval_opts.batch_size) == y
+        clean = clean_predictions(ctx.store, model, x, index, ctx.images_id, eval_opts.batch_size) == y
         results = [("clean", clean, "clean")]
         for attack_name in names:
             idx = bb_index if attack_name in BLACK_BOX else index
             log.info("training: %s / %s on %d images", short, attack_name, len(idx))
-            cache = run.path / "adv" / short / f"{attack_name}.safetensors"
-            out = run_cached(build_attack(attack_name, eval_opts, seed), model, x[idx], y[idx], idx, cache)
+            out = ctx.attack(build_attack(attack_name, eval_opts, seed), x[idx], y[idx], idx, model=model)
             results.append((attack_name, out.correct, "black-box" if attack_name in BLACK_BOX else "white-box"))
         for col, correct, kind in results:
             cn, acc, lo, hi = _ci(correct)
@@ -216,32 +215,39 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     by_steps: dict[str, Sequence[float]] = {}
     by_eps: dict[str, Sequence[float]] = {}
     for short, model in models.items():
-        e_curve, k_curve = pgd_curve(
-            model, x[:cn], y[:cn], opts.eps_sweep, opts.steps_sweep, eval_opts, seed,
-            fixed_eps=curve_eps, fixed_steps=opts.curve_steps,
+
+        def accuracy(attack: Attack, model: nn.Module = model) -> float:
+            return ctx.attack(attack, x[:cn], y[:cn], index[:cn], model=model).accuracy()
+
+        by_steps[short] = list(
+            accuracy_vs_steps(model, x[:cn], y[:cn], curve_eps, opts.steps_sweep, seed=seed, accuracy=accuracy).values()
+        )
+        by_eps[short] = list(
+            accuracy_vs_eps(model, x[:cn], y[:cn], opts.eps_sweep, steps=opts.curve_steps, seed=seed,
+                            accuracy=accuracy).values()
         )  # fmt: skip
-        by_eps[short], by_steps[short] = list(e_curve.values()), list(k_curve.values())
     steps_rows = [{"steps": k, **{m: v[i] for m, v in by_steps.items()}} for i, k in enumerate(opts.steps_sweep)]
     eps_rows = [{"eps": e, **{m: v[i] for m, v in by_eps.items()}} for i, e in enumerate(opts.eps_sweep)]
-    run.write_table("training_pgd_steps", steps_rows)
-    run.write_table("training_pgd_eps", eps_rows)
-    tables += [
-        {"file": "tables/training_pgd_steps.csv", "title": f"L∞ PGD accuracy vs steps (ε = {curve_eps:g})"},
-        {"file": "tables/training_pgd_eps.csv", "title": f"L∞ PGD accuracy vs ε (k = {opts.curve_steps})"},
-    ]
-    run.save_figure(
-        "training_pgd_steps",
-        plots.line_plot(opts.steps_sweep, by_steps, "PGD steps k", "robust accuracy", f"L∞ ε = {curve_eps:g}"),
-    )
-    run.save_figure(
-        "training_pgd_eps",
-        plots.line_plot(opts.eps_sweep, by_eps, "ε (L∞)", "robust accuracy", f"PGD-{opts.curve_steps}"),
-    )
-    figures += [
-        {"file": "figures/training_pgd_steps.png", "caption": f"E11: L∞ PGD accuracy vs steps, ε = {curve_eps:g}, "
-                                                              f"{cn} images"},
-        {"file": "figures/training_pgd_eps.png", "caption": f"E11: L∞ PGD-{opts.curve_steps} accuracy vs ε"},
-    ]  # fmt: skip
+    if opts.steps_sweep and opts.eps_sweep:
+        run.write_table("training_pgd_steps", steps_rows)
+        run.write_table("training_pgd_eps", eps_rows)
+        tables += [
+            {"file": "tables/training_pgd_steps.csv", "title": f"L∞ PGD accuracy vs steps (ε = {curve_eps:g})"},
+            {"file": "tables/training_pgd_eps.csv", "title": f"L∞ PGD accuracy vs ε (k = {opts.curve_steps})"},
+        ]
+        run.save_figure(
+            "training_pgd_steps",
+            plots.line_plot(opts.steps_sweep, by_steps, "PGD steps k", "robust accuracy", f"L∞ ε = {curve_eps:g}"),
+        )
+        run.save_figure(
+            "training_pgd_eps",
+            plots.line_plot(opts.eps_sweep, by_eps, "ε (L∞)", "robust accuracy", f"PGD-{opts.curve_steps}"),
+        )
+        figures += [
+            {"file": "figures/training_pgd_steps.png",
+             "caption": f"E11: L∞ PGD accuracy vs steps, ε = {curve_eps:g}, {cn} images"},
+            {"file": "figures/training_pgd_eps.png", "caption": f"E11: L∞ PGD-{opts.curve_steps} accuracy vs ε"},
+        ]  # fmt: skip
 
     # E13: sigma overlays
     sigma: dict[str, Any] = {}
@@ -250,7 +256,8 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         sn = min(opts.sigma_n, n)
         s_eps = parse_eps(opts.sigma_eps)
         attack = make_attack("pgd-linf", eps=s_eps, steps=opts.sigma_steps, step_rule="paper", seed=seed)
-        comp = compare_models(picked, x[:sn], y[:sn], attack, seed=seed)
+        advs = {m: ctx.attack(attack, x[:sn], y[:sn], index[:sn], model=mod).x_adv for m, mod in picked.items()}
+        comp = compare_models(picked, x[:sn], y[:sn], advs, seed=seed)
         layer_rows = [{k: r[k] for k in ("model", "layer", "depth", "channels", "sigma_mean", "sigma_top_mean")}
                       for r in comp.summary]  # fmt: skip
         run.write_table("training_sigma_layers", layer_rows)
@@ -314,8 +321,7 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
 
 LAYER_STUDY_COMMAND = (
-    "python -m robustdissect.training.studies --config configs/train/fmnist-smallcnn-sns-layers.yaml "
-    "--out runs/layer-study"
+    "python -m robustdissect.training.studies --config fmnist-smallcnn-sns-layers --out runs/layer-study"
 )
 
 
@@ -352,3 +358,7 @@ def _sigma_models(opts: TrainingStageOptions, models: dict[str, nn.Module]) -> d
                 picked[short] = model
                 break
     return picked
+
+
+training_stage.options_class = TrainingStageOptions  # type: ignore[attr-defined]
+training_stage.reduced_options = QUICK_TRAINING  # type: ignore[attr-defined]
