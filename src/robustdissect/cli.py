@@ -104,7 +104,7 @@ def run(
         cfg = cfg.replace(quick=False)
     if quick:
         cfg = quick_config(cfg)
-    path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume, progress=True)
+    path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume)
     typer.echo(f"wrote {path}/report.html")
 
 
@@ -132,7 +132,7 @@ def _analysis_run(
     cfg = cfg.replace(model=model, weights=weights, dataset=data, data_dir=data_dir, n=n, seed=seed)
     if quick:
         cfg = quick_config(cfg)
-    path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume, progress=True)
+    path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume)
     typer.echo(f"wrote {path}/report.html")
 
 

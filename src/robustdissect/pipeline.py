@@ -217,7 +217,7 @@ def stage_settings(name: str, cfg: RunConfig) -> Any:
 
 
 def run_pipeline(
-    cfg: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False, progress: bool = False
+    cfg: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False
 ) -> Path:
     """Run every configured stage into a run directory; return its final path."""
     load_stages()

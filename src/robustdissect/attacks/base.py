@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..modelutil import model_device
 from ..registry import Registry
 from .losses import is_success
 from .threat import get_threat
@@ -109,24 +110,6 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(requires_grad)
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, tuple | list):
-        return [_jsonable(i) for i in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(i) for k, i in v.items()}
-    return v
-
-
-def model_device(model: nn.Module, default: torch.device) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return default
-
-
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     """UserError unless value > 0 (>= 0 with allow_zero); NaN is rejected."""
     ok = value >= 0 if allow_zero else value > 0
@@ -191,10 +174,11 @@ class Attack(ABC):
         return f"{type(self).__name__}({args})"
 
     def describe(self) -> dict[str, Any]:
-        """Every setting of the attack, JSON-friendly (inf as the string 'inf')."""
+        """Every setting of the attack (an unbounded eps is float inf; the run directory's JSON
+        writer turns non-finite numbers into null)."""
         out: dict[str, Any] = {"name": self.name, "norm": self.norm, "eps": self.eps, "white_box": self.white_box}
         out.update((k, v) for k, v in vars(self).items() if not k.startswith("_"))
-        return {k: _jsonable(v) for k, v in out.items()}
+        return out
 
     def _is_identity(self) -> bool:
         """True when the attack cannot move the input (eps == 0)."""

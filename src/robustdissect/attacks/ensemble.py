@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import Attack, frozen, make_attack, model_device, validate_inputs
+from ..modelutil import model_device
+from .base import Attack, frozen, make_attack, validate_inputs
 
 ROBUST = -1
 CLEAN_ERROR = -2

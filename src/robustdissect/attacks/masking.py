@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import frozen, model_device
+from ..modelutil import model_device
+from .base import frozen
 from .pgd import PGD
 
 

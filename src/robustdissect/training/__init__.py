@@ -1,6 +1,7 @@
 """Training: one loop, pluggable objectives."""
 
-from .loop import TrainConfig, TrainResult, accuracy, make_model_for, make_objective, pick_device, train
+from ..modelutil import accuracy
+from .loop import TrainConfig, TrainResult, make_model_for, make_objective, pick_device, train
 from .objectives import OBJECTIVES, Objective, StepOutput, Vanilla
 from .robust import ALP, PAT, TRADES, FastAT
 from .sns import SNS

@@ -28,6 +28,7 @@ from torch import nn
 from ..data import DATASETS, Dataset, augment, load_dataset
 from ..errors import UserError, unknown_name
 from ..models import MODELS, build_model, load_checkpoint, save_checkpoint
+from ..modelutil import accuracy
 from ..runs import ERROR_LOG, LOCK, DirLock, atomic_write_bytes, atomic_write_text, check_writable_parent
 from . import distributed as ddp
 from .objectives import OBJECTIVES, Objective
@@ -160,18 +161,6 @@ def make_model_for(cfg: TrainConfig, data: Dataset) -> nn.Module:
     return build_model(cfg.model, **args)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy of `model` in eval mode on (x, y); restores the training flag."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(y), batch_size):
-        correct += int((model(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(1, len(y))
-
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     if cfg.schedule == "cosine":
@@ -229,6 +218,10 @@ def train(
     except UserError:
         if lock is not None:
             _release(lock, out if created and not state_path.exists() else None)
+        raise
+    except BaseException:  # interrupted in this process: keep the folder for --resume, free the lock
+        if lock is not None:
+            _release(lock, None)
         raise
     if lock is not None:
         _release(lock, None)

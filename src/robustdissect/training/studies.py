@@ -36,10 +36,11 @@ from ..data import Dataset, load_dataset
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack, wilson_interval
 from ..models import load_checkpoint
+from ..modelutil import accuracy
 from ..report import plots
 from ..runs import atomic_write_text, save_png
 from .distributed import dist_env
-from .loop import TrainConfig, accuracy, pick_device, train
+from .loop import TrainConfig, pick_device, train
 
 __all__ = ["layer_selection_study", "layer_study_figure", "main", "read_layer_study"]
 
