@@ -22,6 +22,7 @@ from conftest import interrupt_at
 from torch import nn
 
 from robustdissect.models import load_checkpoint
+from robustdissect.runs import release_all
 from robustdissect.training import TrainConfig, Vanilla, train
 from robustdissect.training.distributed import shard
 
@@ -72,6 +73,7 @@ def test_two_ranks_match_one_process_and_resume(tmp_path: Path, fmnist) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", objective=interrupt_at(Vanilla(), 1), data=fmnist)
+    release_all()  # what the end of an interrupted process does: the torchrun ranks may take the folder
     _torchrun(tmp_path, cfg, tmp_path / "cut", resume=True)
     resumed, _card = load_checkpoint(str(tmp_path / "cut" / "model.safetensors"))
     assert _max_diff(single.model, resumed) < 1e-5

@@ -90,14 +90,14 @@ def save_png(fig: Figure, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Convert tensors, numpy values and tuples to plain JSON types (NaN and ±inf -> None)."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if hasattr(obj, "tolist"):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, Path):
@@ -107,7 +107,7 @@ def _jsonable(obj: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write strict JSON (no NaN or Infinity tokens) atomically."""
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -383,12 +383,12 @@ class RunDir:
 
     def update_results(self, **fields: Any) -> None:
         res = self.results()
-        res.update(_jsonable(fields))
+        res.update(jsonable(fields))
         write_json(self.results_path, res)
 
     def set_stage(self, name: str, entry: Mapping[str, Any]) -> None:
         res = self.results()
-        res.setdefault("stages", {})[name] = _jsonable(dict(entry))
+        res.setdefault("stages", {})[name] = jsonable(dict(entry))
         write_json(self.results_path, res)
 
     def stage_done(self, name: str) -> bool:

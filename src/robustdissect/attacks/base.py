@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..modelutil import model_device
 from ..registry import Registry
+from ..runs import jsonable
 from .losses import is_success
 from .threat import get_threat
 
@@ -174,11 +175,10 @@ class Attack(ABC):
         return f"{type(self).__name__}({args})"
 
     def describe(self) -> dict[str, Any]:
-        """Every setting of the attack (an unbounded eps is float inf; the run directory's JSON
-        writer turns non-finite numbers into null)."""
+        """Every setting of the attack as strict JSON values (an unbounded eps is null)."""
         out: dict[str, Any] = {"name": self.name, "norm": self.norm, "eps": self.eps, "white_box": self.white_box}
         out.update((k, v) for k, v in vars(self).items() if not k.startswith("_"))
-        return out
+        return jsonable(out)
 
     def _is_identity(self) -> bool:
         """True when the attack cannot move the input (eps == 0)."""

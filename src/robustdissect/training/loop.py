@@ -219,10 +219,6 @@ def train(
         if lock is not None:
             _release(lock, out if created and not state_path.exists() else None)
         raise
-    except BaseException:  # interrupted in this process: keep the folder for --resume, free the lock
-        if lock is not None:
-            _release(lock, None)
-        raise
     if lock is not None:
         _release(lock, None)
     return result
