@@ -12,7 +12,7 @@ import torch
 from robustdissect.config import RunConfig
 from robustdissect.evaluation import wilson_interval
 from robustdissect.pipeline import run_pipeline
-from robustdissect.stages.training import _layer_study_block
+from robustdissect.stages.training import LAYER_STUDY_COMMAND, _layer_study_block
 from robustdissect.store import list_evidence
 
 TINY = {
@@ -83,7 +83,8 @@ def test_training_stage_tiny(tmp_path: Path) -> None:
     assert not any("E12" in w for w in entry["warnings"])
 
 
-def test_training_stage_without_layer_study_names_the_command() -> None:
+def test_training_stage_without_layer_study_adds_nothing() -> None:
     warnings: list[str] = []
-    _layer_study_block(None, None, [], [], warnings)
-    assert len(warnings) == 1 and "robustdissect.training.studies" in warnings[0]
+    tables: list[dict[str, str]] = []
+    _layer_study_block(None, None, tables, [], warnings)  # type: ignore[arg-type]
+    assert warnings == [] and tables == [] and "robustdissect.training.studies" in LAYER_STUDY_COMMAND

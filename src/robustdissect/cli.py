@@ -105,6 +105,16 @@ def run(
     if quick:
         cfg = quick_config(cfg)
     path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume)
+    _print_headline(path)
+
+
+def _print_headline(path: Path) -> None:
+    """The run's numbers on the console, then the path of its report."""
+    from .pipeline import headline
+    from .runs import read_json
+
+    for line in headline(read_json(path / "results.json")):
+        typer.echo(line)
     typer.echo(f"wrote {path}/report.html")
 
 
@@ -133,7 +143,7 @@ def _analysis_run(
     if quick:
         cfg = quick_config(cfg)
     path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume)
-    typer.echo(f"wrote {path}/report.html")
+    _print_headline(path)
 
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="run directory to create")]

@@ -282,6 +282,28 @@ def _data_summary(data: Dataset, cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def headline(results: Mapping[str, Any]) -> list[str]:
+    """The console summary of a finished run: each stage's summary numbers and seconds, and the
+    evidence store's hits (requests answered from the store) and computations."""
+    lines: list[str] = []
+    for name, entry in results.get("stages", {}).items():
+        if not isinstance(entry, Mapping):
+            continue
+        seconds = entry.get("seconds")
+        lines.append(f"{entry.get('title', name)} ({name}, {seconds:.0f} s)" if seconds is not None else name)
+        for key, value in (entry.get("summary") or {}).items():
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            lines.append(f"  {key:<34} {shown}")
+        for w in entry.get("warnings") or []:
+            lines.append(f"  warning: {w}")
+    ev = results.get("evidence")
+    if isinstance(ev, Mapping):
+        hits = sum((ev.get("hits") or {}).values())
+        made = sum((ev.get("misses") or {}).values())
+        lines.append(f"evidence store: {made} items computed, {hits} requests answered from the store")
+    return lines
+
+
 # `run --quick`: a first look in under a minute, on top of the reduced budgets of the default run.
 FIRST_LOOK: dict[str, dict[str, Any]] = {
     "evaluate": {

@@ -299,12 +299,19 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
     _layer_study_block(opts.layer_study, run, tables, figures, warnings)
 
-    summary = {f"{r['model']} {a}": round(float(r[a]), 4) for r in wide for a in ("clean", "pgd-linf") if a in r}
+    summary = {
+        f"{r['model']} {a}": f"{100 * r[a]:.1f}% [{100 * r[a + '_ci_low']:.1f}, {100 * r[a + '_ci_high']:.1f}]"
+        for r in wide
+        for a in ("clean", *names)
+        if a in r
+    }
     text = (
         f"{len(models)} models on {n} images of the {ctx.config.split} split (black-box attacks on {bb_n}); "
         f"L∞ ε = {parse_eps(eval_opts.eps):g}, L2 ε = {parse_eps(eval_opts.eps_l2):g}. "
         "Accuracies with 95% Wilson intervals; epochs and training seconds from each model's card."
     )
+    if opts.layer_study is None:
+        text += f" E12 (layer selection, Fig. 16): run `{LAYER_STUDY_COMMAND}` and set training.layer_study."
     return section(
         "Robust training compared",
         text,
@@ -334,8 +341,6 @@ def _layer_study_block(
 ) -> None:
     """E12 / Fig. 16 from a finished layer-selection study: its rows as a table, accuracy vs k."""
     if folder is None:
-        warnings.append(f"E12 (layer selection) not shown: run `{LAYER_STUDY_COMMAND}` and set "
-                        "training.layer_study to that folder")  # fmt: skip
         return
     rows = read_layer_study(folder)
     run.write_table("training_layer_selection", rows)

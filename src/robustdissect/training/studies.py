@@ -9,9 +9,9 @@ accuracy and the listed attacks, each with a 95% Wilson interval; the rows go to
 `out/layer_selection.png`. The `training` stage shows a finished study (`training.layer_study`).
 
 Command line (the base is any `robustdissect train` YAML; the Fashion-MNIST preset is
-configs/train/fmnist-smallcnn-sns-layers.yaml):
+the preset fmnist-smallcnn-sns-layers):
 
-    python -m robustdissect.training.studies --config configs/train/fmnist-smallcnn-sns-layers.yaml \\
+    python -m robustdissect.training.studies --config fmnist-smallcnn-sns-layers \\
         --ks 1,2,3,4,5,6 --out runs/layer-study [--eval-n 1000]
 
 Under torchrun every rank trains its shard (see `training.distributed`); rank 0 evaluates.
@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from matplotlib.figure import Figure
 
 from ..data import Dataset, load_dataset
@@ -38,6 +37,7 @@ from ..evaluation import EvaluateOptions, build_attack, wilson_interval
 from ..models import load_checkpoint
 from ..modelutil import accuracy
 from ..report import plots
+from ..resources import read_train_config
 from ..runs import atomic_write_text, save_png
 from .distributed import dist_env
 from .loop import TrainConfig, pick_device, train
@@ -161,7 +161,7 @@ def _write(out: Path, rows: list[dict[str, Any]]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m robustdissect.training.studies --config BASE.yaml --ks 1,2,3 --out DIR`."""
     parser = argparse.ArgumentParser(prog="python -m robustdissect.training.studies", description=__doc__)
-    parser.add_argument("--config", required=True, type=Path, help="base training YAML (as for `robustdissect train`)")
+    parser.add_argument("--config", required=True, help="base training preset or YAML (as for `robustdissect train`)")
     parser.add_argument("--ks", default="1,2,3,4,5,6", help="comma-separated layer counts")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--eval-n", type=int, default=1000, help="test images evaluated (0 = all)")
@@ -169,9 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if not args.config.is_file():
-            raise UserError(f"config file {args.config} does not exist")
-        base = yaml.safe_load(args.config.read_text()) or {}
+        base = read_train_config(args.config)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(base) - known)
         if unknown:
