@@ -45,7 +45,8 @@ from ..evaluation import (
     clean_predictions,
     wilson_interval,
 )
-from ..models import load_checkpoint, shipped_checkpoints
+from ..models import shipped_checkpoints
+from ..models.resolve import resolve_model
 from ..pipeline import STAGES, Context, section
 from ..report import plots
 from ..resources import train_presets
@@ -124,7 +125,7 @@ def _load(name: str, dataset: str) -> tuple[nn.Module, dict[str, Any]] | str:
     if not name.endswith((".safetensors", ".json")) and name not in shipped_checkpoints():
         return f"checkpoint '{name}' is not available; train it with: {retrain_hint(name)}"
     try:
-        model, card = load_checkpoint(name)
+        model, card = resolve_model(name)
     except UserError as e:
         return f"checkpoint '{name}' cannot be loaded ({e}); retrain it with: {retrain_hint(name)}"
     if card.get("dataset") not in (None, dataset):

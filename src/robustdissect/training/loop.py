@@ -27,7 +27,8 @@ from torch import nn
 
 from ..data import DATASETS, Dataset, augment, load_dataset
 from ..errors import UserError, unknown_name
-from ..models import MODELS, build_model, load_checkpoint, save_checkpoint
+from ..models import MODELS, build_model, save_checkpoint
+from ..models.resolve import resolve_model
 from ..modelutil import accuracy
 from ..runs import ERROR_LOG, LOCK, DirLock, atomic_write_bytes, atomic_write_text, check_writable_parent
 from . import distributed as ddp
@@ -467,7 +468,7 @@ def _compile_backend(option: bool | str) -> str:
 
 def _load_init(model: nn.Module, name: str) -> None:
     """Copy the weights of checkpoint `name` into `model` (same architecture required)."""
-    source, _card = load_checkpoint(name)
+    source, _card = resolve_model(name)
     try:
         model.load_state_dict(source.state_dict())
     except RuntimeError as e:

@@ -41,8 +41,8 @@ from ..analysis.sensitivity import neuron_sensitivity, sensitive_neurons, top_k_
 from ..attacks import frozen
 from ..data import Split
 from ..errors import UserError
-from ..models import load_checkpoint
 from ..models.layers import default_conv_layers, resolve_layer
+from ..models.resolve import resolve_model
 from .objectives import OBJECTIVES, StepOutput
 from .robust import PAT
 
@@ -228,7 +228,7 @@ class SNS(PAT):
         if self.reference == "initial":
             ref = copy.deepcopy(model)
         else:
-            ref, _card = load_checkpoint(self.reference)
+            ref, _card = resolve_model(self.reference)
             for n in self.layers:
                 resolve_layer(ref, n)
             ref = ref.to(next(model.parameters()).device)

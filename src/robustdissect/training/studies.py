@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from ..data import Dataset, load_dataset
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack, wilson_interval
-from ..models import load_checkpoint
+from ..models.resolve import resolve_model
 from ..modelutil import accuracy
 from ..report import plots
 from ..resources import read_train_config
@@ -85,7 +85,7 @@ def layer_selection_study(
         model_file = folder / "model.safetensors"
         if model_file.is_file():
             log.info("layer study: top-%d already trained, loading %s", k, model_file)
-            model, card = load_checkpoint(str(model_file))
+            model, card = resolve_model(str(model_file))
         else:
             resume = (folder / "state.pt").is_file()
             log.info("layer study: training top-%d%s", k, " (resuming)" if resume else "")
