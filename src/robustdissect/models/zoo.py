@@ -117,6 +117,51 @@ class SmallCNN(Classifier):
         return self.fc1(self.flatten(self.gap(x)))
 
 
+class SmallCNN4(Classifier):
+    """4-conv variant of SmallCNN (METHODS §8.2): conv1, pool1, conv2, pool2, conv3-4, gap, fc1.
+
+    Widths w, 2w, 4w, 4w (default w = 16). Input (N, C, H, W), H = W = 28 or 32.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        width: int = 16,
+        pooling: str = "max",
+        mean: Sequence[float] = (0.2860,),
+        std: Sequence[float] = (0.3530,),
+    ) -> None:
+        super().__init__()
+        w = [width, 2 * width, 4 * width, 4 * width]
+        self.normalize = Normalize(mean, std)
+        self.conv1 = ConvBNReLU(in_channels, w[0])
+        self.pool1 = _pool(pooling)
+        self.conv2 = ConvBNReLU(w[0], w[1])
+        self.pool2 = _pool(pooling)
+        self.conv3 = ConvBNReLU(w[1], w[2])
+        self.conv4 = ConvBNReLU(w[2], w[3])
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(w[3], num_classes)
+        self.layer_aliases = _block_aliases(4) | {"pool1": "pool1", "pool2": "pool2", "gap": "gap", "fc1": "fc1"}
+        self.arch = {
+            "name": "smallcnn4",
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "width": width,
+            "pooling": pooling,
+            "mean": list(mean),
+            "std": list(std),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.conv1(self.normalize(x)))
+        x = self.pool2(self.conv2(x))
+        x = self.conv4(self.conv3(x))
+        return self.fc1(self.flatten(self.gap(x)))
+
+
 class LeNet(Classifier):
     """LeNet-5 style: conv1 (6, 5x5, pad 2), pool1, conv2 (16, 5x5), pool2, fc1 120, fc2 84, fc3."""
 
@@ -291,6 +336,7 @@ def _block_aliases(n: int) -> dict[str, str]:
 
 
 MODELS.register("smallcnn", "6-conv CNN with BN, width w (16 default), pooling max|avg; 28/32 px")(SmallCNN)
+MODELS.register("smallcnn4", "4-conv variant of smallcnn (widths w, 2w, 4w, 4w), pooling max|avg")(SmallCNN4)
 MODELS.register("lenet", "LeNet-5 style CNN for 28x28 inputs")(LeNet)
 MODELS.register("vgg16", "CIFAR VGG-16 with BatchNorm (conv1..conv13, fc1)")(VGG16)
 MODELS.register("resnet18", "CIFAR ResNet-18 (3x3 stem, no max-pool)")(ResNet18)
