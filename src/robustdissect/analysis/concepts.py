@@ -1,0 +1,379 @@
+"""Network Dissection (METHODS §4.1, §4.3, §6.6): label each unit with the concept its top
+activations overlap best, with a per-unit permutation null.
+
+For unit k of a layer, over a `ConceptSet`:
+
+1. T_k: the (1 − quantile) quantile of the unit's activations over every position of every image
+   (`quantile=0.005`, NetDissect; 0.01 PNAS). `threshold="exact"` takes `torch.quantile` of all
+   values (memory grows with the images); `"streaming"` (default) a one-pass histogram whose error
+   is at most its bin width, reported per unit (`probe.quantiles.StreamingQuantile`).
+   `quantile_on="raw"` (Lite) thresholds raw maps, `"upsampled"` (PNAS) the upsampled ones.
+2. S_k(x): the activation map upsampled bilinearly to the mask size; M_k(x) = S_k(x) > T_k.
+3. IoU_{k,c} = Σ_x |M_k(x) ∩ L_c(x)| / Σ_x |M_k(x) ∪ L_c(x)|, intersections and unions summed over
+   the set (not averaged per image). Image-level concepts are whole-image masks; the union's
+   activation term counts only images annotated for c's category (Lite's `tally_units_cat`).
+4. Label = argmax_c IoU_{k,c}. Null (§4.3 item 4): the label masks shuffled across images,
+   `permutations` times; the unit is a detector when its IoU > `iou_threshold` (0.04) and > the
+   `null_percentile` (99th) percentile of its null, the unit's best IoU over all concepts under
+   each shuffle (so choosing the best of many concepts does not pass for a detection).
+
+Two streaming passes over the set (thresholds, then IoU), memory independent of the number of
+images: the null is accumulated batch by batch, each permutation a product of within-batch
+shuffles (the set comes in a seeded random order, so every batch mixes every kind of image).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.concepts import ConceptSet
+from ..errors import UserError
+from ..modelutil import eval_mode, model_device
+from ..probe import RunningTopK, record
+from ..probe.quantiles import StreamingQuantile
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ConceptDissection",
+    "LayerDissection",
+    "UnitConcept",
+    "cached_dissection",
+    "dissect",
+    "iou_from_counts",
+    "unit_masks",
+]
+
+NULL_REQUIRED_AT = 7  # maps of at most 7×7 make IoU coarse: the null is mandatory there
+EXACT_LIMIT = 16_000_000  # torch.quantile's input limit per unit
+_CHUNK = 10  # permutations tallied together (memory: 10 × active pixels)
+
+
+@dataclass(frozen=True)
+class UnitConcept:
+    """The dissection of one unit: `concept` = argmax_c IoU, `iou` its IoU; `null_iou` the null
+    percentile of the unit's best IoU under shuffled masks, `p_value` its permutation p-value,
+    `margin` = iou − max(iou_threshold, null_iou). `label`/`category` are set only for detectors
+    (margin > 0)."""
+
+    layer: str
+    unit: int
+    label: str | None
+    category: str | None
+    concept: str
+    concept_category: str
+    iou: float
+    null_iou: float
+    p_value: float
+    margin: float
+    threshold: float
+    threshold_error: float
+    detector: bool
+
+
+@dataclass(frozen=True)
+class LayerDissection:
+    """One layer. thresholds / threshold_error: (U,); iou, null_iou: (U, K) over the K concepts
+    (null_iou: each concept's null percentile); null_max, p_value: (U,) the percentile and p-value
+    of the unit's best IoU over all concepts under the shuffles (what a detector must beat);
+    top_images: (U, T) concept-set indices of each unit's highest spatial maxima."""
+
+    layer: str
+    map_size: tuple[int, int]
+    thresholds: torch.Tensor
+    threshold_error: torch.Tensor
+    iou: torch.Tensor
+    null_iou: torch.Tensor
+    null_max: torch.Tensor
+    p_value: torch.Tensor
+    top_images: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ConceptDissection:
+    """The dissection of every layer; `units` in layer order, then unit order."""
+
+    concepts: list[str]
+    categories: list[str]
+    concept_category: list[int]
+    layers: dict[str, LayerDissection]
+    units: list[UnitConcept]
+    settings: dict[str, Any]
+
+    def unit(self, layer: str, unit: int) -> UnitConcept:
+        for u in self.units:
+            if u.layer == layer and u.unit == unit:
+                return u
+        raise UserError(f"no dissected unit {layer}:{unit}")
+
+    def unit_rows(self) -> list[dict[str, Any]]:
+        return [asdict(u) for u in self.units]
+
+    def concept_rows(self) -> list[dict[str, Any]]:
+        """Per concept and layer: detectors labelled with it, their mean IoU, and the concept's
+        best IoU over all units of the layer."""
+        rows: list[dict[str, Any]] = []
+        for name, ld in self.layers.items():
+            for c, concept in enumerate(self.concepts):
+                dets = [u for u in self.units if u.layer == name and u.detector and u.label == concept]
+                rows.append({
+                    "layer": name,
+                    "concept": concept,
+                    "category": self.categories[self.concept_category[c]],
+                    "detectors": len(dets),
+                    "mean_iou": sum(u.iou for u in dets) / len(dets) if dets else None,
+                    "best_iou": float(ld.iou[:, c].max()) if ld.iou.numel() else 0.0,
+                })  # fmt: skip
+        return rows
+
+    def category_rows(self) -> list[dict[str, Any]]:
+        """Per layer and category: units, detectors, unique detectors (distinct concepts)."""
+        rows: list[dict[str, Any]] = []
+        for name, ld in self.layers.items():
+            units = [u for u in self.units if u.layer == name]
+            for cat in self.categories:
+                dets = [u for u in units if u.detector and u.category == cat]
+                rows.append({
+                    "layer": name,
+                    "category": cat,
+                    "units": len(units),
+                    "detectors": len(dets),
+                    "unique_detectors": len({u.label for u in dets}),
+                    "share": len(dets) / len(units) if units else 0.0,
+                    "map_size": f"{ld.map_size[0]}x{ld.map_size[1]}",
+                })  # fmt: skip
+        return rows
+
+
+def iou_from_counts(
+    inter: torch.Tensor, act: torch.Tensor, area: torch.Tensor, concept_category: torch.Tensor
+) -> torch.Tensor:
+    """IoU (..., U, K) from intersections inter (..., U, K), activation counts per category
+    act (..., U, G) and concept areas area (K,): inter / (act[g(c)] + area − inter); 0 where the
+    union is empty."""
+    union = act.index_select(-1, concept_category) + area - inter
+    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
+
+
+def _maps(model: nn.Module, layers: Sequence[str], x: torch.Tensor, batch_size: int) -> Iterator[
+    tuple[int, dict[str, torch.Tensor]]
+]:  # fmt: skip
+    """(start, {layer: (B, U, h, w) float activations}) per batch, fc outputs as 1×1 maps."""
+    device = model_device(model)
+    with eval_mode(model), torch.no_grad(), record(model, list(layers)) as rec:
+        for s in range(0, x.shape[0], batch_size):
+            rec.reset()
+            model(x[s : s + batch_size].to(device))
+            out = {}
+            for name in layers:
+                a = rec.outputs[name].float()
+                if a.ndim == 2:
+                    a = a[:, :, None, None]
+                if a.ndim != 4:
+                    raise UserError(f"layer '{name}' outputs {tuple(a.shape)}; dissection needs (N, C, H, W) maps")
+                out[name] = a
+            yield s, out
+
+
+def _upsample(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(a.shape[2:]) == size:
+        return a
+    return F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+
+
+def dissect(
+    model: nn.Module,
+    concepts: ConceptSet,
+    layers: Sequence[str],
+    *,
+    quantile: float = 0.005,
+    threshold: Literal["streaming", "exact"] = "streaming",
+    quantile_on: Literal["raw", "upsampled"] = "raw",
+    iou_threshold: float = 0.04,
+    permutations: int = 100,
+    null_percentile: float = 0.99,
+    bins: int = 2048,
+    top_k: int = 5,
+    batch_size: int = 250,
+    seed: int = 0,
+) -> ConceptDissection:
+    """Dissect every unit of `layers` on `concepts` (see the module docstring)."""
+    if not 0.0 < quantile < 1.0:
+        raise UserError(f"quantile must lie in (0, 1), got {quantile}")
+    if threshold not in ("streaming", "exact"):
+        raise UserError(f"threshold must be 'streaming' or 'exact', got {threshold!r}")
+    if quantile_on not in ("raw", "upsampled"):
+        raise UserError(f"quantile_on must be 'raw' or 'upsampled', got {quantile_on!r}")
+    if permutations < 0 or not 0.0 < null_percentile < 1.0:
+        raise UserError("permutations must be >= 0 and null_percentile in (0, 1)")
+    if not layers:
+        raise UserError("no layers to dissect")
+    x = concepts.images
+    size = (int(x.shape[2]), int(x.shape[3]))
+    hw = size[0] * size[1]
+    layers = list(dict.fromkeys(layers))
+    k_concepts = len(concepts.concepts)
+    cat_index = torch.tensor(concepts.concept_category, dtype=torch.long)
+    annotated = concepts.annotated().double()  # (N, G)
+    area = concepts.areas()  # (K,)
+    planes = [p.reshape(len(concepts), hw) for p in concepts.planes]
+
+    # pass 1: thresholds and top images
+    quant: dict[str, StreamingQuantile] = {name: StreamingQuantile(bins) for name in layers}
+    exact: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    top: dict[str, RunningTopK] = {name: RunningTopK(top_k) for name in layers}
+    map_size: dict[str, tuple[int, int]] = {}
+    for s, maps in _maps(model, layers, x, batch_size):
+        for name, a in maps.items():
+            map_size[name] = (int(a.shape[2]), int(a.shape[3]))
+            top[name].update(a.amax((2, 3)), s)
+            v = _upsample(a, size) if quantile_on == "upsampled" else a
+            flat = v.transpose(0, 1).reshape(v.shape[1], -1)
+            if threshold == "exact":
+                exact[name].append(flat.cpu())
+            else:
+                quant[name].update(flat)
+    small = [n for n, m in map_size.items() if min(m) <= NULL_REQUIRED_AT]
+    if permutations == 0 and small:
+        raise UserError(
+            f"layers {', '.join(small)} have maps of at most {NULL_REQUIRED_AT}x{NULL_REQUIRED_AT}: "
+            "their IoU needs the permutation null (permutations > 0)"
+        )
+    thresholds: dict[str, torch.Tensor] = {}
+    errors: dict[str, torch.Tensor] = {}
+    for name in layers:
+        if threshold == "exact":
+            values = torch.cat(exact.pop(name), 1).double()
+            if values.shape[1] > EXACT_LIMIT:
+                raise UserError(
+                    f"exact thresholds of {name} need {values.shape[1]} values per unit (limit {EXACT_LIMIT}); "
+                    "use threshold='streaming'"
+                )
+            thresholds[name] = torch.quantile(values, 1.0 - quantile, dim=1)
+            errors[name] = torch.zeros_like(thresholds[name])
+        else:
+            thresholds[name] = quant[name].quantile(1.0 - quantile)
+            errors[name] = quant[name].width.clone()
+
+    # pass 2: intersections and activation counts, observed and under the null
+    gen = torch.Generator().manual_seed(seed)
+    n_cat = len(concepts.categories)
+    inter = {n: torch.zeros(0, dtype=torch.float64) for n in layers}
+    act = {n: torch.zeros(0, dtype=torch.float64) for n in layers}
+    inter_null = {n: torch.zeros(0, dtype=torch.float64) for n in layers}
+    act_null = {n: torch.zeros(0, dtype=torch.float64) for n in layers}
+    for s, maps in _maps(model, layers, x, batch_size):
+        b = next(iter(maps.values())).shape[0]
+        ann = annotated[s : s + b]
+        lab = [p[s : s + b] for p in planes]
+        perms = torch.argsort(torch.rand(permutations, b, generator=gen), dim=1) if permutations else None
+        for name, a in maps.items():
+            u = a.shape[1]
+            if inter[name].numel() == 0:
+                inter[name] = torch.zeros(u, k_concepts, dtype=torch.float64)
+                act[name] = torch.zeros(u, n_cat, dtype=torch.float64)
+                inter_null[name] = torch.zeros(permutations, u, k_concepts, dtype=torch.float64)
+                act_null[name] = torch.zeros(permutations, u, n_cat, dtype=torch.float64)
+            t = thresholds[name].to(a.device, torch.float32)
+            mask = (_upsample(a, size) > t[None, :, None, None]).cpu()
+            cnt = mask.flatten(2).sum(-1).double()  # (B, U)
+            act[name] += cnt.t() @ ann
+            ib, iu, iy, ix = mask.nonzero(as_tuple=True)
+            pix = iy * size[1] + ix
+            inter[name] += _tally(iu, [p.take(ib * hw + pix) for p in lab], u, k_concepts)
+            if perms is not None:
+                act_null[name] += torch.einsum("bu,pbg->pug", cnt, ann[perms])
+                for chunk in range(0, permutations, _CHUNK):
+                    # (P', nnz): the labels each active pixel meets when the masks are shuffled
+                    where = perms[chunk : chunk + _CHUNK][:, ib] * hw + pix
+                    labels = [p.take(where) for p in lab]
+                    inter_null[name][chunk : chunk + _CHUNK] += _tally(iu, labels, u, k_concepts)
+
+    out_layers: dict[str, LayerDissection] = {}
+    units: list[UnitConcept] = []
+    for name in layers:
+        iou = iou_from_counts(inter[name], act[name], area, cat_index)
+        if permutations:
+            null = iou_from_counts(inter_null[name], act_null[name], area, cat_index)  # (P, U, K)
+            null_q = torch.quantile(null, null_percentile, dim=0)
+            null_top = null.amax(2)  # (P, U): the unit's best IoU over all concepts under each shuffle
+            null_max = torch.quantile(null_top, null_percentile, dim=0)
+            p_max = (1 + (null_top >= iou.amax(1)).sum(0).double()) / (1 + permutations)
+        else:
+            null_q = torch.zeros_like(iou)
+            null_max = torch.zeros(iou.shape[0], dtype=torch.float64)
+            p_max = torch.full_like(null_max, float("nan"))
+        ld = LayerDissection(
+            layer=name, map_size=map_size[name], thresholds=thresholds[name], threshold_error=errors[name],
+            iou=iou, null_iou=null_q, null_max=null_max, p_value=p_max, top_images=top[name].indices.clone(),
+        )  # fmt: skip
+        out_layers[name] = ld
+        units += _label_units(ld, concepts, iou_threshold)
+    settings = {
+        "quantile": quantile, "threshold": threshold, "quantile_on": quantile_on, "iou_threshold": iou_threshold,
+        "permutations": permutations, "null_percentile": null_percentile, "bins": bins, "images": len(concepts),
+        "concept_set": concepts.identity, "seed": seed,
+    }  # fmt: skip
+    return ConceptDissection(
+        concepts=list(concepts.concepts), categories=list(concepts.categories),
+        concept_category=list(concepts.concept_category), layers=out_layers, units=units, settings=settings,
+    )  # fmt: skip
+
+
+def _tally(units: torch.Tensor, labels: Sequence[torch.Tensor], u: int, k: int) -> torch.Tensor:
+    """Counts of (unit, concept) over active pixels: labels per plane (nnz,) -> (U, K), or
+    (P, nnz) under P permutations -> (P, U, K); label -1 (none) goes to a dropped extra column."""
+    lead = tuple(labels[0].shape[:-1]) if labels else ()
+    p = labels[0].shape[0] if lead else 1
+    width = u * (k + 1)
+    base = units * (k + 1) + 1
+    if lead:
+        base = base + (torch.arange(p) * width).unsqueeze(1)
+    out = torch.zeros(p * width, dtype=torch.float64)
+    for lab in labels:
+        out += torch.bincount((base + lab).flatten(), minlength=p * width).double()
+    return out.view(*lead, u, k + 1)[..., 1:]
+
+
+def _label_units(ld: LayerDissection, concepts: ConceptSet, iou_threshold: float) -> list[UnitConcept]:
+    units: list[UnitConcept] = []
+    for k in range(ld.iou.shape[0]):
+        c = int(ld.iou[k].argmax())
+        iou, null = float(ld.iou[k, c]), float(ld.null_max[k])
+        detector = iou > iou_threshold and iou > null
+        cat = concepts.category_of(c)
+        units.append(UnitConcept(
+            layer=ld.layer, unit=k, label=concepts.concepts[c] if detector else None,
+            category=cat if detector else None, concept=concepts.concepts[c], concept_category=cat,
+            iou=iou, null_iou=null, p_value=float(ld.p_value[k]), margin=iou - max(iou_threshold, null),
+            threshold=float(ld.thresholds[k]), threshold_error=float(ld.threshold_error[k]), detector=detector,
+        ))  # fmt: skip
+    return units
+
+
+def unit_masks(
+    model: nn.Module, layer: str, unit: int, images: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For images (T, C, H, W): the unit's upsampled maps (T, H, W) and masks maps > threshold."""
+    _, maps = next(_maps(model, [layer], images, max(1, images.shape[0])))
+    up = _upsample(maps[layer][:, unit : unit + 1], (int(images.shape[2]), int(images.shape[3])))[:, 0].cpu()
+    return up, up > threshold
+
+
+def cached_dissection(
+    store: Any, model: nn.Module, concepts: ConceptSet, layers: Sequence[str], **settings: Any
+) -> ConceptDissection:
+    """`dissect` once per (model weights, concept set, layers, settings) in this run: through
+    `store.memo("concepts", ...)` of the run's evidence store, so later stages reuse it."""
+    parts: Mapping[str, Any] = {
+        "model": store.model_hash(model), "set": concepts.identity, "layers": list(layers), **settings,
+    }  # fmt: skip
+    result: ConceptDissection = store.memo("concepts", parts, lambda: dissect(model, concepts, layers, **settings))
+    return result
