@@ -8,7 +8,9 @@ PGD:    x(t+1) = Proj_{B(x, eps) ∩ [0,1]}(x(t) + alpha * step_norm(grad_x L(x(
 Step size: alpha = eps / sqrt(k) ("paper", the neuron-sensitivity paper), or 2.5 * eps / k
 ("madry"), or an explicit value. Each sample keeps its best iterate over all restarts: successful
 iterates beat unsuccessful ones, and among equals the one with the higher loss wins ("best");
-`keep="first"` freezes a sample at its first successful iterate, `keep="last"` returns the final one.
+`keep="first"` freezes a sample at its first successful iterate, `keep="last"` returns the final one,
+`keep="max-loss"` the iterate of highest loss whether or not it succeeds (a maximiser such as the
+robustness metric's KL; restarts then rerun every sample).
 
 Cost of PGD-k: k forward+backward passes with respect to the input plus one forward on the last
 iterate; gradients are taken with torch.autograd.grad on the input only.
@@ -33,7 +35,7 @@ LOSSES = ("ce", "kl", "margin", "dlr")
 
 DEFAULT_EPS = {"linf": 0.1, "l2": 1.5}  # Fashion-MNIST defaults (METHODS §8.1)
 STEP_RULES = ("paper", "madry")
-KEEP_RULES = ("best", "first", "last")
+KEEP_RULES = ("best", "first", "last", "max-loss")
 
 
 def _objective(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
@@ -78,7 +80,7 @@ class PGD(Attack):
     maximise; random_start: True/"uniform" (uniform in the ball), "gaussian" (x + start_sigma *
     N(0, 1)), "boundary", or False/"none"; restarts: number of runs, each after the first only on
     the samples not yet successful; target: None, "random" or "least-likely" (explicit targets go
-    to the call); keep: "best", "first" or "last" iterate per sample; early_stop: drop a sample
+    to the call); keep: "best", "first", "last" or "max-loss" iterate per sample; early_stop: drop a sample
     from the attacked batch at its first successful iterate (robust accuracy is unchanged, the
     returned point is that iterate; σ pairs that need the k-th iterate leave it off).
 
@@ -116,6 +118,8 @@ class PGD(Attack):
             raise UserError(f"step_rule must be one of {', '.join(STEP_RULES)}, got {step_rule!r}")
         if keep not in KEEP_RULES:
             raise UserError(f"keep must be one of {', '.join(KEEP_RULES)}, got {keep!r}")
+        if keep == "max-loss" and early_stop:
+            raise UserError("keep='max-loss' looks for the highest loss; it cannot stop early at success")
         if alpha is not None:
             check_positive("alpha", alpha)
         check_positive("start_sigma", start_sigma)
@@ -193,7 +197,7 @@ class PGD(Attack):
         best_x, best_logits, best_loss, best_ok, clean = self._run(model, x, y, targets, generator)
         assert best_logits is not None and best_loss is not None and best_ok is not None
         for _ in range(self.restarts - 1):
-            todo = (~best_ok).nonzero().squeeze(1)
+            todo = (~best_ok if self.keep != "max-loss" else torch.ones_like(best_ok)).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
             sub_t = targets[todo] if targets is not None else None
@@ -263,14 +267,14 @@ class PGD(Attack):
                 best_x = torch.where(b4, x_t, best_x)
                 best_logits = torch.where(better[:, None], logits, best_logits)
                 best_loss = torch.where(better, loss, best_loss)
-                best_ok = best_ok | ok if self.keep != "last" else ok
+                best_ok = _kept_ok(ok, better, best_ok, self.keep)
             else:
                 better = _better(ok, loss, best_ok[active], best_loss[active], self.keep)
                 pick = active[better]
                 best_x[pick] = x_t[better]
                 best_logits[pick] = logits[better]
                 best_loss[pick] = loss[better]
-                best_ok[active] = best_ok[active] | ok if self.keep != "last" else ok
+                best_ok[active] = _kept_ok(ok, better, best_ok[active], self.keep)
             if last:
                 break
             if self.early_stop and bool(ok.any()):
@@ -286,10 +290,22 @@ class PGD(Attack):
         return best_x.clone(), best_logits.clone(), best_loss.clone(), best_ok.clone(), clean
 
 
+def _kept_ok(ok: Tensor, better: Tensor, best_ok: Tensor, keep: str) -> Tensor:
+    """Success flags (N,) after a step: ever successful ("best", "first"), of the last iterate
+    ("last"), or of the kept iterate ("max-loss")."""
+    if keep == "last":
+        return ok
+    if keep == "max-loss":
+        return torch.where(better, ok, best_ok)
+    return best_ok | ok
+
+
 def _better(ok: Tensor, loss: Tensor, best_ok: Tensor, best_loss: Tensor, keep: str) -> Tensor:
     """Which candidates (N,) replace the current best under the keep rule."""
     if keep == "last":
         return torch.ones_like(ok)
+    if keep == "max-loss":
+        return loss > best_loss
     newly = ok & ~best_ok
     if keep == "first":
         return newly | (~ok & ~best_ok & (loss > best_loss))
