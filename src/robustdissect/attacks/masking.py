@@ -145,6 +145,7 @@ def check_random_output(
 
 
 AccuracyFn = Callable[[PGD], float]  # robust accuracy of an attack on the checked images
+PGDFactory = Callable[[float, int], PGD]  # (eps, steps) -> the PGD the checks run
 
 
 def zero_gradient_share(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
@@ -172,6 +173,10 @@ def check_zero_gradients(share: float, max_share: float = 0.01) -> list[str]:
     return []
 
 
+def _default_pgd(norm: str, seed: int) -> PGDFactory:
+    return lambda eps, steps: PGD(eps, norm=norm, steps=steps, step_rule="madry", early_stop=True, seed=seed)
+
+
 def _accuracy_fn(model: nn.Module, x: Tensor, y: Tensor, accuracy: AccuracyFn | None) -> AccuracyFn:
     if accuracy is not None:
         return accuracy
@@ -187,14 +192,13 @@ def accuracy_vs_eps(
     steps: int = 20,
     seed: int = 0,
     accuracy: AccuracyFn | None = None,
+    pgd: PGDFactory | None = None,
 ) -> dict[float, float]:
-    """Robust accuracy under PGD-k (alpha 2.5 eps / k, random start, early stop) for each eps;
-    `accuracy(attack)` runs an attack (default: on x, y directly)."""
+    """Robust accuracy under PGD-k for each eps; `pgd(eps, k)` builds the attack (default alpha
+    2.5 eps / k, random start, early stop), `accuracy(attack)` runs it (default: on x, y)."""
     run = _accuracy_fn(model, x, y, accuracy)
-    return {
-        float(e): run(PGD(e, norm=norm, steps=steps, step_rule="madry", early_stop=True, seed=seed))
-        for e in eps_values
-    }
+    make = pgd or _default_pgd(norm, seed)
+    return {float(e): run(make(float(e), steps)) for e in eps_values}
 
 
 def accuracy_vs_steps(
@@ -206,13 +210,12 @@ def accuracy_vs_steps(
     norm: str = "linf",
     seed: int = 0,
     accuracy: AccuracyFn | None = None,
+    pgd: PGDFactory | None = None,
 ) -> dict[int, float]:
-    """Robust accuracy under PGD-k (alpha 2.5 eps / k, random start, early stop) for each k."""
+    """Robust accuracy under PGD-k for each k (attack built by `pgd(eps, k)`, as accuracy_vs_eps)."""
     run = _accuracy_fn(model, x, y, accuracy)
-    return {
-        int(k): run(PGD(eps, norm=norm, steps=k, step_rule="madry", early_stop=True, seed=seed))
-        for k in steps_values
-    }
+    make = pgd or _default_pgd(norm, seed)
+    return {int(k): run(make(eps, int(k))) for k in steps_values}
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,7 @@ def masking_checks(
     steps: int = 20,
     seed: int = 0,
     accuracy: AccuracyFn | None = None,
+    pgd: PGDFactory | None = None,
 ) -> MaskingReport:
     """Measure and run every check on x (N, C, H, W), y (N,): accuracy against eps (up to a large
     eps, AutoAttack's "eps = large" check) and against steps, output randomness, zero gradients,
@@ -249,15 +253,16 @@ def masking_checks(
 
     large_eps: default 0.5 (L-inf) or 0.5 * sqrt(C*H*W) (L2). eps_values: the sweep (default
     eps, 2 eps, 4 eps); large_eps is always added. accuracy(attack): how attacks are run (e.g.
-    through a run's evidence store); default directly on x, y.
+    through a run's evidence store); default directly on x, y. pgd(eps, steps): the attack of the
+    sweeps (default PGD with alpha 2.5 eps / k, random start, early stop).
     """
     if eps <= 0:
         raise UserError(f"masking checks need eps > 0, got {eps}")
     if large_eps is None:
         large_eps = max(0.5, 4 * eps) if norm == "linf" else max(0.5 * math.sqrt(x[0].numel()), 4 * eps)
     grid = sorted({float(e) for e in (eps_values if eps_values is not None else (eps, 2 * eps, 4 * eps))} | {large_eps})
-    by_eps = accuracy_vs_eps(model, x, y, grid, norm=norm, steps=steps, seed=seed, accuracy=accuracy)
-    by_steps = accuracy_vs_steps(model, x, y, eps, steps_values, norm=norm, seed=seed, accuracy=accuracy)
+    by_eps = accuracy_vs_eps(model, x, y, grid, norm=norm, steps=steps, seed=seed, accuracy=accuracy, pgd=pgd)
+    by_steps = accuracy_vs_steps(model, x, y, eps, steps_values, norm=norm, seed=seed, accuracy=accuracy, pgd=pgd)
     randomness = output_randomness(model, x, seed=seed)
     zero = zero_gradient_share(model, x, y)
     warnings = check_large_eps(by_eps) + check_more_steps(by_steps) + check_random_output(randomness)

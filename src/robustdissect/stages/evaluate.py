@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
-from ..attacks import Attack, make_attack, masking_checks, worst_case
+from ..attacks import PGD, Attack, make_attack, masking_checks, worst_case
 from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..evaluation import (
@@ -28,6 +28,14 @@ from ..pipeline import STAGES, Context, section
 from ..report import plots
 
 log = logging.getLogger(__name__)
+
+
+def _table_pgd(opts: EvaluateOptions, eps: float, steps: int, seed: int) -> PGD:
+    """The table's L-inf PGD at another eps or step count (the masking sweeps use it, so their
+    point at the table's (eps, steps) is the table's stored attack)."""
+    attack = build_attack("pgd-linf", replace(opts, eps=eps, pgd_steps=steps), seed)
+    assert isinstance(attack, PGD)
+    return attack
 
 
 def _row(name: str, correct: torch.Tensor, kind: str, settings: str = "") -> dict[str, Any]:
@@ -142,6 +150,7 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             model, x[:cn], y[:cn], eps=eps, large_eps=opts.large_eps, eps_values=opts.eps_sweep,
             steps_values=opts.steps_sweep, steps=opts.pgd_steps, seed=seed, accuracies=table, white_box=white,
             accuracy=lambda a: ctx.attack(a, x[:cn], y[:cn], index[:cn]).accuracy(),
+            pgd=lambda e, k: _table_pgd(opts, e, k, seed),
         )  # fmt: skip
         eps_curve, steps_curve, warnings = report.accuracy_vs_eps, report.accuracy_vs_steps, report.warnings
         masking = {"zero_gradient_share": report.zero_gradient_share, **asdict(report.randomness)}
