@@ -223,7 +223,10 @@ def dissect(
     cat_index = torch.tensor(concepts.concept_category, dtype=torch.long)
     annotated = concepts.annotated().double()  # (N, G)
     area = concepts.areas()  # (K,)
-    planes = [p.reshape(len(concepts), hw) for p in concepts.planes]
+    # (n_planes, N, H·W) int32 labels: half the memory traffic of int64 in the gathers below
+    planes = torch.stack([p.reshape(len(concepts), hw) for p in concepts.planes]).to(torch.int32)
+    if planes.shape[0] == 0:
+        raise UserError("the concept set has no labels")
 
     # pass 1: thresholds and top images
     quant: dict[str, StreamingQuantile] = {name: StreamingQuantile(bins) for name in layers}
@@ -272,7 +275,7 @@ def dissect(
     for s, maps in _maps(model, layers, x, batch_size):
         b = next(iter(maps.values())).shape[0]
         ann = annotated[s : s + b]
-        lab = [p[s : s + b] for p in planes]
+        lab = planes[:, s : s + b].reshape(planes.shape[0], -1)  # (n_planes, B·H·W)
         perms = torch.argsort(torch.rand(permutations, b, generator=gen), dim=1) if permutations else None
         for name, a in maps.items():
             u = a.shape[1]
@@ -283,18 +286,18 @@ def dissect(
                 act_null[name] = torch.zeros(permutations, u, n_cat, dtype=torch.float64)
             t = thresholds[name].to(a.device, torch.float32)
             mask = (_upsample(a, size) > t[None, :, None, None]).cpu()
-            cnt = mask.flatten(2).sum(-1).double()  # (B, U)
-            act[name] += cnt.t() @ ann
             ib, iu, iy, ix = mask.nonzero(as_tuple=True)
             pix = iy * size[1] + ix
-            inter[name] += _tally(iu, [p.take(ib * hw + pix) for p in lab], u, k_concepts)
+            cnt = torch.bincount(ib * u + iu, minlength=b * u).view(b, u).double()  # (B, U) active pixels
+            act[name] += cnt.t() @ ann
+            iu32 = iu.to(torch.int32)
+            inter[name] += _tally(iu32, lab[:, ib * hw + pix], u, k_concepts)
             if perms is not None:
                 act_null[name] += torch.einsum("bu,pbg->pug", cnt, ann[perms])
                 for chunk in range(0, permutations, _CHUNK):
-                    # (P', nnz): the labels each active pixel meets when the masks are shuffled
+                    # (n_planes, P', nnz): the labels each active pixel meets when the masks are shuffled
                     where = perms[chunk : chunk + _CHUNK][:, ib] * hw + pix
-                    labels = [p.take(where) for p in lab]
-                    inter_null[name][chunk : chunk + _CHUNK] += _tally(iu, labels, u, k_concepts)
+                    inter_null[name][chunk : chunk + _CHUNK] += _tally(iu32, lab[:, where], u, k_concepts)
 
     out_layers: dict[str, LayerDissection] = {}
     units: list[UnitConcept] = []
@@ -327,19 +330,20 @@ def dissect(
     )  # fmt: skip
 
 
-def _tally(units: torch.Tensor, labels: Sequence[torch.Tensor], u: int, k: int) -> torch.Tensor:
-    """Counts of (unit, concept) over active pixels: labels per plane (nnz,) -> (U, K), or
-    (P, nnz) under P permutations -> (P, U, K); label -1 (none) goes to a dropped extra column."""
-    lead = tuple(labels[0].shape[:-1]) if labels else ()
-    p = labels[0].shape[0] if lead else 1
+def _tally(units: torch.Tensor, labels: torch.Tensor, u: int, k: int) -> torch.Tensor:
+    """Counts of (unit, concept) over active pixels. units: (nnz,) int32; labels: (n_planes, nnz)
+    -> (U, K), or (n_planes, P, nnz) under P permutations -> (P, U, K); label -1 (none) falls in a
+    dropped extra column."""
+    perm = labels.ndim == 3
+    p = labels.shape[1] if perm else 1
     width = u * (k + 1)
+    if p * width >= 2**31:
+        raise UserError(f"{u} units x {k} concepts x {p} permutations exceed the counter range; use fewer")
     base = units * (k + 1) + 1
-    if lead:
-        base = base + (torch.arange(p) * width).unsqueeze(1)
-    out = torch.zeros(p * width, dtype=torch.float64)
-    for lab in labels:
-        out += torch.bincount((base + lab).flatten(), minlength=p * width).double()
-    return out.view(*lead, u, k + 1)[..., 1:]
+    if perm:
+        base = base + (torch.arange(p, dtype=torch.int32) * width).unsqueeze(1)
+    counts = torch.bincount((base + labels).flatten(), minlength=p * width).double()
+    return counts.view(p, u, k + 1)[..., 1:] if perm else counts.view(u, k + 1)[:, 1:]
 
 
 def _label_units(ld: LayerDissection, concepts: ConceptSet, iou_threshold: float) -> list[UnitConcept]:
@@ -377,3 +381,126 @@ def cached_dissection(
     }  # fmt: skip
     result: ConceptDissection = store.memo("concepts", parts, lambda: dissect(model, concepts, layers, **settings))
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# attack × concept (METHODS §6.6): the concepts of brittle units
+
+
+@dataclass(frozen=True)
+class ConceptFragility:
+    """Concepts against the feature quadrants of one model. units: one row per dissected unit
+    with its concept and its feature scores (r, quadrant, ...); concepts / categories: per group of
+    detectors, Frag = mean(1 − r) (± its standard error) and the share in NRU (95% Wilson);
+    enrichment: Fisher exact tests that NRU units carry texture / high-frequency concepts."""
+
+    model: str
+    units: list[dict[str, Any]]
+    concepts: list[dict[str, Any]]
+    categories: list[dict[str, Any]]
+    enrichment: list[dict[str, Any]]
+
+    def most_fragile(self, k: int = 3, min_units: int = 2) -> list[dict[str, Any]]:
+        """The k concepts with the highest Frag among those carried by at least `min_units` detectors."""
+        rows = [r for r in self.concepts if r["units"] >= min_units and r["fragility"] == r["fragility"]]
+        return sorted(rows, key=lambda r: (-r["fragility"], r["concept"]))[:k]
+
+
+def _group(rows: Sequence[Mapping[str, Any]], key: str, model: str) -> list[dict[str, Any]]:
+    import math
+
+    from ..evaluation import wilson_interval
+
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r[key]), []).append(r)
+    out: list[dict[str, Any]] = []
+    for name, members in sorted(groups.items()):
+        frag = [1.0 - float(m["r"]) for m in members if math.isfinite(float(m["r"]))]
+        mean = sum(frag) / len(frag) if frag else math.nan
+        se = math.sqrt(sum((f - mean) ** 2 for f in frag) / (len(frag) - 1) / len(frag)) if len(frag) > 1 else math.nan
+        nru = sum(m["quadrant"] == "NRU" for m in members)
+        lo, hi = wilson_interval(nru, len(members))
+        row: dict[str, Any] = {"model": model, key: name}
+        if key == "concept":
+            row["category"] = members[0]["category"]
+        row.update(
+            units=len(members), fragility=mean, fragility_se=se, nru=nru, nru_share=nru / len(members),
+            nru_low=lo, nru_high=hi, mean_iou=sum(float(m["iou"]) for m in members) / len(members),
+        )  # fmt: skip
+        out.append(row)
+    return out
+
+
+def _fisher(units: Sequence[Mapping[str, Any]], is_group: Any, what: str, scope: str, model: str) -> dict[str, Any]:
+    from scipy.stats import fisher_exact
+
+    a = sum(1 for u in units if u["quadrant"] == "NRU" and is_group(u))
+    b = sum(1 for u in units if u["quadrant"] == "NRU" and not is_group(u))
+    c = sum(1 for u in units if u["quadrant"] != "NRU" and is_group(u))
+    d = sum(1 for u in units if u["quadrant"] != "NRU" and not is_group(u))
+    res = fisher_exact([[a, b], [c, d]], alternative="greater")
+    return {
+        "model": model, "concepts": what, "units": scope, "nru_in_group": a, "nru_outside": b,
+        "other_in_group": c, "other_outside": d,
+        "nru_share_in_group": a / (a + c) if a + c else float("nan"),
+        "nru_share_outside": b / (b + d) if b + d else float("nan"),
+        "odds_ratio": float(res.statistic), "p_value": float(res.pvalue),
+    }  # fmt: skip
+
+
+def concept_fragility(
+    dissection: ConceptDissection,
+    feature_rows: Sequence[Mapping[str, Any]],
+    model: str,
+    high_frequency: frozenset[str] | None = None,
+) -> ConceptFragility:
+    """Join the dissection with per-unit feature scores (rows with layer, unit, r, quadrant, ρ, γ,
+    s, as `FeatureScores.rows()` gives) on (layer, unit), and group the detectors by concept and by
+    category. Enrichment: one-sided Fisher exact tests of "NRU units are more often texture
+    (resp. high-frequency) units than the other units", over the detectors and over every unit
+    with its best concept."""
+    from ..data.concepts import HIGH_FREQUENCY
+
+    hf = HIGH_FREQUENCY if high_frequency is None else high_frequency
+    scores = {(str(r["layer"]), int(r["unit"])): r for r in feature_rows}
+    units: list[dict[str, Any]] = []
+    for u in dissection.units:
+        f = scores.get((u.layer, u.unit))
+        if f is None:
+            continue
+        units.append({
+            "model": model, "layer": u.layer, "unit": u.unit, "label": u.label, "category": u.category,
+            "concept": u.concept, "concept_category": u.concept_category, "iou": u.iou, "detector": u.detector,
+            "quadrant": f["quadrant"], "strict_quadrant": f.get("strict_quadrant"), "rho": f["rho"],
+            "gamma": f["gamma"], "r": f["r"], "s": f["s"], "sigma": f.get("sigma"),
+        })  # fmt: skip
+    if not units:
+        raise UserError("no dissected unit has feature scores: dissect the layers the features were scored on")
+    dets = [u for u in units if u["detector"]]
+    concept_rows = _group([{**u, "concept": u["label"]} for u in dets], "concept", model)
+    category_rows = _group(dets, "category", model)
+    best = [{**u, "label": u["concept"], "category": u["concept_category"]} for u in units]
+    enrichment = []
+    for scope, pool in (("detectors", dets), ("all units (best concept)", best)):
+        if pool:
+            enrichment.append(_fisher(pool, lambda u: u["category"] == "texture", "texture", scope, model))
+            enrichment.append(_fisher(pool, lambda u: u["label"] in hf, "high-frequency", scope, model))
+    return ConceptFragility(model, units, concept_rows, category_rows, enrichment)
+
+
+def grad_cam(model: nn.Module, layer: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM (captum's LayerGradCam, ReLU'd) of class `target` (N,) at `layer` for images
+    x (N, C, H, W), upsampled bilinearly to (N, H, W)."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    from ..models.layers import resolve_layer
+
+    module = dict(model.named_modules())[resolve_layer(model, layer)]
+    device = model_device(model)
+    with eval_mode(model):
+        attr = LayerGradCam(model, module).attribute(
+            x.to(device), target=target.to(device).tolist(), relu_attributions=True
+        )
+    up = LayerAttribution.interpolate(attr.detach(), (int(x.shape[2]), int(x.shape[3])), "bilinear")
+    return up[:, 0].cpu()
