@@ -238,6 +238,51 @@ def sensitivity(
 
 
 @app.command()
+def concepts(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="comma-separated layer names (default: every conv)")
+    ] = None,
+    concept_n: Annotated[int, typer.Option("--concept-n", min=1, help="generated concept images")] = 2000,
+    quantile: Annotated[
+        float, typer.Option("--quantile", min=0.0001, max=0.5, help="top share per unit (0.005; PNAS 0.01)")
+    ] = 0.005,
+    permutations: Annotated[int, typer.Option("--permutations", min=0, help="shuffles of the null")] = 100,
+    broden: Annotated[
+        str | None, typer.Option("--broden", help="a Broden directory instead of the generated concept set")
+    ] = None,
+    join: Annotated[bool, typer.Option("--join/--no-join", help="attack x concept with the feature quadrants")] = True,
+    models: Annotated[
+        str | None, typer.Option("--models", help="other checkpoints to compare, comma-separated")
+    ] = None,
+    n: NOpt = 1000,
+    seed: SeedOpt = None,
+    quick: QuickOpt = False,
+    out: OutOpt = Path("runs/concepts"),
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Network Dissection: the concept of every unit, and which concepts the brittle units carry."""
+    from .runs import check_out
+
+    check_out(out, overwrite)
+    options: dict[str, Any] = {"n": concept_n, "quantile": quantile, "permutations": permutations, "join": join}
+    if layers:
+        options["layers"] = _names(layers)
+    if broden:
+        options["broden"] = broden
+    if models:
+        options["compare"] = _names(models)
+        for name in options["compare"]:
+            _check_checkpoint(name)
+    _analysis_run("concepts", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose)
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Re-render report.html from a run directory's files alone (only files inside it are read)."""
     from .report import render_report
