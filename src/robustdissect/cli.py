@@ -238,6 +238,51 @@ def sensitivity(
 
 
 @app.command()
+def features(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="comma-separated layer names (default: every conv)")
+    ] = None,
+    eps: Annotated[str, typer.Option("--eps", help="L-inf budget of the attack set, e.g. 0.1 or 8/255")] = "0.1",
+    steps: Annotated[
+        int | None, typer.Option("--steps", min=1, max=100_000, help="feature-targeted PGD steps (50)")
+    ] = None,
+    restarts: Annotated[
+        int | None, typer.Option("--restarts", min=1, max=1000, help="feature-targeted PGD restarts (3)")
+    ] = None,
+    candidates: Annotated[
+        int | None, typer.Option("--candidates", min=0, max=100_000, help="feature-attacked units per depth bin (10)")
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option("--models", help="other checkpoints to compare, comma-separated")
+    ] = None,
+    n: NOpt = 1000,
+    seed: SeedOpt = None,
+    quick: QuickOpt = False,
+    out: OutOpt = Path("runs/features"),
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Feature dissection: usefulness, robust usefulness (upper bound), stability and the four quadrants per unit."""
+    from .runs import check_out
+
+    check_out(out, overwrite)
+    given = {"feature_steps": steps, "restarts": restarts, "candidates_per_bin": candidates}
+    options: dict[str, Any] = {"eps": _eps(eps, "--eps", True), **{k: v for k, v in given.items() if v is not None}}
+    if layers:
+        options["layers"] = _names(layers)
+    if models:
+        options["compare"] = _names(models)
+        for name in options["compare"]:
+            _check_checkpoint(name)
+    _analysis_run("features", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose)
+
+
+@app.command()
 def concepts(
     model: ModelOpt = None,
     weights: WeightsOpt = None,

@@ -53,7 +53,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -127,10 +128,22 @@ QUICK_FEATURES: dict[str, Any] = {
     "feature_steps": 10,
     "feature_alpha": None,
     "restarts": 1,
-    "candidates_per_bin": 2,
+    "candidates_per_bin": 1,
     "permutations": 100,
     "bootstrap": 100,
 }
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run small-tensor statistics on one intra-op thread: on (N, U) tables of a few hundred rows
+    the threads' synchronisation costs far more than the arithmetic, badly so on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,8 +260,9 @@ def reference_statistics(
         a = torch.cat([acts[n] for n in names], 1)
         if not channels:
             channels = [int(acts[n].shape[1]) for n in names]
-        moments.update(a)
-        cdf.update(a)
+        with one_thread():
+            moments.update(a)
+            cdf.update(a)
     if moments.n == 0:
         raise UserError("the reference set holds no images")
     sd = moments.std().to(torch.float32)
@@ -606,7 +620,8 @@ def score_features(
     ref = reference_statistics(model, x_ref, names, bs, opts.cdf_capacity)
     a_clean, phi = gradient_x_activation(model, x, y, names, bs)
     f_clean = ref.standardise(a_clean)
-    q = ref.percentile(a_clean)
+    with one_thread():
+        q = ref.percentile(a_clean)
     f_low, f_high = f_clean.clone(), f_clean.clone()
     described: list[dict[str, Any]] = []
     f_adv = f_clean
@@ -620,11 +635,12 @@ def score_features(
             f_adv, x_star = f_a, x_adv
         described.append({"attack": attack.name, "scope": "model", **_brief(attack)})
 
-    tau_rho, source = permutation_threshold(
-        f_clean, y, k, opts.permutations, opts.null_quantile, seed, opts.tau_rho_fallback
-    )
-    pre = score_units(f_clean, f_low, f_high, f_adv, y, k, tau_rho, opts.tau_s, opts.strict_r)
-    candidates = stratified_select(pre.rho, ref.channels, opts.candidates_per_bin, opts.depth_bins)
+    with one_thread():
+        tau_rho, source = permutation_threshold(
+            f_clean, y, k, opts.permutations, opts.null_quantile, seed, opts.tau_rho_fallback
+        )
+        pre = score_units(f_clean, f_low, f_high, f_adv, y, k, tau_rho, opts.tau_s, opts.strict_r)
+        candidates = stratified_select(pre.rho, ref.channels, opts.candidates_per_bin, opts.depth_bins)
     offsets = [0]
     for c in ref.channels:
         offsets.append(offsets[-1] + c)
@@ -644,11 +660,12 @@ def score_features(
         described.append({"attack": obj.__name__, "scope": "unit", "restarts": opts.restarts,
                           **_brief(PGD(eps, steps=opts.feature_steps, alpha=alpha, seed=seed))})  # fmt: skip
 
-    scores = score_units(f_clean, f_low, f_high, f_adv, y, k, tau_rho, opts.tau_s, opts.strict_r)
-    per_image = stratified_select(q, ref.channels, opts.top_m, opts.depth_bins)
-    onehot = torch.nn.functional.one_hot(y.long(), k).to(q.dtype)
-    q_class = (onehot.t() @ q) / onehot.sum(0).clamp_min(1)[:, None]  # (K, U)
-    per_class = stratified_select(q_class, ref.channels, opts.top_m, opts.depth_bins)
+    with one_thread():
+        scores = score_units(f_clean, f_low, f_high, f_adv, y, k, tau_rho, opts.tau_s, opts.strict_r)
+        per_image = stratified_select(q, ref.channels, opts.top_m, opts.depth_bins)
+        onehot = torch.nn.functional.one_hot(y.long(), k).to(q.dtype)
+        q_class = (onehot.t() @ q) / onehot.sum(0).clamp_min(1)[:, None]  # (K, U)
+        per_class = stratified_select(q_class, ref.channels, opts.top_m, opts.depth_bins)
     sigma = sigma_fn(x_star) if sigma_fn is not None and x_star is not None else None
     return FeatureScores(
         model_name=model_name, layers=names, channels=ref.channels,
@@ -698,7 +715,8 @@ def bootstrap_shares(
         quads = sc.strict_quadrant if strict else sc.quadrant
         return {qd: quads.count(qd) / len(quads) for qd in QUADRANTS}
 
-    boot = [[shares(r, d) for d in draws] for r in results]
+    with one_thread():
+        boot = [[shares(r, d) for d in draws] for r in results]
     lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
     rows = []
     for mi, res in enumerate(results):

@@ -1,0 +1,191 @@
+"""Stage `features`: feature-specific dissection (METHODS §6.1–§6.4) — per unit of every analysed
+layer the balanced usefulness ρ, the worst-case robust usefulness γ̂ (an upper bound), retention
+r, stability s and the four quadrants; quadrant shares per layer and per model (the run's model
+beside PAT and SNS for a shipped Fashion-MNIST smallcnn) with bootstrap intervals over images."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+from ..analysis import plots_features as fplots
+from ..analysis.features import (
+    QUADRANT_NAMES,
+    QUADRANTS,
+    QUICK_FEATURES,
+    FeatureOptions,
+    FeatureScores,
+    bootstrap_shares,
+    feature_scores,
+)
+from ..config import parse_eps, stage_options
+from ..errors import UserError
+from ..models.resolve import resolve_model
+from ..pipeline import STAGES, Context, section
+
+log = logging.getLogger(__name__)
+
+SHIPPED = ("fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-sns")
+
+
+@STAGES.register("features", "feature dissection: usefulness, robust usefulness, stability, four quadrants per unit")
+def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Scores of every unit of the run's model (and of the comparison checkpoints, on the same
+    images and protocol), their tables, figures and the quadrant shift between models."""
+    opts: FeatureOptions = stage_options(FeatureOptions, options, "features")
+    run = ctx.run
+    warnings: list[str] = []
+    tables: list[dict[str, Any]] = []
+    figures: list[dict[str, str]] = []
+
+    def table(name: str, rows: list[dict[str, Any]], title: str, show: bool = False) -> None:
+        run.write_table(name, rows)
+        tables.append({"file": f"tables/{name}.csv", "title": title, "show": show})
+
+    def figure(name: str, fig: Any, caption: str) -> None:
+        run.save_figure(name, fig)
+        figures.append({"file": f"figures/{name}.png", "caption": caption})
+
+    log.info("features: scoring the units of %s", ctx.config.model)
+    main = feature_scores(ctx, options=opts, model_name=ctx.config.model)
+    results = [main]
+    for name in _compare_list(ctx, opts):
+        try:
+            other, card = resolve_model(name, None, {}, ctx.data)
+        except UserError as e:
+            warnings.append(f"model {name} not compared: {e}")
+            continue
+        if card.get("dataset") not in (None, ctx.data.name):
+            warnings.append(f"model {name} not compared: trained on {card.get('dataset')}")
+            continue
+        log.info("features: scoring the units of %s", name)
+        results.append(feature_scores(ctx, model=other.to(ctx.device), options=opts, model_name=name))
+
+    unit_rows = [row for r in results for row in r.rows()]
+    layer_rows = [row for r in results for row in r.layer_rows()]
+    table("feature_units", unit_rows, "Per unit: ρ, preferred class, γ̂ (upper bound), r, s, quadrant, q̄, φ̄, σ")
+    table("feature_layers", layer_rows, "Quadrant shares and mean scores per layer and model", show=True)
+    boot = bootstrap_shares(results, opts.bootstrap, seed=ctx.config.seed)
+    boot_strict = bootstrap_shares(results, opts.bootstrap, seed=ctx.config.seed, strict=True)
+    table("feature_quadrants", boot, "Quadrant shares per model, 95% bootstrap intervals over images", show=True)
+    table("feature_quadrants_strict", boot_strict, "The same, strict variant (RU needs r ≥ 0.5)")
+    table("feature_top_units_per_class", _top_class_rows(main, ctx.data.classes),
+          "Top-activated units per class by mean percentile q (depth-stratified), with their quadrant")  # fmt: skip
+
+    figure(
+        "feature_rho_gamma",
+        fplots.plot_rho_gamma(main),
+        f"{ctx.config.model}: γ̂ against ρ per layer; dashed: τ_ρ = {main.scores.tau_rho:.3f} and γ = 0, dotted: "
+        "the strict boundary γ = 0.5ρ; ringed: units attacked with feature-targeted PGD",
+    )
+    for r in results[1:]:
+        figure(f"feature_rho_gamma_{_slug(r.model_name)}", fplots.plot_rho_gamma(r), f"{r.model_name}: γ̂ against ρ")
+    figure(
+        "feature_quadrant_shares",
+        fplots.plot_quadrant_shares(main.layer_rows(), ctx.config.model),
+        "Share of each layer's units in each quadrant (RU robust & useful, NRU non-robust & useful, "
+        "RL robust & useless, NL non-robust & useless)",
+    )
+    if len(results) > 1:
+        figure(
+            "feature_model_shares",
+            fplots.plot_model_shares(boot),
+            "Share of all analysed units per quadrant and model, 95% bootstrap intervals over images",
+        )
+
+    eps = parse_eps(opts.eps)
+    sc = main.scores
+    shares = main.shares()
+    summary: dict[str, Any] = {
+        "images": int(main.y.shape[0]),
+        "units": len(sc.quadrant),
+        "τ_ρ": f"{sc.tau_rho:.3f} ({main.tau_rho_source})",
+        "τ_s (median s)": round(sc.tau_s, 3),
+        **{f"share {q}": round(shares[q], 3) for q in QUADRANTS},
+        "feature-attacked units": int(main.candidates.numel()),
+    }
+    shift = _shift_sentences(boot)
+    if shift:
+        summary["quadrant shift"] = "; ".join(shift)
+    text = (
+        f"Each unit (channel) of {', '.join(main.layers)} is a feature: its response is the spatial mean of the "
+        f"layer output, standardised with μ and s of {main.reference.n} clean training images (f) and ranked by "
+        f"its percentile q on the same images. On {int(main.y.shape[0])} images: usefulness ρ = max over classes "
+        "of the balanced one-vs-rest correlation ½(E[f | y=c] − E[f | y≠c]), preferred class c*; robust "
+        "usefulness γ̂ = the same with f replaced per sample by its worst case over the attack set (the clean "
+        f"point, model-level PGD-L∞ and FGSM at ε = {eps:g}, and for {int(main.candidates.numel())} candidate "
+        f"units chosen by ρ per depth bin a feature-targeted PGD ({opts.feature_steps} steps, {opts.restarts} "
+        "restart(s)) that lowers f on class c* and raises it elsewhere). **γ̂ is an upper bound of the true γ**: "
+        "a stronger attack can only lower it, so units called robust here may still be brittle. Retention "
+        "r = γ̂/ρ; stability s = E|f(x+δ*) − f(x)| under the model-level PGD. Quadrants: ρ ≥ τ_ρ (99th "
+        f"percentile of max_c ρ under {opts.permutations} label permutations) is useful; useful units are robust "
+        "(RU) when γ̂ > 0, else non-robust (NRU, dangerous); useless ones are robust (RL) when s ≤ τ_s (median s), "
+        "else noise (NL). Strict variant: RU needs r ≥ 0.5. Intervals: percentile bootstrap over images "
+        f"({opts.bootstrap} resamples, the same resamples for every model, so differences are paired; τ_ρ fixed)."
+    )
+    if shift:
+        text += " Quadrant shift against " + ctx.config.model + ": " + "; ".join(shift) + "."
+    return section(
+        "Features: useful and robust units",
+        text=text,
+        summary=summary,
+        tables=tables,
+        figures=figures,
+        warnings=warnings,
+        options=asdict(opts),
+        quadrants=boot,
+        quadrants_strict=boot_strict,
+        layers=layer_rows,
+        tau_rho=sc.tau_rho,
+        tau_s=sc.tau_s,
+        models=[r.model_name for r in results],
+        quadrant_names=QUADRANT_NAMES,
+    )
+
+
+def _compare_list(ctx: Context, opts: FeatureOptions) -> list[str]:
+    """`opts.compare`, or PAT and SNS beside a shipped Fashion-MNIST smallcnn."""
+    if opts.compare is not None:
+        return [m for m in opts.compare if m != ctx.config.model]
+    if ctx.config.model in SHIPPED:
+        return [m for m in SHIPPED if m != ctx.config.model]
+    return []
+
+
+def _top_class_rows(res: FeatureScores, classes: Any) -> list[dict[str, Any]]:
+    layer_of, unit = res.layer_of.tolist(), res.unit.tolist()
+    onehot_mean = []
+    for c in range(res.num_classes):
+        mask = res.y == c
+        onehot_mean.append(res.q[mask].mean(0) if bool(mask.any()) else res.q.new_full((res.q.shape[1],), math.nan))
+    rows = []
+    for c in range(res.top_units_per_class.shape[0]):
+        for rank, u in enumerate(res.top_units_per_class[c].tolist(), 1):
+            rows.append({
+                "class": classes[c] if c < len(classes) else c, "rank": rank, "layer": res.layers[layer_of[u]],
+                "unit": unit[u], "mean_q": float(onehot_mean[c][u]), "quadrant": res.scores.quadrant[u],
+                "preferred_class": int(res.scores.cls[u]),
+            })  # fmt: skip
+    return rows
+
+
+def _shift_sentences(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in rows:
+        if "diff_vs_first" not in r or r["quadrant"] not in ("NRU", "RU"):
+            continue
+        out.append(
+            f"{r['model']} {r['quadrant']} {r['share']:.0%} ({r['diff_vs_first']:+.0%}, 95% interval of the "
+            f"difference [{r['diff_ci_low']:+.0%}, {r['diff_ci_high']:+.0%}])"
+        )
+    return out
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+features_stage.options_class = FeatureOptions  # type: ignore[attr-defined]
+features_stage.reduced_options = QUICK_FEATURES  # type: ignore[attr-defined]
