@@ -246,3 +246,32 @@ def test_cached_dissection_is_computed_once(tmp_path: Path) -> None:
     a = cached_dissection(store, model, cs, ["unit"], permutations=5)
     b = cached_dissection(store, model, cs, ["unit"], permutations=5)
     assert a is b and store.misses["concepts"] == 1 and store.hits["concepts"] == 1
+
+
+def test_concept_fragility_on_a_toy_join() -> None:
+    from robustdissect.analysis.concepts import ConceptDissection, UnitConcept, concept_fragility
+
+    def unit(k: int, label: str | None, cat: str | None) -> UnitConcept:
+        return UnitConcept("l", k, label, cat, label or "black", cat or "intensity", 0.1 if label else 0.01, 0.02,
+                           0.01, 0.06, 1.0, 0.0, label is not None)  # fmt: skip
+
+    units = [unit(0, "stripes-0-high", "texture"), unit(1, "stripes-0-high", "texture"), unit(2, "noise", "texture"),
+             unit(3, "Bag", "class"), unit(4, "Bag", "class"), unit(5, None, None)]  # fmt: skip
+    diss = ConceptDissection(["black", "stripes-0-high", "noise", "Bag"], ["intensity", "texture", "class"],
+                             [0, 1, 1, 2], {}, units, {})  # fmt: skip
+    r = [0.2, -0.4, 0.5, 0.9, 0.7, 0.1]
+    quad = ["NRU", "NRU", "NRU", "RU", "RU", "NL"]
+    rows = [{"layer": "l", "unit": k, "r": r[k], "quadrant": quad[k], "rho": 1.0, "gamma": r[k], "s": 0.1}
+            for k in range(6)]  # fmt: skip
+    frag = concept_fragility(diss, rows, "toy")
+    by_concept = {row["concept"]: row for row in frag.concepts}
+    assert by_concept["stripes-0-high"]["fragility"] == pytest.approx(1 - (0.2 - 0.4) / 2)
+    assert by_concept["stripes-0-high"]["nru_share"] == 1.0 and by_concept["Bag"]["nru"] == 0
+    by_cat = {row["category"]: row for row in frag.categories}
+    assert by_cat["texture"]["fragility"] == pytest.approx(1 - (0.2 - 0.4 + 0.5) / 3)
+    assert by_cat["class"]["fragility"] == pytest.approx(1 - 0.8)
+    assert by_cat["texture"]["units"] == 3 and "intensity" not in by_cat  # unit 5 is no detector
+    tex = next(e for e in frag.enrichment if e["concepts"] == "texture" and e["units"] == "detectors")
+    assert (tex["nru_in_group"], tex["nru_outside"], tex["other_in_group"], tex["other_outside"]) == (3, 0, 0, 2)
+    assert tex["p_value"] == pytest.approx(0.1)  # hypergeometric: 1 / C(5, 3) arrangements as extreme
+    assert frag.most_fragile(1)[0]["concept"] == "stripes-0-high"
