@@ -15,7 +15,7 @@ class UserError(Exception):
 
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
     """Build the error for an unknown registry entry or layer name, listing close matches."""
-    known = sorted(known)
+    known = sorted(set(known))
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f"did you mean: {', '.join(close)}?" if close else f"known: {', '.join(known[:20])}"
     if not close and len(known) > 20:

@@ -183,11 +183,28 @@ def clean_predictions(
     store: EvidenceStore, model: nn.Module, x: torch.Tensor, index: torch.Tensor, split: str = "test",
     batch_size: int = 500,
 ) -> torch.Tensor:
-    """Predicted labels (N,) of `model` on x (N, C, H, W), from the store when already computed."""
-    from .modelutil import predict
+    """Predicted labels (N,) of `model` on x (N, C, H, W), from the store when already computed.
+    A model whose clean logits are not finite is refused (UserError): no attack result on it
+    would mean anything."""
+    from .modelutil import eval_mode
+
+    def compute() -> dict[str, torch.Tensor]:
+        device = model_device(model, x.device)
+        preds = []
+        with eval_mode(model), torch.no_grad():
+            for s in range(0, x.shape[0], batch_size):
+                logits = model(x[s : s + batch_size].to(device))
+                bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+                if bad:
+                    raise UserError(
+                        f"the model's logits are NaN or infinite on {bad} of images {s}..{s + len(logits) - 1}; "
+                        "check its weights (a diverged training?) before evaluating it"
+                    )
+                preds.append(logits.argmax(1).cpu())
+        return {"pred": torch.cat(preds)}
 
     parts = {"name": "clean", "model": store.model_hash(model), "split": split, "images": index_hash(index)}
-    return store.fetch("predictions", parts, lambda: {"pred": predict(model, x, batch_size)})["pred"]
+    return store.fetch("predictions", parts, compute)["pred"]
 
 
 def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, float]:

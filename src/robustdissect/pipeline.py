@@ -187,15 +187,19 @@ def _check_resume(run: RunDir, identity: dict[str, str], cfg: RunConfig) -> None
         )
 
 
-def validate_stages(cfg: RunConfig) -> None:
-    """Check every stage name and its option block before any work starts."""
+def validate_stages(cfg: RunConfig, model: nn.Module | None = None) -> None:
+    """Check every stage name and its option block before any work starts; with the model, also
+    what depends on it (a stage's `check(model, options)`, e.g. layer names)."""
     from .config import stage_options
 
     for name, options in cfg.stages.items():
         fn = STAGES.get(name)
         opts_cls = getattr(fn, "options_class", None)
         if opts_cls is not None:
-            stage_options(opts_cls, _profiled(fn, cfg, dict(options)), name)
+            opts = stage_options(opts_cls, _profiled(fn, cfg, dict(options)), name)
+            check = getattr(fn, "check", None)
+            if model is not None and check is not None:
+                check(model, opts)
         elif options:
             raise UserError(f"stage '{name}' takes no options, got {sorted(options)}")
 
@@ -223,6 +227,7 @@ def run_pipeline(
     load_stages()
     validate_stages(cfg)
     model, card, data, device = prepare(cfg)
+    validate_stages(cfg, model)
     identity = _identity(cfg, model)
     run = RunDir.create(out, overwrite=overwrite, resume=resume)
     if resume:

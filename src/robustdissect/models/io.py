@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import warnings
 from importlib.resources import as_file
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -29,8 +30,8 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     factory = MODELS.get(name)
     try:
         model: nn.Module = factory(**kwargs)
-    except TypeError as e:
-        raise UserError(f"bad arguments for model '{name}': {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. width=-4 fails inside nn.Conv2d
+        raise UserError(f"bad arguments for model '{name}' {kwargs}: {type(e).__name__}: {e}") from None
     return model
 
 
@@ -63,7 +64,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is not a valid safetensors file: {e}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the refusal below is the one line the user sees
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusals and corrupt archives alike
         first = str(e).strip().split("\n")[0][:200]
         raise UserError(
@@ -166,7 +169,11 @@ def load_user_model(spec: str, **kwargs: Any) -> nn.Module:
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise UserError(f"'{factory_name}' is not a callable in {target}")
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as e:  # the user's own code: its failure is the user's to fix
+        raise UserError(f"{spec}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) raised "
+                        f"{type(e).__name__}: {e}") from None  # fmt: skip
     if not isinstance(model, nn.Module):
         raise UserError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model

@@ -69,6 +69,11 @@ class SensitivityOptions:
     compare: list[str] | None = None
     batch_size: int = 250
 
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.experiments if e not in EXPERIMENTS]
+        if unknown:
+            raise UserError(f"unknown sensitivity experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
+
 
 # The default run's budgets (`quick: true`); `--full` runs every experiment at the paper's settings.
 QUICK_SENSITIVITY: dict[str, Any] = {
@@ -101,9 +106,6 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     """The experiments in `options.experiments` on the first `n` analysed images; every PGD pair
     set comes from the run's evidence store (one attack per model, ε and image set)."""
     opts: SensitivityOptions = stage_options(SensitivityOptions, options, "sensitivity")
-    unknown = [e for e in opts.experiments if e not in EXPERIMENTS]
-    if unknown:
-        raise UserError(f"unknown sensitivity experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
     seed, model, run = ctx.config.seed, ctx.model, ctx.run
     split = ctx.split
     n = len(split) if opts.n is None else min(opts.n, len(split))
@@ -376,7 +378,16 @@ def _compare_list(ctx: Context, opts: SensitivityOptions) -> list[str]:
     return []
 
 
+def _check(model: torch.nn.Module, opts: SensitivityOptions) -> None:
+    """Before any stage runs: every named layer exists in the model."""
+    from ..models import resolve_layer
+
+    for name in opts.layers or []:
+        resolve_layer(model, name)
+
+
 sensitivity_stage.options_class = SensitivityOptions  # type: ignore[attr-defined]
+sensitivity_stage.check = _check  # type: ignore[attr-defined]
 sensitivity_stage.reduced_options = QUICK_SENSITIVITY  # type: ignore[attr-defined]
 
 
