@@ -726,6 +726,7 @@ def bootstrap_shares(
             vals = torch.tensor([b[qd] for b in boot[mi]], dtype=torch.float64)
             diff = torch.tensor([b[qd] - b0[qd] for b, b0 in zip(boot[mi], boot[0], strict=True)], dtype=torch.float64)
             row: dict[str, Any] = {"model": res.model_name, "quadrant": qd, "share": point[qd]}
+            row.update(dict.fromkeys(("ci_low", "ci_high", "diff_vs_first", "diff_ci_low", "diff_ci_high"), math.nan))
             if resamples:
                 row.update(ci_low=float(torch.quantile(vals, lo_q)), ci_high=float(torch.quantile(vals, hi_q)))
                 if mi:

@@ -4,6 +4,7 @@ per layer, and quadrant shares per model with bootstrap intervals."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -87,10 +88,13 @@ def plot_model_shares(rows: Sequence[Mapping[str, Any]]) -> Figure:
     for mi, model in enumerate(models):
         by_q = {str(r["quadrant"]): r for r in rows if r["model"] == model}
         share = np.array([float(by_q[q]["share"]) for q in QUADRANTS])
-        lo = np.array([float(by_q[q].get("ci_low", by_q[q]["share"])) for q in QUADRANTS])
-        hi = np.array([float(by_q[q].get("ci_high", by_q[q]["share"])) for q in QUADRANTS])
+        lo = np.array([float(by_q[q].get("ci_low", math.nan)) for q in QUADRANTS])
+        hi = np.array([float(by_q[q].get("ci_high", math.nan)) for q in QUADRANTS])
+        lo, hi = np.where(np.isnan(lo), share, lo), np.where(np.isnan(hi), share, hi)
         pos = x - 0.4 + width * (mi + 0.5)
-        ax.bar(pos, share, width, label=model, yerr=np.vstack([share - lo, hi - share]), capsize=3)
+        # a percentile interval need not contain the point estimate: clip the whiskers at the bar
+        err = np.clip(np.vstack([share - lo, hi - share]), 0.0, None)
+        ax.bar(pos, share, width, label=model, yerr=err, capsize=3)
     ax.set_xticks(x, list(QUADRANTS))
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of analysed units")

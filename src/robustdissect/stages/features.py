@@ -174,11 +174,11 @@ def _top_class_rows(res: FeatureScores, classes: Any) -> list[dict[str, Any]]:
 def _shift_sentences(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in rows:
-        if "diff_vs_first" not in r or r["quadrant"] not in ("NRU", "RU"):
+        if r["quadrant"] not in ("NRU", "RU") or math.isnan(r["diff_ci_low"]):
             continue
         out.append(
-            f"{r['model']} {r['quadrant']} {r['share']:.0%} ({r['diff_vs_first']:+.0%}, 95% interval of the "
-            f"difference [{r['diff_ci_low']:+.0%}, {r['diff_ci_high']:+.0%}])"
+            f"{r['model']} {r['quadrant']} {r['share']:.0%} ({100 * r['diff_vs_first']:+.0f} points, 95% interval "
+            f"[{100 * r['diff_ci_low']:+.0f}, {100 * r['diff_ci_high']:+.0f}])"
         )
     return out
 
