@@ -328,6 +328,83 @@ def concepts(
 
 
 @app.command()
+def metric(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    eps: Annotated[str, typer.Option("--eps", help="L-inf budget of the KL maximiser, e.g. 0.1 or 8/255")] = "0.1",
+    steps: Annotated[int, typer.Option("--steps", min=1, max=100_000, help="PGD steps on KL (alpha = eps/4)")] = 20,
+    restarts: Annotated[int, typer.Option("--restarts", min=1, max=1000, help="restarts of the maximiser")] = 1,
+    calibration: Annotated[
+        str, typer.Option("--calibration", help="temperature (mean max-softmax 0.9), logit_norm or none")
+    ] = "temperature",
+    evaluate: Annotated[
+        bool, typer.Option("--evaluate", help="also time a PGD-100 robust-accuracy evaluation of the same images")
+    ] = False,
+    models: Annotated[
+        str | None, typer.Option("--models", help="other checkpoints to compare, comma-separated (default: PAT)")
+    ] = None,
+    study: Annotated[str | None, typer.Option("--study", help="folder of a YU-1 study to show")] = None,
+    n: NOpt = 1000,
+    seed: SeedOpt = None,
+    quick: QuickOpt = False,
+    out: OutOpt = Path("runs/metric"),
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Robustness metric Ψ: the largest prediction divergence (KL) in the eps-ball, no labels needed."""
+    from .runs import check_out
+
+    check_out(out, overwrite)
+    options: dict[str, Any] = {"eps": _eps(eps, "--eps", True), "steps": steps, "restarts": restarts,
+                               "calibration": calibration, "evaluation": evaluate, "n": n}  # fmt: skip
+    if models is not None:
+        options["compare"] = _names(models)
+        for name in options["compare"]:
+            _check_checkpoint(name)
+    if study is not None:
+        options["study"] = study
+    _analysis_run("metric", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose)
+
+
+@app.command()
+def landscape(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    eps: Annotated[str, typer.Option("--eps", help="threat radius (L-inf, or L2 with --norm l2)")] = "0.1",
+    grid: Annotated[int, typer.Option("--grid", min=3, max=401, help="G x G grid (odd)")] = 41,
+    norm: Annotated[str, typer.Option("--norm", help="direction units: linf or l2")] = "linf",
+    direction: Annotated[str, typer.Option("--direction", help="d1: pgd (stored PGD example) or gradient")] = "pgd",
+    models: Annotated[
+        str | None, typer.Option("--models", help="other checkpoints side by side, comma-separated (default: PAT)")
+    ] = None,
+    n: NOpt = 100,
+    seed: SeedOpt = None,
+    quick: QuickOpt = False,
+    out: OutOpt = Path("runs/landscape"),
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Decision and CE surfaces in input space around test images: contours, 3-D, a* and steepness."""
+    from .runs import check_out
+
+    check_out(out, overwrite)
+    options: dict[str, Any] = {"eps": _eps(eps, "--eps", norm != "l2"), "grid": grid, "norm": norm,
+                               "direction": direction, "n": n}  # fmt: skip
+    if models is not None:
+        options["compare"] = _names(models)
+        for name in options["compare"]:
+            _check_checkpoint(name)
+    _analysis_run("landscape", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume,
+                  verbose)  # fmt: skip
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Re-render report.html from a run directory's files alone (only files inside it are read)."""
     from .report import render_report

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from .landscape import LandscapeResult
@@ -23,7 +24,9 @@ def landscape_contours(results: Mapping[str, LandscapeResult], surface: str = "d
     for ax, (name, r) in zip(axes, results.items(), strict=True):
         z = (r.mean_decision if surface == "decision" else r.mean_loss).numpy()
         a, b = r.a.numpy(), r.b.numpy()
-        cs = ax.contourf(b, a, z, levels=20, cmap="RdBu" if surface == "decision" else "viridis")
+        centred = surface == "decision" and z.min() < 0 < z.max()
+        norm = TwoSlopeNorm(0.0, float(z.min()), float(z.max())) if centred else None  # white at D = 0
+        cs = ax.contourf(b, a, z, levels=20, cmap="RdBu" if surface == "decision" else "viridis", norm=norm)
         fig.colorbar(cs, ax=ax, shrink=0.85)
         if surface == "decision" and z.min() < 0 < z.max():
             ax.contour(b, a, z, levels=[0.0], colors="k", linewidths=1.5)

@@ -1,0 +1,231 @@
+"""Stage `metric`: the model-level robustness metric Ψ (METHODS §2.3) of the run's model and of
+the compared models, its wall time beside that of a PGD robust-accuracy evaluation of the same
+images, and the YU-1 study (§2.4) when one has been run (`python -m robustdissect.analysis.metric_study`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis.metric import CALIBRATIONS, MetricResult, robustness_metric
+from ..attacks import PGD, Attack
+from ..config import parse_eps, stage_options
+from ..errors import UserError
+from ..evaluation import wilson_interval
+from ..pipeline import STAGES, Context, section
+from .training import _load
+
+log = logging.getLogger(__name__)
+
+PAT = "fmnist-smallcnn-pat"
+# docs/results/yu1 of a source checkout (src/robustdissect/stages/metric.py -> repository root)
+CHECKOUT_STUDY = Path(__file__).resolve().parents[3] / "docs" / "results" / "yu1"
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    """Options of the `metric` stage.
+
+    eps, steps, alpha (None: ε/4), restarts: the KL maximiser; n: images (a prefix of the run's
+    analysed split; None = all); calibration: "temperature" (T with mean max-softmax =
+    `target_confidence` on `calibration_n` validation images), "logit_norm" (s·Z/‖Z‖₂, s =
+    `logit_scale`) or "none"; compare: other checkpoints (None: PAT when the run's model is a
+    shipped Fashion-MNIST smallcnn); evaluation: also time a PGD-`eval_steps` robust-accuracy
+    evaluation (α = 2.5ε/k, random start, `eval_restarts`) of the same images; study: folder of a
+    YU-1 study to show (None: docs/results/yu1 of the checkout when present)."""
+
+    eps: float | str = 0.1
+    steps: int = 20
+    alpha: float | None = None
+    restarts: int = 1
+    n: int | None = 1000
+    calibration: str = "temperature"
+    target_confidence: float = 0.9
+    calibration_n: int = 1000
+    logit_scale: float = 10.0
+    compare: list[str] | None = None
+    evaluation: bool = True
+    eval_steps: int = 100
+    eval_restarts: int = 2
+    study: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATIONS:
+            raise UserError(f"metric: calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
+        for name in ("steps", "restarts", "calibration_n", "eval_steps", "eval_restarts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"metric: {name} must be an integer >= 1, got {v!r}")
+        if self.n is not None and (not isinstance(self.n, int) or self.n < 1):
+            raise UserError(f"metric: n must be an integer >= 1 or null, got {self.n!r}")
+        if not 0 < self.target_confidence < 1:
+            raise UserError(f"metric: target_confidence must be in (0, 1), got {self.target_confidence}")
+        parse_eps(self.eps)
+
+
+# The default run: 100 images, no timed evaluation (the evaluate stage's tables have the accuracies).
+QUICK_METRIC: dict[str, Any] = {"n": 100, "calibration_n": 500, "evaluation": False}
+
+
+def compared_models(ctx: Context, compare: list[str] | None) -> tuple[dict[str, nn.Module], list[str]]:
+    """The run's model first, then the compared checkpoints by short name; warnings for those
+    that cannot be loaded. `compare=None`: PAT when the run's model is a shipped FMNIST smallcnn."""
+    name = Path(ctx.config.model).stem
+    models: dict[str, nn.Module] = {name: ctx.model}
+    warnings: list[str] = []
+    if compare is None:
+        arch = ctx.card.get("arch", {}) if isinstance(ctx.card.get("arch"), dict) else {}
+        shipped_fmnist = name.startswith("fmnist-") and arch.get("name") == "smallcnn"
+        compare = [PAT] if shipped_fmnist and name != PAT else []
+    for other in compare:
+        got = _load(other, ctx.data.name)
+        if isinstance(got, str):
+            warnings.append(got)
+            continue
+        models[Path(other).stem] = got[0].to(ctx.device)
+    return models, warnings
+
+
+def _psi(ctx: Context, model: nn.Module, x: torch.Tensor, index: torch.Tensor, opts: MetricOptions) -> MetricResult:
+    def run_attack(wrapped: nn.Module, attack: Attack, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return ctx.attack(attack, xs, ys, index, model=wrapped).x_adv
+
+    cal = ctx.data.val.x[: opts.calibration_n] if len(ctx.data.val) else x
+    return robustness_metric(
+        model, x, eps=parse_eps(opts.eps), steps=opts.steps, alpha=opts.alpha, restarts=opts.restarts,
+        calibration=opts.calibration, calibration_x=cal, target_confidence=opts.target_confidence,
+        logit_scale=opts.logit_scale, seed=ctx.config.seed, run_attack=run_attack,
+    )  # fmt: skip
+
+
+def _timed_evaluation(ctx: Context, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                      opts: MetricOptions) -> dict[str, Any]:  # fmt: skip
+    """PGD robust accuracy of the same images, with its wall time when computed in this call."""
+    import time
+
+    attack = PGD(parse_eps(opts.eps), steps=opts.eval_steps, step_rule="madry", restarts=opts.eval_restarts,
+                 early_stop=True, seed=ctx.config.seed, batch_size=500)  # fmt: skip
+    before = ctx.store.misses.get("adv", 0)
+    t0 = time.perf_counter()
+    out = ctx.attack(attack, x, y, index, model=model)
+    seconds = time.perf_counter() - t0
+    computed = ctx.store.misses.get("adv", 0) > before
+    c = int(out.correct.sum())
+    lo, hi = wilson_interval(c, len(y))
+    return {"pgd_accuracy": c / len(y), "pgd_ci_low": lo, "pgd_ci_high": hi,
+            "eval_seconds": seconds if computed else math.nan}  # fmt: skip
+
+
+def study_folder(option: str | None) -> Path | None:
+    """The YU-1 study folder to show, or None."""
+    if option is not None:
+        return Path(option)
+    return CHECKOUT_STUDY if (CHECKOUT_STUDY / "yu1.json").is_file() else None
+
+
+def _study_block(ctx: Context, option: str | None, tables: list[dict[str, Any]], figures: list[dict[str, str]],
+                 warnings: list[str]) -> dict[str, Any] | None:  # fmt: skip
+    """Tables and the scatter of a finished YU-1 study; its summary, or None."""
+    from ..analysis.metric_study import read_study
+    from ..analysis.plots_metric import study_scatter
+
+    folder = study_folder(option)
+    if folder is None:
+        warnings.append("no YU-1 study to show: run python -m robustdissect.analysis.metric_study --out "
+                        "docs/results/yu1 and set metric.study to that folder")  # fmt: skip
+        return None
+    study = read_study(folder)
+    rows = study["rows"]
+    keep = ["model", "arch", "width", "objective", "clean", "psi_mean", "psi_p90", "psi_seconds", "eval_seconds",
+            *study["accuracy_columns"], "boundary_inside_eps", "boundary_median", "steepness"]  # fmt: skip
+    ctx.run.write_table("metric_yu1_models", rows, columns=[k for k in keep if k in rows[0]])
+    corr = [{"accuracy_column": col, **vals} for col, vals in study["correlations"].items()]
+    ctx.run.write_table("metric_yu1_correlations", corr)
+    stab = study["stability"]
+    stab_rows = [{"ranking_by": k, **{m: v for m, v in s.items() if m != "columns"}, "settings": len(s["columns"])}
+                 for k, s in stab.items()]  # fmt: skip
+    ctx.run.write_table("metric_yu1_stability", stab_rows)
+    tables += [
+        {"file": "tables/metric_yu1_correlations.csv", "show": True,
+         "title": "YU-1: Spearman / Kendall between −Ψ and each accuracy column (95% bootstrap intervals over models)"},
+        {"file": "tables/metric_yu1_stability.csv", "show": True,
+         "title": "YU-1: how much the model ranking moves across test settings (mean pairwise Kendall τ)"},
+        {"file": "tables/metric_yu1_models.csv", "show": True, "title": "YU-1: the model family"},
+    ]  # fmt: skip
+    ctx.run.save_figure("metric_yu1_scatter", study_scatter(rows, study["accuracy_columns"], study["correlations"]))
+    caption = "YU-1: Ψ against adversarial accuracy per test setting, one point per model"
+    figures.append({"file": "figures/metric_yu1_scatter.png", "caption": caption})
+    return {"settings": study["settings"], "timing": study["timing"], "stability": stab,
+            "correlations": study["correlations"], "models": len(rows)}  # fmt: skip
+
+
+@STAGES.register("metric", "robustness metric Psi (max KL in the eps-ball, calibrated), its cost, the YU-1 study")
+def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Ψ of the run's model and the compared ones (maximiser through the evidence store), the
+    optional timed PGD evaluation, and the YU-1 study."""
+    from ..analysis.plots_metric import psi_histograms
+
+    opts: MetricOptions = stage_options(MetricOptions, options, "metric")
+    split = ctx.split
+    n = len(split) if opts.n is None else min(opts.n, len(split))
+    x, y = split.x[:n], split.y[:n]
+    index = torch.arange(n)
+    models, warnings = compared_models(ctx, opts.compare)
+    rows: list[dict[str, Any]] = []
+    psis: dict[str, Any] = {}
+    for name, model in models.items():
+        log.info("metric: %s on %d images", name, n)
+        r = _psi(ctx, model, x, index, opts)
+        row: dict[str, Any] = {"model": name, **r.summary()}
+        if opts.evaluation:
+            row.update(_timed_evaluation(ctx, model, x, y, index, opts))
+            row["psi_over_eval_time"] = r.seconds / row["eval_seconds"] if row["eval_seconds"] > 0 else math.nan
+        if not r.calibrated:
+            warnings.append(f"{name}: no temperature reaches mean max-softmax {opts.target_confidence} "
+                            f"(T = {r.temperature:.3g} used)")  # fmt: skip
+        rows.append(row)
+        psis[name] = r.psi.numpy()
+    ctx.run.write_table("metric_psi", rows)
+    title = "Ψ = mean ψ(x) and its 90th percentile (lower = more robust)"
+    tables: list[dict[str, Any]] = [{"file": "tables/metric_psi.csv", "show": True, "title": title}]
+    ctx.run.save_figure("metric_psi_hist", psi_histograms(psis))
+    figures: list[dict[str, str]] = [{"file": "figures/metric_psi_hist.png", "caption": "ψ(x) per image and model"}]
+    study = _study_block(ctx, opts.study, tables, figures, warnings)
+    summary: dict[str, Any] = {}
+    for row in rows:
+        name = row["model"]
+        summary[f"Ψ {name}"] = f"{row['psi_mean']:.4g} (p90 {row['psi_p90']:.4g}) in {row['seconds']:.2f} s"
+        if opts.evaluation:
+            took = row["eval_seconds"]
+            ratio = row["psi_over_eval_time"]
+            timing = f"in {took:.2f} s (Ψ: {ratio:.2f}× that)" if math.isfinite(took) else "(stored)"
+            summary[f"PGD-{opts.eval_steps} accuracy {name}"] = f"{row['pgd_accuracy']:.1%} {timing}"
+    text = (
+        f"ψ(x) = max KL(p_T(x) ‖ p_T(x+δ)) over the L∞ ball of ε = {parse_eps(opts.eps):g} ∩ [0,1], by PGD on KL "
+        f"({opts.steps} steps, {opts.restarts} restart(s)), {opts.calibration} calibration, on {n} images; "
+        "no labels are used. Ψ is the mean over images."
+    )
+    if study is not None:
+        t = study["timing"]
+        sp = study["correlations"]
+        best = max(sp, key=lambda c: sp[c]["spearman"] if not math.isnan(sp[c]["spearman"]) else -2)
+        text += (
+            f" YU-1 ({study['models']} models): Spearman(−Ψ, accuracy) ranges "
+            f"{min(v['spearman'] for v in sp.values()):.2f}–{max(v['spearman'] for v in sp.values()):.2f} "
+            f"(best {best}); the accuracy ranking across test settings has mean pairwise Kendall τ "
+            f"{study['stability']['accuracy']['mean_pairwise_kendall']:.2f}, Ψ's across its settings "
+            f"{study['stability']['psi']['mean_pairwise_kendall']:.2f}; the full evaluation took "
+            f"{t['full_over_psi']:.1f}× Ψ's time, PGD-100 alone {t['pgd100_over_psi']:.1f}×."
+        )
+    return section("Robustness metric Ψ", text=text, summary=summary, tables=tables, figures=figures,
+                   warnings=warnings, models=rows, study=study)  # fmt: skip
+
+
+metric_stage.options_class = MetricOptions  # type: ignore[attr-defined]
+metric_stage.reduced_options = QUICK_METRIC  # type: ignore[attr-defined]
