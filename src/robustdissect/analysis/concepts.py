@@ -221,12 +221,9 @@ def dissect(
     layers = list(dict.fromkeys(layers))
     k_concepts = len(concepts.concepts)
     cat_index = torch.tensor(concepts.concept_category, dtype=torch.long)
-    annotated = concepts.annotated().double()  # (N, G)
-    area = concepts.areas()  # (K,)
-    # (n_planes, N, H·W) int32 labels: half the memory traffic of int64 in the gathers below
-    planes = torch.stack([p.reshape(len(concepts), hw) for p in concepts.planes]).to(torch.int32)
-    if planes.shape[0] == 0:
+    if not concepts.planes:
         raise UserError("the concept set has no labels")
+    area = torch.zeros(k_concepts, dtype=torch.float64)  # |L_c|, summed batch by batch in pass 2
 
     # pass 1: thresholds and top images
     quant: dict[str, StreamingQuantile] = {name: StreamingQuantile(bins) for name in layers}
@@ -274,8 +271,11 @@ def dissect(
     act_null = {n: torch.zeros(0, dtype=torch.float64) for n in layers}
     for s, maps in _maps(model, layers, x, batch_size):
         b = next(iter(maps.values())).shape[0]
-        ann = annotated[s : s + b]
-        lab = planes[:, s : s + b].reshape(planes.shape[0], -1)  # (n_planes, B·H·W)
+        part = slice(s, s + b)
+        ann = concepts.annotated(part).double()  # (B, G)
+        area += concepts.areas(part)
+        # (n_planes, B·H·W) int32 labels: half the memory traffic of int64 in the gathers below
+        lab = torch.stack([p[part].reshape(-1) for p in concepts.planes]).to(torch.int32)
         perms = torch.argsort(torch.rand(permutations, b, generator=gen), dim=1) if permutations else None
         for name, a in maps.items():
             u = a.shape[1]
@@ -285,8 +285,12 @@ def dissect(
                 inter_null[name] = torch.zeros(permutations, u, k_concepts, dtype=torch.float64)
                 act_null[name] = torch.zeros(permutations, u, n_cat, dtype=torch.float64)
             t = thresholds[name].to(a.device, torch.float32)
-            mask = (_upsample(a, size) > t[None, :, None, None]).cpu()
-            ib, iu, iy, ix = mask.nonzero(as_tuple=True)
+            # bilinear values are convex combinations of the raw map, so only maps whose raw
+            # maximum exceeds T_k can have active pixels: upsample those alone
+            hot_b, hot_u = (a.amax((2, 3)) > t[None, :]).nonzero(as_tuple=True)
+            maps_hot = _upsample(a[hot_b, hot_u][:, None], size)[:, 0]  # (M, H, W)
+            im, iy, ix = (maps_hot > t[hot_u][:, None, None]).cpu().nonzero(as_tuple=True)
+            ib, iu = hot_b.cpu()[im], hot_u.cpu()[im]
             pix = iy * size[1] + ix
             cnt = torch.bincount(ib * u + iu, minlength=b * u).view(b, u).double()  # (B, U) active pixels
             act[name] += cnt.t() @ ann

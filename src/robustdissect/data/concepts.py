@@ -97,14 +97,16 @@ class ConceptSet:
     def category_of(self, concept: int) -> str:
         return self.categories[self.concept_category[concept]]
 
-    def annotated(self) -> torch.Tensor:
-        """(N, G) bool: image i carries a label of category g somewhere (NetDissect-Lite counts a
-        unit's activation in the union only over images annotated for the concept's category)."""
-        n, g = len(self), len(self.categories)
+    def annotated(self, part: slice = slice(None)) -> torch.Tensor:
+        """(N, G) bool: image i (of the slice `part`) carries a label of category g somewhere
+        (NetDissect-Lite counts a unit's activation in the union only over images annotated for
+        the concept's category)."""
+        g = len(self.categories)
+        n = len(range(len(self))[part])
         out = torch.zeros(n, g, dtype=torch.bool)
         cat = torch.tensor(self.concept_category, dtype=torch.long)
         for p in self.planes:
-            flat = p.reshape(n, -1)
+            flat = p[part].reshape(n, -1)
             valid = flat >= 0
             cats = torch.where(valid, cat[flat.clamp_min(0)], torch.full_like(flat, g))
             hit = torch.zeros(n, g + 1, dtype=torch.bool)
@@ -112,11 +114,12 @@ class ConceptSet:
             out |= hit[:, :g]
         return out
 
-    def areas(self) -> torch.Tensor:
-        """(n_concepts,) float64: labelled pixels of each concept over the whole set, |L_c|."""
+    def areas(self, part: slice = slice(None)) -> torch.Tensor:
+        """(n_concepts,) float64: labelled pixels of each concept over the images of `part`, |L_c|."""
         total = torch.zeros(len(self.concepts), dtype=torch.float64)
         for p in self.planes:
-            v = p[p >= 0]
+            v = p[part]
+            v = v[v >= 0]
             total += torch.bincount(v, minlength=len(self.concepts)).double()
         return total
 
