@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -232,27 +232,38 @@ def responses(model: nn.Module, x: Tensor, layers: Sequence[str], batch_size: in
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def _layer_batches(model: nn.Module, x: Tensor, layers: Sequence[str], batch_size: int) -> Any:
-    device = model_device(model, x.device)
+def _layer_batches(
+    model: nn.Module, x: Tensor | Iterable[Tensor], layers: Sequence[str], batch_size: int
+) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    """(batch, {layer: (B, C) spatial means}) over images x (N, C, H, W) or an iterable of batches."""
+    device = model_device(model)
     names = list(layers)
     got: dict[str, Tensor] = {}
+    batches: Iterable[Tensor] = (
+        (x[s : s + batch_size] for s in range(0, x.shape[0], batch_size)) if isinstance(x, Tensor) else x
+    )
 
     def keep(name: str, a: Tensor) -> None:
         got[name] = spatial_reduce(a).float().cpu()
 
     with eval_mode(model), torch.no_grad(), record(model, names, keep, keep=False):
-        for s in range(0, x.shape[0], batch_size):
-            xb = x[s : s + batch_size].to(device)
+        for batch in batches:
+            xb = batch.to(device)
             got.clear()
             model(xb)
             yield xb, dict(got)
 
 
 def reference_statistics(
-    model: nn.Module, x_ref: Tensor, layers: Sequence[str], batch_size: int = 250, capacity: int = 4096
+    model: nn.Module,
+    x_ref: Tensor | Iterable[Tensor],
+    layers: Sequence[str],
+    batch_size: int = 250,
+    capacity: int = 4096,
 ) -> Reference:
-    """One streaming pass over clean reference images x_ref (N, C, H, W): Welford mean/std and
-    the CDF sketch of every unit's response. A unit with zero spread gets s = 1 (f = a − μ)."""
+    """One streaming pass over clean reference images x_ref (N, C, H, W), or an iterable of such
+    batches: Welford mean/std and the CDF sketch of every unit's response; memory does not grow
+    with N beyond the sketch. A unit with zero spread gets s = 1 (f = a − μ)."""
     names = list(layers)
     moments, cdf = Welford(), ChannelCDF(capacity)
     channels: list[int] = []
