@@ -88,6 +88,10 @@ def run(
         bool, typer.Option("--overwrite", help="replace an existing run directory (only one robustdissect made)")
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
+    sample: Annotated[
+        bool, typer.Option("--sample", help="a seeded random sample of --n images instead of the first n")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary of results.json as JSON")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs; tracebacks on the terminal")] = False,
 ) -> None:
     """Run the full dissection and write a run directory with report.html."""
@@ -102,18 +106,34 @@ def run(
     cfg = cfg.replace(model=model, weights=weights, dataset=data, data_dir=data_dir, n=n, seed=seed)
     if full:
         cfg = cfg.replace(quick=False)
+    if sample:
+        cfg = cfg.replace(sample=True)
     if quick:
         cfg = quick_config(cfg)
     path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume)
-    _print_headline(path)
+    _print_headline(path, as_json)
 
 
-def _print_headline(path: Path) -> None:
-    """The run's numbers on the console, then the path of its report."""
+def _print_headline(path: Path, as_json: bool = False) -> None:
+    """The run's numbers on the console, then the path of its report; with `as_json`, the
+    summary of results.json (headline, per stage summary, seconds) as JSON instead."""
+    import json
+
     from .pipeline import headline
     from .runs import read_json
 
-    for line in headline(read_json(path / "results.json")):
+    results = read_json(path / "results.json")
+    if as_json:
+        keep = ("model", "dataset", "clean_accuracy", "robust_accuracy", "headline", "evidence")
+        summary = {k: results[k] for k in keep if k in results}
+        summary["stages"] = {
+            name: {"summary": e.get("summary", {}), "warnings": e.get("warnings", []), "seconds": e.get("seconds")}
+            for name, e in results.get("stages", {}).items()
+        }
+        summary["report"] = str(path / "report.html")
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for line in headline(results):
         typer.echo(line)
     typer.echo(f"wrote {path}/report.html")
 
@@ -132,18 +152,28 @@ def _analysis_run(
     overwrite: bool,
     resume: bool,
     verbose: bool,
+    *,
+    config: Path | None = None,
+    as_json: bool = False,
+    sample: bool = False,
 ) -> None:
-    """Run the overview stage plus one analysis stage into a run directory."""
-    from .config import RunConfig
+    """Run the overview stage plus one analysis stage into a run directory. With `config` (a run
+    YAML), its settings and its block for this stage are the base; options given on the command
+    line win."""
+    from .config import RunConfig, load_config
     from .pipeline import quick_config, run_pipeline
 
     _setup_logging(verbose)
-    cfg = RunConfig(stages={"overview": {}, stage: stage_options}, quick=False)
+    base = load_config(config) if config else RunConfig(quick=False)
+    options = {**base.stages.get(stage, {}), **stage_options}
+    cfg = base.replace(stages={"overview": {}, stage: options}, quick=base.quick if config else False)
     cfg = cfg.replace(model=model, weights=weights, dataset=data, data_dir=data_dir, n=n, seed=seed)
+    if sample:
+        cfg = cfg.replace(sample=True)
     if quick:
         cfg = quick_config(cfg)
     path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume)
-    _print_headline(path)
+    _print_headline(path, as_json)
 
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="run directory to create")]
@@ -155,6 +185,13 @@ OverwriteOpt = Annotated[
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue an interrupted run (cached results are reused)")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logs; tracebacks on the terminal")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="run YAML: its settings and this stage's block are the base")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the summary of results.json as JSON")]
+SampleOpt = Annotated[
+    bool, typer.Option("--sample", help="a seeded random sample of --n images instead of the first n in file order")
+]
 
 
 @app.command()
@@ -167,20 +204,50 @@ def evaluate(
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget in pixel units, e.g. 0.1 or 8/255")] = "0.1",
     eps_l2: Annotated[str, typer.Option("--eps-l2", help="L2 budget")] = "1.5",
     steps: Annotated[int, typer.Option("--steps", min=1, max=100_000, help="PGD steps")] = 20,
+    attack_opt: Annotated[
+        list[str] | None,
+        typer.Option("--attack-opt", help="ATTACK.PARAM=VALUE for any attack parameter, e.g. pgd-linf.alpha=0.01, "
+                     "pgd-linf.alpha=2.5eps/k, pgd-linf.restarts=5, apgd-ce.steps=50 (repeatable)"),
+    ] = None,
+    curves: Annotated[
+        str | None, typer.Option("--curves", help="eps,steps (default), eps, steps or none: the sweeps and checks")
+    ] = None,
+    corruptions: Annotated[
+        str | None, typer.Option("--corruptions", help="comma-separated corruptions, or none (default: all seven)")
+    ] = None,
     n: NOpt = 1000,
     seed: SeedOpt = None,
+    sample: SampleOpt = False,
     quick: QuickOpt = False,
+    config: ConfigOpt = None,
     out: OutOpt = Path("runs/evaluate"),
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Robust accuracy under every attack (with 95% intervals), curves, grids, masking checks."""
+    """Robust accuracy under every attack (with 95% intervals), worst case per threat model,
+    curves, grids, masking checks."""
     from .runs import check_out
 
     check_out(out, overwrite)
-    options = {"attacks": attacks, "eps": _eps(eps, "--eps", True), "eps_l2": _eps(eps_l2, "--eps-l2", False)}
+    options: dict[str, Any] = {
+        "attacks": attacks, "eps": _eps(eps, "--eps", True), "eps_l2": _eps(eps_l2, "--eps-l2", False),
+    }  # fmt: skip
     options["pgd_steps"] = steps
+    if attack_opt:
+        options["attack_options"] = _attack_options(attack_opt)
+    if curves is not None:
+        chosen = set(_names(curves)) - {"none"}
+        if not chosen <= {"eps", "steps"}:
+            raise UserError(f"--curves takes eps, steps or none, got {curves!r}")
+        options["curves"] = bool(chosen)
+        if chosen == {"eps"}:
+            options["steps_sweep"] = [steps]
+        elif chosen == {"steps"}:
+            options["eps_sweep"] = [options["eps"]]
+    if corruptions is not None:
+        options["corruptions"] = [c for c in _names(corruptions) if c != "none"]
     if attacks != "all":
         from .attacks import ATTACKS
 
@@ -188,7 +255,8 @@ def evaluate(
             raise UserError("--attacks must be 'all' or a comma-separated list of attack names")
         for name in _names(attacks):
             ATTACKS.get(name)  # unknown names fail here, with close matches, before any work
-    _analysis_run("evaluate", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose)
+    _analysis_run("evaluate", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose,
+                  config=config, as_json=as_json, sample=sample)  # fmt: skip
 
 
 @app.command()
@@ -207,14 +275,19 @@ def sensitivity(
         str | None, typer.Option("--experiments", help="comma-separated: profiles, amplification, eps_sweep, ...")
     ] = None,
     models: Annotated[
-        str | None, typer.Option("--models", help="other checkpoints to overlay, comma-separated")
+        str | None,
+        typer.Option("--models", help="other models to overlay, comma-separated: shipped names, checkpoint files, "
+                     "file.py:factory"),
     ] = None,
     n: NOpt = 1000,
     seed: SeedOpt = None,
+    sample: SampleOpt = False,
     quick: QuickOpt = False,
+    config: ConfigOpt = None,
     out: OutOpt = Path("runs/sensitivity"),
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
+    as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Neuron sensitivity: every experiment of the paper (profiles, amplification, ratio vs eps, ...)."""
@@ -233,8 +306,9 @@ def sensitivity(
         for name in options["compare"]:
             _check_checkpoint(name)
     _analysis_run(
-        "sensitivity", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose
-    )
+        "sensitivity", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose,
+        config=config, as_json=as_json, sample=sample,
+    )  # fmt: skip
 
 
 @app.command()
@@ -557,10 +631,30 @@ def list_(
             typer.echo(f"{entry.name:<20} {entry.summary}")
 
 
+def _attack_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """`ATTACK.PARAM=VALUE` strings -> {attack: {param: value}} (values read as YAML scalars)."""
+    from .attacks import ATTACKS
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        attack, dot, param = key.strip().rpartition(".")
+        if not sep or not dot or not attack or not param:
+            raise UserError(f"--attack-opt expects ATTACK.PARAM=VALUE (e.g. pgd-linf.alpha=0.01), got {item!r}")
+        ATTACKS.get(attack)  # unknown attack names fail with close matches
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        out.setdefault(attack, {})[param.strip()] = parsed
+    return out
+
+
 def _check_checkpoint(name: str) -> None:
-    """A `--models` entry must be a shipped checkpoint or a checkpoint file with its card."""
-    from .errors import unknown_name
+    """A `--models` entry takes the specs of `--model` (a shipped checkpoint, a checkpoint file
+    with its card, a `file.py:factory` / `pkg.module:factory`); it must resolve before any work."""
     from .models import shipped_checkpoints
+    from .models.resolve import resolve_model
 
     if name in shipped_checkpoints():
         return
@@ -570,7 +664,10 @@ def _check_checkpoint(name: str) -> None:
             if not p.is_file():
                 raise UserError(f"--models {name}: {p} does not exist (a checkpoint needs its weights and card)")
         return
-    raise unknown_name("checkpoint in --models", name, shipped_checkpoints())
+    try:
+        resolve_model(name, require_weights=False)
+    except UserError as e:
+        raise UserError(f"--models {name}: {e}") from None
 
 
 def _one_line(text: str) -> str:

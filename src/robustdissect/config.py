@@ -32,6 +32,7 @@ class RunConfig:
     data_dir: str | None = None
     split: str = "test"
     n: int | None = 500  # images analysed (None = the whole split)
+    sample: bool = False  # false: the first n images in file order; true: a seeded random sample
     batch_size: int = 250
     seed: int = 0
     device: str = "auto"
@@ -104,6 +105,7 @@ def _check_types(cfg: RunConfig) -> None:
     need(_is_int(cfg.seed) and 0 <= cfg.seed < 2**63, "seed must be a non-negative integer", cfg.seed)
     need(isinstance(cfg.device, str) and _DEVICE.fullmatch(cfg.device) is not None, _DEVICE_HELP, cfg.device)
     need(isinstance(cfg.quick, bool), "quick must be true or false", cfg.quick)
+    need(isinstance(cfg.sample, bool), "sample must be true or false", cfg.sample)
     need(
         isinstance(cfg.stages, dict) and all(isinstance(v, dict) for v in cfg.stages.values()),
         "stages must map stage names to option mappings",

@@ -38,7 +38,9 @@ class EvaluateOptions:
     eps: float | str = 0.1  # L-inf budget (pixel units)
     eps_l2: float | str = 1.5  # L2 budget
     pgd_steps: int = 20
-    step_rule: str = "madry"  # alpha = 2.5 eps / k for evaluation tables; "paper" = eps / sqrt(k)
+    # alpha = eps/sqrt(k) ("paper", the neuron-sensitivity paper's stated rule; also the sensitivity
+    # stage's), or "2.5eps/k" (Madry et al.); a number in attack_options[<attack>].alpha wins
+    step_rule: str = "paper"
     cw_steps: int = 300
     cw_search_steps: int = 3
     apgd_steps: int = 100
@@ -59,6 +61,8 @@ class EvaluateOptions:
     # the points still robust); table attacks among them reuse their stored results
     worst_case: list[str] = field(default_factory=lambda: ["pgd-linf", "fgsm", "apgd-ce", "apgd-dlr"])
     curves: bool = True  # accuracy against eps and steps, and the gradient-masking checks
+    # any parameter an attack class takes, per attack: {"pgd-linf": {"alpha": 0.01, "restarts": 5}}
+    attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def attack_names(self) -> list[str]:
         if self.attacks == "all":
@@ -90,28 +94,47 @@ QUICK_EVALUATE = {
 
 
 def build_attack(name: str, opts: EvaluateOptions, seed: int) -> Attack:
-    """The evaluation's instance of a table attack."""
+    """The evaluation's instance of a table attack; `opts.attack_options[name]` overrides any of
+    its parameters (unknown ones are refused with the list of those it takes)."""
+    extra = dict(opts.attack_options.get(name, {}))
+    if not isinstance(opts.attack_options.get(name, {}), dict):
+        raise UserError(f"attack_options.{name} must be a mapping of parameter -> value")
+    if "eps" in extra:
+        extra["eps"] = parse_eps(extra["eps"])
+    if isinstance(extra.get("alpha"), str):  # a rule by name: "eps/sqrt(k)", "2.5eps/k", or a number
+        text = extra.pop("alpha").strip()
+        try:
+            extra["alpha"] = parse_eps(text)
+        except UserError:
+            extra["step_rule"] = text
+    return _build_attack(name, opts, seed, extra)
+
+
+def _build_attack(name: str, opts: EvaluateOptions, seed: int, extra: dict[str, Any]) -> Attack:
     eps, eps_l2 = parse_eps(opts.eps), parse_eps(opts.eps_l2)
     common: dict[str, Any] = {"seed": seed, "batch_size": opts.batch_size}
+    def make(attack: str, **kwargs: Any) -> Attack:
+        return make_attack(attack, **{**kwargs, **extra})
+
     if name == "pgd-linf":
-        return make_attack(name, eps=eps, steps=opts.pgd_steps, step_rule=opts.step_rule, early_stop=True, **common)
+        return make(name, eps=eps, steps=opts.pgd_steps, step_rule=opts.step_rule, early_stop=True, **common)
     if name == "pgd-l2":
-        return make_attack(
+        return make(
             name, eps=eps_l2, steps=opts.pgd_steps, step_rule=opts.step_rule, early_stop=True, **common
         )
     if name == "fgsm":
-        return make_attack(name, eps=eps, **common)
+        return make(name, eps=eps, **common)
     if name == "cw-l2":
-        return make_attack(name, steps=opts.cw_steps, search_steps=opts.cw_search_steps, **common)
+        return make(name, steps=opts.cw_steps, search_steps=opts.cw_search_steps, **common)
     if name in ("apgd-ce", "apgd-dlr"):
-        return make_attack(name, eps=eps, steps=opts.apgd_steps, **common)
+        return make(name, eps=eps, steps=opts.apgd_steps, **common)
     if name == "spsa":
-        return make_attack(name, eps=eps, iterations=opts.spsa_iterations, n_samples=opts.spsa_samples, **common)
+        return make(name, eps=eps, iterations=opts.spsa_iterations, n_samples=opts.spsa_samples, **common)
     if name == "nattack":
-        return make_attack(
+        return make(
             name, eps=eps, iterations=opts.nattack_iterations, population=opts.nattack_population, **common
         )
-    return make_attack(name, **common)
+    return make(name, **common)
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:

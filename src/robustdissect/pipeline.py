@@ -62,8 +62,9 @@ class Context:
 
     @property
     def split(self) -> Split:
-        """The analysed images: `config.n` images of `config.split`, a seeded subset."""
-        return self.data.split(self.config.split).subset(self.config.n, seed=self.config.seed)
+        """The analysed images: the first `config.n` images of `config.split` in file order, or
+        a seeded random sample of n with `config.sample`."""
+        return analysed_split(self.data, self.config)
 
     def attack(
         self, attack: Attack, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, model: nn.Module | None = None
@@ -147,11 +148,25 @@ def environment(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
 def prepare(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any], Dataset, torch.device]:
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     model, card = resolve_model(cfg.model, cfg.weights, cfg.model_args, data)
+    available = len(data.split(cfg.split))
+    if cfg.n is not None and cfg.n > available:
+        log.warning("asked for %d images, but the %s split of %s holds %d: analysing all %d",
+                    cfg.n, cfg.split, data.name, available, available)  # fmt: skip
     card_ds = card.get("dataset")
     if card_ds and card_ds != cfg.dataset:
         raise UserError(f"model {cfg.model} was trained on {card_ds}, but the run uses {cfg.dataset}")
     device = pick_device(cfg.device)
     return model.to(device), card, data, device
+
+
+def analysed_split(data: Dataset, cfg: RunConfig) -> Split:
+    """The images a run analyses (see `Context.split`)."""
+    split = data.split(cfg.split)
+    if cfg.n is None or cfg.n >= len(split):
+        return split
+    if cfg.sample:
+        return split.subset(cfg.n, seed=cfg.seed)
+    return Split(split.x[: cfg.n], split.y[: cfg.n])
 
 
 class AnalysisUnavailable(UserError):
@@ -284,6 +299,7 @@ def _data_summary(data: Dataset, cfg: RunConfig) -> dict[str, Any]:
         "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "analysed_split": cfg.split,
         "analysed_n": min(cfg.n or len(data.split(cfg.split)), len(data.split(cfg.split))),
+        "analysed_images": "a seeded random sample" if cfg.sample else "the first n in file order",
     }
 
 

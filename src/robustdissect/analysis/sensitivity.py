@@ -171,6 +171,13 @@ class SensitivityResult:
     def sigma(self) -> dict[str, FloatArray]:
         return {name: ls.sigma for name, ls in self.layers.items()}
 
+    def restricted(self, layers: Sequence[str]) -> SensitivityResult:
+        """The same result on `layers` only (each must be present)."""
+        missing = [name for name in layers if name not in self.layers]
+        if missing:
+            raise UserError(f"the sensitivities lack the layers {missing}")
+        return SensitivityResult({name: self.layers[name] for name in layers}, self.reduction, self.n)
+
     def rows(self, k: int | None = None, fraction: float = 0.1) -> list[dict[str, Any]]:
         """One row per layer × neuron: sigma, ratios, rank by σ (1 = most sensitive), sensitive."""
         out: list[dict[str, Any]] = []
@@ -324,12 +331,7 @@ def sensitivity_of(
     `attack` on the fly (`sensitivity_under_attack`); an already computed `SensitivityResult` is
     returned restricted to `layers`."""
     if isinstance(attack, SensitivityResult):
-        if layers is None:
-            return attack
-        missing = [name for name in layers if name not in attack.layers]
-        if missing:
-            raise UserError(f"the given sensitivities lack the layers {missing}")
-        return SensitivityResult({name: attack.layers[name] for name in layers}, attack.reduction, attack.n)
+        return attack if layers is None else attack.restricted(layers)
     if not isinstance(attack, torch.Tensor):
         return sensitivity_under_attack(
             model, x, y, attack, layers, reduction=reduction, only_success=only_success,

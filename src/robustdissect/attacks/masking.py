@@ -149,8 +149,9 @@ PGDFactory = Callable[[float, int], PGD]  # (eps, steps) -> the PGD the checks r
 
 
 def zero_gradient_share(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> float:
-    """Share of samples x (N, C, H, W) whose input gradient of CE(F(x), y) is exactly zero
-    (e.g. a softmax saturated in float32): PGD cannot move them, so their robustness is fake."""
+    """Share of samples x (N, C, H, W) whose input gradient of CE(F(x), y) is exactly zero (e.g.
+    a softmax saturated in float32) or not finite: PGD cannot move them, so their robustness is
+    fake."""
     device = model_device(model, x.device)
     zero = 0
     with torch.inference_mode(False), frozen(model), torch.enable_grad():
@@ -158,7 +159,8 @@ def zero_gradient_share(model: nn.Module, x: Tensor, y: Tensor, batch_size: int 
             xb = x[i : i + batch_size].to(device).detach().requires_grad_(True)
             loss = torch.nn.functional.cross_entropy(model(xb), y[i : i + batch_size].to(device), reduction="sum")
             (g,) = torch.autograd.grad(loss, xb)
-            zero += int((g.flatten(1).abs().amax(dim=1) == 0).sum())
+            flat = g.flatten(1)
+            zero += int(((flat.abs().amax(dim=1) == 0) | ~torch.isfinite(flat).all(dim=1)).sum())
     return zero / max(1, x.shape[0])
 
 
@@ -166,7 +168,8 @@ def check_zero_gradients(share: float, max_share: float = 0.01) -> list[str]:
     """Warn when more than `max_share` of the samples have an exactly zero input gradient."""
     if share > max_share:
         return [
-            f"{share:.1%} of the samples have an exactly zero input gradient (threshold {max_share:.0%}): "
+            f"{share:.1%} of the samples have an exactly zero (or non-finite) input gradient (threshold "
+            f"{max_share:.0%}): "
             "the softmax is saturated or the gradient is masked, so gradient attacks cannot move them; "
             "use a margin/DLR loss (apgd-dlr) or a black-box attack before trusting robust accuracy"
         ]
@@ -175,6 +178,24 @@ def check_zero_gradients(share: float, max_share: float = 0.01) -> list[str]:
 
 def _default_pgd(norm: str, seed: int) -> PGDFactory:
     return lambda eps, steps: PGD(eps, norm=norm, steps=steps, step_rule="madry", early_stop=True, seed=seed)
+
+
+def check_margin_vs_ce(
+    broken: Mapping[str, int], n: int, margin_attacks: Sequence[str] = ("apgd-dlr",), min_share: float = 0.01
+) -> list[str]:
+    """Warn when a margin/DLR attack, run after the cross-entropy attacks of a worst-case cascade,
+    still breaks more than `min_share` of the n points: CE gradients were too weak (saturated
+    softmax, masking) to find those adversarial examples. `broken`: points each attack broke."""
+    out: list[str] = []
+    for name in margin_attacks:
+        k = broken.get(name, 0)
+        if n and k / n > min_share:
+            out.append(
+                f"'{name}' (margin loss) broke {k} of {n} points ({k / n:.1%}) that the cross-entropy attacks "
+                "before it left robust: CE gradients are weak on this model (saturated softmax or masking); "
+                "trust the worst case, and add apgd-dlr / more restarts to any CE-only evaluation"
+            )
+    return out
 
 
 def _accuracy_fn(model: nn.Module, x: Tensor, y: Tensor, accuracy: AccuracyFn | None) -> AccuracyFn:

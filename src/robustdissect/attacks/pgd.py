@@ -35,6 +35,8 @@ LOSSES = ("ce", "kl", "margin", "dlr")
 
 DEFAULT_EPS = {"linf": 0.1, "l2": 1.5}  # Fashion-MNIST defaults (METHODS §8.1)
 STEP_RULES = ("paper", "madry")
+# the rules by formula, as users write them: eps/sqrt(k) (the neuron-sensitivity paper) and 2.5eps/k (Madry et al.)
+STEP_RULE_ALIASES = {"eps/sqrt(k)": "paper", "2.5eps/k": "madry", "2.5*eps/k": "madry"}
 KEEP_RULES = ("best", "first", "last", "max-loss")
 
 
@@ -114,6 +116,7 @@ class PGD(Attack):
         super().__init__(name=f"pgd-{norm}", norm=norm, eps=eps, seed=seed, batch_size=batch_size, target=target)
         check_int("steps", steps)
         check_int("restarts", restarts)
+        step_rule = STEP_RULE_ALIASES.get(str(step_rule).replace(" ", ""), step_rule)
         if step_rule not in STEP_RULES:
             raise UserError(f"step_rule must be one of {', '.join(STEP_RULES)}, got {step_rule!r}")
         if keep not in KEEP_RULES:

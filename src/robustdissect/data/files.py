@@ -150,7 +150,10 @@ def _npz_split(arrays: np.lib.npyio.NpzFile, xkey: str, ykey: str, path: Path) -
     return xt, yt
 
 
-@DATASETS.register("npz", "arrays x (N,C,H,W or N,H,W[,C]) in [0,1] or uint8 and y (N,); optional x_test, y_test")
+@DATASETS.register(
+    "npz", "arrays x (N,C,H,W or N,H,W[,C]) in [0,1] or uint8 and y (N,); optional x_test, y_test (else x, y are the "
+    "analysed test split as given)"
+)
 def npz(data_dir: str | None = None, seed: int = 0) -> Dataset:
     if data_dir is None:
         raise UserError("npz needs --data-dir pointing at a .npz file")
@@ -171,8 +174,8 @@ def npz(data_dir: str | None = None, seed: int = 0) -> Dataset:
             xte, yte = _npz_split(arrays, "x_test", "y_test", path)
             if xte.shape[1:] != x.shape[1:]:
                 raise UserError(f"{path}: x_test images are {tuple(xte.shape[1:])}, x images {tuple(x.shape[1:])}")
-        else:
-            x, y, xte, yte = _hold_out(x, y, seed, str(path))
+        else:  # no test split in the file: analyse the file as given (train on it only if you mean to)
+            xte, yte = x, y
     num_classes = int(max(int(y.max()), int(yte.max()))) + 1
     train, val = split_train_val(x, y, val_size=max(1, len(y) // 10), seed=seed)
     classes = tuple(str(i) for i in range(num_classes))

@@ -46,7 +46,7 @@ class SensitivityOptions:
     layers: list[str] | None = None  # default: every conv hook point (BN output)
     eps: float | str = 0.1  # untargeted L-inf PGD for σ (paper ε = 8/255 on CIFAR)
     steps: int = 10
-    step_rule: str = "paper"  # α = ε/√k
+    step_rule: str = "paper"  # α = ε/√k, the paper's stated rule; the evaluate stage's default too
     fraction: float = 0.1  # top-10% per layer
     reduction: Literal["eq1", "mindarmour"] = "eq1"
     n: int | None = None  # images (default: the run's n)
@@ -127,9 +127,11 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     base_adv = base_out.x_adv
     hooked = conv_layers + relu_layers
 
-    def sigma_under(eps_value: float, model_: torch.nn.Module | None = None) -> Any:
+    def sigma_under(
+        eps_value: float, model_: torch.nn.Module | None = None, layers_: list[str] | None = None
+    ) -> Any:
         out = ctx.attack(_pgd(eps_value, opts, seed), x, y, index, model=model_)
-        return ctx.sensitivity(out, x, hooked, opts.reduction, model=model_, batch_size=opts.batch_size)
+        return ctx.sensitivity(out, x, layers_ or hooked, opts.reduction, model=model_, batch_size=opts.batch_size)
 
     tables: list[dict[str, Any]] = []
     figures: list[dict[str, str]] = []
@@ -338,10 +340,16 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
                 continue
             models[name] = other.to(ctx.device)
         if len(models) > 1:
-            advs = {m: sigma_under(eps, mod) for m, mod in models.items()}
-            comp = compare_models(
-                models, x, y, advs, conv_layers, fraction=opts.fraction, batch_size=opts.batch_size, seed=seed
-            )
+            # each model on its own conv layers (the same names when the architectures match)
+            advs: dict[str, Any] = {}
+            for m, mod in models.items():
+                if mod is model:
+                    advs[m] = sigma_under(eps, mod).restricted(conv_layers)
+                else:
+                    own = _own_layers(mod, conv_layers, x[:1])
+                    advs[m] = sigma_under(eps, mod, own).restricted(own)
+            comp = compare_models(models, x, y, advs, None, fraction=opts.fraction, batch_size=opts.batch_size,
+                                  seed=seed)  # fmt: skip
             table("compare_layers", comp.summary, "Per-layer σ of each model on the same attack protocol", True)
             figure(
                 "compare_profiles",
@@ -365,6 +373,21 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         warnings=warnings,
         **data,
     )
+
+
+def _own_layers(model: torch.nn.Module, wanted: list[str], example: torch.Tensor) -> list[str]:
+    """`wanted` when every name exists in `model`, else the model's own default conv layers."""
+    from ..models import resolve_layer
+
+    try:
+        for name in wanted:
+            resolve_layer(model, name)
+        return wanted
+    except UserError:
+        own = default_conv_layers(model, "conv", example)
+        if not own:
+            raise AnalysisUnavailable("a compared model has no conv layer to hook") from None
+        return own
 
 
 def _compare_list(ctx: Context, opts: SensitivityOptions) -> list[str]:
