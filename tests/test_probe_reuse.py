@@ -218,3 +218,28 @@ def test_hook_description() -> None:
     assert hook_description(net, "stem") == "Conv2d output"
     with pytest.raises(UserError, match="did you mean"):
         hook_description(net, "stemm")
+
+
+def test_depth_is_the_forward_order_not_the_listing_order() -> None:
+    """A model that lists its layers out of call order: depth follows the forward pass."""
+    from robustdissect.analysis import neuron_sensitivity
+    from robustdissect.probe import forward_order
+
+    class Shuffled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.late = nn.Conv2d(4, 4, 3, padding=1)  # listed first, called second
+            self.early = nn.Conv2d(1, 4, 3, padding=1)
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.late(torch.relu(self.early(x))))
+
+    torch.manual_seed(0)
+    model = Shuffled().eval()
+    x = torch.rand(6, 1, 8, 8)
+    order = forward_order(model, x)
+    assert order["early"] < order["late"] < order["head"]
+    res = neuron_sensitivity(model, (x, (x + 0.05).clamp(0, 1)), ["late", "early"])
+    depth = {r["layer"]: r["depth"] for r in res.summary_rows()}
+    assert depth == {"early": 1, "late": 2}

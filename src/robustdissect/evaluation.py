@@ -51,7 +51,8 @@ class EvaluateOptions:
     nattack_population: int = 300
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTION_NAMES))
     noise_scale: str = "auto"  # auto: "fmnist" (x3.19 set) for 1-channel 28x28 images, else "cifar"
-    eps_sweep: list[float] = field(default_factory=lambda: [0.02, 0.04, 0.06, 0.08, 0.10, 0.12, 0.15, 0.20])
+    eps_sweep: list[float] | None = None  # explicit ε values; None: eps_sweep_relative × ε
+    eps_sweep_relative: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
     steps_sweep: list[int] = field(default_factory=lambda: [1, 2, 3, 5, 7, 10, 20])
     curve_n: int = 1000
     large_eps: float = 0.5  # for the gradient-masking check
@@ -63,6 +64,13 @@ class EvaluateOptions:
     curves: bool = True  # accuracy against eps and steps, and the gradient-masking checks
     # any parameter an attack class takes, per attack: {"pgd-linf": {"alpha": 0.01, "restarts": 5}}
     attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def eps_grid(self) -> list[float]:
+        """The ε values of the accuracy-against-ε sweep: explicit, or relative to ε."""
+        if self.eps_sweep is not None:
+            return [float(parse_eps(e)) for e in self.eps_sweep]
+        eps = parse_eps(self.eps)
+        return [round(r * eps, 10) for r in self.eps_sweep_relative]
 
     def attack_names(self) -> list[str]:
         if self.attacks == "all":
@@ -87,7 +95,7 @@ QUICK_EVALUATE = {
     "nattack_iterations": 30,
     "nattack_population": 100,
     "curve_n": 200,
-    "eps_sweep": [0.05, 0.1, 0.2],
+    "eps_sweep_relative": [0.5, 1.0, 2.0],
     "steps_sweep": [1, 5, 20],
     "corruptions": ["gaussian-noise"],
 }

@@ -331,7 +331,7 @@ FIRST_LOOK: dict[str, dict[str, Any]] = {
         "attacks": ["pgd-linf", "fgsm"],
         "worst_case": ["pgd-linf", "fgsm", "apgd-ce"],
         "curve_n": 200,  # the table's images: its PGD-20 is the sweeps' (ε, 20) point, from the store
-        "eps_sweep": [0.1],
+        "eps_sweep_relative": [1.0],
         "steps_sweep": [1, 20],
     },
     "sensitivity": {"n": 100, "experiments": ["profiles", "compare"]},

@@ -9,6 +9,7 @@ Every function returns arrays for figures and `rows()` / `summary_rows()` as lis
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.layers import default_conv_layers, resolve_layer
-from ..probe import Pairs, PairStats, SelectFn, probe_pairs
+from ..probe import Pairs, PairStats, SelectFn, forward_order, probe_pairs
 from .pairs import AttackFn, attack_pairs
 
 __all__ = [
@@ -167,6 +168,7 @@ class SensitivityResult:
     layers: dict[str, LayerSensitivity]
     reduction: str
     n: int
+    order: dict[str, int] = field(default_factory=dict)  # module path -> first call in a forward pass
 
     def sigma(self) -> dict[str, FloatArray]:
         return {name: ls.sigma for name, ls in self.layers.items()}
@@ -176,7 +178,21 @@ class SensitivityResult:
         missing = [name for name in layers if name not in self.layers]
         if missing:
             raise UserError(f"the sensitivities lack the layers {missing}")
-        return SensitivityResult({name: self.layers[name] for name in layers}, self.reduction, self.n)
+        return SensitivityResult({name: self.layers[name] for name in layers}, self.reduction, self.n, self.order)
+
+    def depths(self) -> dict[str, int]:
+        """Per layer its depth: rank by the first call in a forward pass among the layers of the
+        same hook kind (conv1..conv6 -> 1..6, relu1..relu6 -> 1..6); listing order when the
+        forward order is unknown."""
+        names = list(self.layers)
+        if not all(self.layers[n].path in self.order for n in names):
+            return {name: i for i, name in enumerate(names, start=1)}
+        out: dict[str, int] = {}
+        for hook in dict.fromkeys(ls.hook for ls in self.layers.values()):
+            same = [n for n in names if self.layers[n].hook == hook]
+            same.sort(key=lambda n: self.order[self.layers[n].path])
+            out.update({name: i for i, name in enumerate(same, start=1)})
+        return out
 
     def rows(self, k: int | None = None, fraction: float = 0.1) -> list[dict[str, Any]]:
         """One row per layer × neuron: sigma, ratios, rank by σ (1 = most sensitive), sensitive."""
@@ -208,7 +224,9 @@ class SensitivityResult:
         """One row per layer: mean σ overall / of the top-k / of the rest, their ratio (the
         top-10% gap), and the mean σ_Ratio of the sensitive neurons (Fig. 13, Table II)."""
         out: list[dict[str, Any]] = []
-        for depth, (name, ls) in enumerate(self.layers.items(), start=1):
+        depths = self.depths()
+        for name, ls in self.layers.items():
+            depth = depths[name]
             kk = top_k_count(ls.channels, k, fraction)
             top = top_k_indices(ls.sigma, kk)
             rest = np.setdiff1d(np.arange(ls.channels), top)
@@ -291,6 +309,9 @@ def neuron_sensitivity(
     result = sensitivity_from_stats(model, stats, reduction)
     if result.n == 0:
         raise UserError("no pairs were given (or none was kept); σ is undefined")
+    first = _first_images(pairs)
+    if first is not None:
+        result = dataclasses.replace(result, order=forward_order(model, first))
     return result
 
 

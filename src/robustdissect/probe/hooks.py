@@ -211,6 +211,30 @@ def call_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     return counts
 
 
+def forward_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """{module path: position of its first call} in one forward pass of the first image of x
+    (N, C, H, W) (eval mode, no grad); modules the pass does not call are left out. This is the
+    depth of a layer, whatever order `named_modules()` lists it in."""
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise UserError(f"the forward order needs at least one input image, got shape {tuple(x.shape)}")
+    order: dict[str, int] = {}
+
+    def make_hook(path: str) -> Callable[[nn.Module, object], None]:
+        def first(_module: nn.Module, _inputs: object) -> None:
+            order.setdefault(path, len(order))
+
+        return first
+
+    handles = [m.register_forward_pre_hook(make_hook(path)) for path, m in model.named_modules() if path]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x[:1].to(model_device(model)))
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
 def gated(rec: Recording, items: Iterable[T]) -> Iterator[T]:
     """Iterate `items` with the recording's hooks switched off while each item is produced (a lazy
     producer, e.g. an attack, may run the same model, with gradients) and on while it is used."""

@@ -159,7 +159,7 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         table = {r["attack"]: r["accuracy"] for r in rows if r["kind"] in ("white-box", "black-box")}
         white = {r["attack"]: r["kind"] == "white-box" for r in rows if r["kind"] in ("white-box", "black-box")}
         report = masking_checks(
-            model, x[:cn], y[:cn], eps=eps, large_eps=opts.large_eps, eps_values=opts.eps_sweep,
+            model, x[:cn], y[:cn], eps=eps, large_eps=opts.large_eps, eps_values=opts.eps_grid(),
             steps_values=opts.steps_sweep, steps=opts.pgd_steps, seed=seed, accuracies=table, white_box=white,
             accuracy=lambda a: ctx.attack(a, x[:cn], y[:cn], index[:cn]).accuracy(),
             pgd=lambda e, k: _table_pgd(opts, e, k, seed),
