@@ -60,7 +60,9 @@ class ConceptsOptions:
     natural_textures: bool = True  # scikit-image's brick, grass, gravel
     broden: str | None = None  # a Broden directory instead of the generated set
     broden_max_images: int | None = None
-    join: bool = True  # attack × concept with the feature quadrants (runs the feature scoring if needed)
+    # attack × concept with the feature quadrants; None: when the run has a features stage (its
+    # scores are reused), True: always (scores the features if no stage did)
+    join: bool | None = None
     compare: list[str] | None = None  # other checkpoints (None: PAT and SNS beside a shipped smallcnn)
     eps: float | str = 0.1  # L-inf PGD of the adversarial rows
     steps: int = 10
@@ -147,8 +149,9 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"concept images {tuple(cset.images.shape[1:])} do not match the data {ctx.data.image_shape}")
     warnings += cset.warnings
     example = ctx.split.x[:1]
+    join = opts.join if opts.join is not None else "features" in ctx.config.stages
     fopts = None
-    if opts.join and not opts.layers:
+    if join and not opts.layers:
         from ..analysis.features import stage_feature_options
 
         fopts = stage_feature_options(ctx)
@@ -182,7 +185,7 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     data: dict[str, Any] = {"options": asdict(opts), "settings": diss.settings, "categories": cat_rows}
 
     fragility: list[ConceptFragility] = []
-    if opts.join:
+    if join:
         try:
             fragility = _join(ctx, opts, cset, layers, settings, fopts, warnings)
         except AnalysisUnavailable as e:
