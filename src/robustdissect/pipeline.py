@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 StageFn = Callable[["Context", dict[str, Any]], dict[str, Any]]
+# the shipped checkpoints compared by default when the run analyses one of them (vanilla / PAT / SNS)
+COMPARISON = ("fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-sns")
 STAGES: Registry[StageFn] = Registry("stage")
 
 
@@ -90,6 +92,28 @@ class Context:
             lambda: neuron_sensitivity(m, (x, outcome.x_adv), list(layers), reduction=reduction,  # type: ignore[arg-type]
                                        batch_size=batch_size),
         )  # fmt: skip
+
+    def comparison_models(self, names: Sequence[str] | None) -> tuple[dict[str, nn.Module], list[str]]:
+        """The models to overlay on the run's model: `names` (any `--model` spec), or by default
+        PAT and SNS beside a shipped Fashion-MNIST smallcnn (the paper's vanilla / PAT / SNS).
+        Returns ({name: model on the run's device}, warnings for those that cannot be used)."""
+        if names is None:
+            names = [m for m in COMPARISON if m != self.config.model] if self.config.model in COMPARISON else []
+        models: dict[str, nn.Module] = {}
+        warnings: list[str] = []
+        for name in names:
+            if name == self.config.model:
+                continue
+            try:
+                other, card = resolve_model(name, None, {}, self.data)
+            except UserError as e:
+                warnings.append(f"model {name} not compared: {e}")
+                continue
+            if card.get("dataset") not in (None, self.data.name):
+                warnings.append(f"model {name} not compared: trained on {card.get('dataset')}")
+                continue
+            models[name] = other.to(self.device)
+        return models, warnings
 
     @property
     def images_id(self) -> str:

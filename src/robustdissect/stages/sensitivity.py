@@ -30,7 +30,6 @@ from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..models import default_conv_layers
 from ..models.layers import hook_description, reused_layers
-from ..models.resolve import resolve_model
 from ..pipeline import STAGES, AnalysisUnavailable, Context, section
 
 log = logging.getLogger(__name__)
@@ -325,20 +324,10 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         )
 
     # E6 / E13: other checkpoints on the same protocol
-    compare = _compare_list(ctx, opts)
-    if "compare" in opts.experiments and compare:
-        models = {ctx.config.model: model}
-        missing = []
-        for name in compare:
-            try:
-                other, card = resolve_model(name, None, {}, ctx.data)
-            except UserError as e:
-                missing.append(f"{name} ({e})")
-                continue
-            if card.get("dataset") not in (None, ctx.data.name):
-                missing.append(f"{name} (trained on {card.get('dataset')})")
-                continue
-            models[name] = other.to(ctx.device)
+    if "compare" in opts.experiments:
+        others, missing = ctx.comparison_models(opts.compare)
+        warnings += missing
+        models = {ctx.config.model: model, **others}
         if len(models) > 1:
             # each model on its own conv layers (the same names when the architectures match)
             advs: dict[str, Any] = {}
@@ -356,8 +345,6 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
                 splots.plot_sigma_profiles(comp.profiles(fraction=opts.fraction)),
                 "σ profiles of each model, same attack protocol (Figs. 10–12, 17)",
             )
-        if missing:
-            warnings.append(f"models not compared: {'; '.join(missing)}")
 
     return section(
         "Neuron sensitivity",
@@ -388,17 +375,6 @@ def _own_layers(model: torch.nn.Module, wanted: list[str], example: torch.Tensor
         if not own:
             raise AnalysisUnavailable("a compared model has no conv layer to hook") from None
         return own
-
-
-def _compare_list(ctx: Context, opts: SensitivityOptions) -> list[str]:
-    """The checkpoints to overlay: `opts.compare`, or by default PAT and SNS beside a shipped
-    Fashion-MNIST smallcnn (the paper's vanilla / PAT / SNS comparison)."""
-    if opts.compare is not None:
-        return list(opts.compare)
-    shipped = ("fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-sns")
-    if ctx.config.model in shipped:
-        return [m for m in shipped if m != ctx.config.model]
-    return []
 
 
 def _check(model: torch.nn.Module, opts: SensitivityOptions) -> None:
