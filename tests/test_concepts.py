@@ -275,3 +275,18 @@ def test_concept_fragility_on_a_toy_join() -> None:
     assert (tex["nru_in_group"], tex["nru_outside"], tex["other_in_group"], tex["other_outside"]) == (3, 0, 0, 2)
     assert tex["p_value"] == pytest.approx(0.1)  # hypergeometric: 1 / C(5, 3) arrangements as extreme
     assert frag.most_fragile(1)[0]["concept"] == "stripes-0-high"
+
+
+def test_pnas_thresholds_are_taken_after_upsampling() -> None:
+    cs = generate_concept_set(40, (1, 28, 28), natural=False, seed=7)
+    torch.manual_seed(1)
+    pool = Probe(nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.AvgPool2d(4)))  # 7×7 maps
+    with torch.no_grad():
+        maps = pool.unit(cs.images)
+        up = torch.nn.functional.interpolate(maps, size=(28, 28), mode="bilinear", align_corners=False)
+    res = dissect(pool, cs, ["unit"], quantile=0.01, quantile_on="upsampled", threshold="exact", permutations=5)
+    expected = torch.quantile(up.transpose(0, 1).reshape(3, -1).double(), 0.99, dim=1)
+    assert torch.equal(res.layers["unit"].thresholds, expected)
+    raw = dissect(pool, cs, ["unit"], quantile=0.01, threshold="exact", permutations=5).layers["unit"].thresholds
+    assert torch.equal(raw, torch.quantile(maps.transpose(0, 1).reshape(3, -1).double(), 0.99, dim=1))
+    assert not torch.equal(raw, expected)
