@@ -18,7 +18,7 @@ import yaml
 
 from .errors import UserError, unknown_name
 
-DEFAULT_STAGES = ("overview", "evaluate", "sensitivity", "concepts", "training")
+DEFAULT_STAGES = ("overview", "evaluate", "sensitivity", "features", "concepts", "training")
 
 
 @dataclass(frozen=True)
