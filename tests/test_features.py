@@ -230,6 +230,11 @@ def test_gamma_upper_bound_below_rho_on_the_shipped_model(fmnist, shipped_vanill
     assert len(rows) == 224 and sum(r["feature_attacked"] for r in rows) == 3
     assert sum(r["units"] for r in res.layer_rows()) == 224
     assert sum(res.shares().values()) == pytest.approx(1.0)
+    reliance = res.reliance()
+    assert sum(reliance.values()) == pytest.approx(1.0)
+    imp = res.phi.abs().mean(0)
+    ru = [i for i, q in enumerate(sc.quadrant) if q == "RU"]
+    assert reliance["RU"] == pytest.approx(float(imp[ru].sum() / imp.sum()), rel=1e-5)
     assert res.top_units_per_image.shape == (80, 30) and res.top_units_per_class.shape == (10, 30)
 
 
@@ -249,6 +254,7 @@ def test_stage_end_to_end(tmp_path: Path, fmnist) -> None:
         rows = [r for r in quads if r["model"] == model]
         assert sum(float(r["share"]) for r in rows) == pytest.approx(1.0)
         assert all(0.0 <= float(r["ci_low"]) <= float(r["ci_high"]) <= 1.0 for r in rows)
+        assert sum(float(r["importance_share"]) for r in rows) == pytest.approx(1.0, abs=1e-4)
     pat = [r for r in quads if r["model"] == "fmnist-smallcnn-pat"]
     assert all(r["diff_ci_low"] != "" for r in pat)
     for name in ("feature_rho_gamma", "feature_quadrant_shares", "feature_model_shares"):

@@ -563,6 +563,15 @@ class FeatureScores:
             out.append(row)
         return out
 
+    def reliance(self, strict: bool = False) -> dict[str, float]:
+        """Share of the total importance Σ_k E|φ_k| carried by each quadrant's units; the RU entry is
+        §6.6's reliance RS with imp_k = E|φ_k|."""
+        quads = self.scores.strict_quadrant if strict else self.scores.quadrant
+        imp = self.phi.abs().mean(0).double()
+        total = float(imp.sum())
+        return {qd: float(sum(imp[i] for i, q in enumerate(quads) if q == qd)) / total if total > 0 else math.nan
+                for qd in QUADRANTS}  # fmt: skip
+
     def shares(self, strict: bool = False) -> dict[str, float]:
         """Share of all analysed units in each quadrant."""
         quads = self.scores.strict_quadrant if strict else self.scores.quadrant
@@ -737,7 +746,8 @@ def bootstrap_shares(
         for qd in QUADRANTS:
             vals = torch.tensor([b[qd] for b in boot[mi]], dtype=torch.float64)
             diff = torch.tensor([b[qd] - b0[qd] for b, b0 in zip(boot[mi], boot[0], strict=True)], dtype=torch.float64)
-            row: dict[str, Any] = {"model": res.model_name, "quadrant": qd, "share": point[qd]}
+            row: dict[str, Any] = {"model": res.model_name, "quadrant": qd, "share": point[qd],
+                                   "importance_share": res.reliance(strict)[qd]}  # fmt: skip
             row.update(dict.fromkeys(("ci_low", "ci_high", "diff_vs_first", "diff_ci_low", "diff_ci_high"), math.nan))
             if resamples:
                 row.update(ci_low=float(torch.quantile(vals, lo_q)), ci_high=float(torch.quantile(vals, hi_q)))

@@ -55,7 +55,11 @@ def plot_rho_gamma(res: FeatureScores, ncols: int = 3) -> Figure:
         ax.set_title(layer)
         ax.set_xlabel("ρ (balanced usefulness)")
         ax.set_ylabel("γ̂ (upper bound)")
-    axes[0].legend(fontsize=7, loc="upper left")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color=COLOURS[qd], label=qd) for qd in QUADRANTS]
+    handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="black", label="feature-attacked"))
+    fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize=8)
     return fig
 
 

@@ -106,6 +106,8 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         **{f"share {q}": round(shares[q], 3) for q in QUADRANTS},
         "feature-attacked units": int(main.candidates.numel()),
     }
+    for r in results:
+        summary[f"reliance on RU units ({r.model_name})"] = round(r.reliance()["RU"], 3)
     shift = _shift_sentences(boot)
     if shift:
         summary["quadrant shift"] = "; ".join(shift)
@@ -123,7 +125,9 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         f"percentile of max_c ρ under {opts.permutations} label permutations) is useful; useful units are robust "
         "(RU) when γ̂ > 0, else non-robust (NRU, dangerous); useless ones are robust (RL) when s ≤ τ_s (median s), "
         "else noise (NL). Strict variant: RU needs r ≥ 0.5. Intervals: percentile bootstrap over images "
-        f"({opts.bootstrap} resamples, the same resamples for every model, so differences are paired; τ_ρ fixed)."
+        f"({opts.bootstrap} resamples, the same resamples for every model, so differences are paired; τ_ρ fixed). "
+        "Reliance (§6.6): the share of the total importance Σ_k E|φ_k| (gradient × activation of the true "
+        "class's logit) carried by each quadrant's units (column importance_share)."
     )
     if shift:
         text += " Quadrant shift against " + ctx.config.model + ": " + "; ".join(shift) + "."
