@@ -359,6 +359,7 @@ FIRST_LOOK: dict[str, dict[str, Any]] = {
         "steps_sweep": [1, 20],
     },
     "sensitivity": {"n": 100, "experiments": ["profiles", "compare"]},
+    "concepts": {"n": 300, "figure_concepts": 2, "gradcam_images": 2},
 }
 
 
