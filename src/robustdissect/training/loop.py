@@ -192,7 +192,7 @@ def train(
     if cfg.compile:
         _compile_backend(cfg.compile)  # an unknown backend fails before anything is written
     if data is None:
-        DATASETS.get(cfg.dataset)
+        DATASETS.get(cfg.dataset.split(":", 1)[0])  # name or name:PATH
     MODELS.get(cfg.model)
     if objective is None:
         objective = make_objective(cfg)

@@ -1,0 +1,264 @@
+"""Robust and non-robust datasets (METHODS §3.2, §3.3, §6.5, §8.3 row "§3"): D̂_R, D̂_NR, the
+selective D̂_R on robust units, D̂_rand, D̂_det and the back-perturbed D_bp.
+
+- D̂_R / D̂_NR: x_r = argmin_z ‖g(z) − g(x)‖₂² from z(0) = a different, randomly drawn training
+  image, g = the penultimate representation (input of the final linear layer) of a robust (R) or
+  standard (NR) model; normalised ℓ2 gradient descent z ← clip[0,1](z − η ∇/‖∇‖₂), η = 0.1,
+  T = 1000. This is the package's PGD loop in the ℓ2 "ball" of infinite radius around z(0)
+  (MadryLab's ε = 1000), maximising −‖g(z) − g(x)‖²: no ε-ball constrains it, it matches a
+  representation (`match_representation`). Selective variant: g = the standardised responses of
+  the robust units R of a feature dissection.
+- D̂_rand / D̂_det: targeted ℓ2 PGD on a standard model toward t (ε = 1.5, step 0.3, 100 steps),
+  labelled t; t ~ Uniform{0..K−1} (all K classes) or t = (y + 1) mod K.
+- D_bp: the back-perturbation of `analysis.pushback` on each training image, labelled y.
+
+Building is batched and resumable: each batch is written to `OUT.partial/batch-XXXXX.safetensors`,
+every random draw of a batch comes from a generator seeded by (seed, batch index), so a resumed
+build yields a file identical to an uninterrupted one. The result is `OUT` (safetensors: x (N, C,
+H, W) float32, y (N,) int64, source (N,) int64 = index of the source image) with a JSON card
+`OUT.json` (kind, settings, seed, source model hash, dataset). `--data robust-data:OUT` trains on
+it: the train split is the built set, val and test are the source dataset's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..attacks import PGD
+from ..errors import UserError
+from ..modelutil import eval_mode, model_device
+from ..probe import record
+from .base import DATASETS, Dataset, Split
+
+log = logging.getLogger(__name__)
+
+KINDS = ("r", "nr", "r-selective", "rand", "det", "bp")
+BATCH_SALT = 1_000_003  # generator seed of batch b: seed * BATCH_SALT + b
+
+# (x (B, C, H, W), y (B,), source (B,), generator) -> (x_new (B, C, H, W), y_new (B,))
+BatchFn = Callable[[Tensor, Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class RobustDataSettings:
+    """Settings of a build (§8.3 "§3" and "§6" rows); every one is recorded in the card."""
+
+    kind: str
+    n: int
+    seed: int = 0
+    batch: int = 250
+    eta: float = 0.1  # D̂_R / D̂_NR step
+    steps: int = 1000  # D̂_R / D̂_NR iterations
+    eps: float = 1.5  # D̂_rand / D̂_det ℓ2 budget
+    alpha: float = 0.3
+    attack_steps: int = 100
+    exclude_true: bool = False  # D̂_rand: draw t ≠ y
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UserError(f"unknown robust-data kind '{self.kind}'; use one of {', '.join(KINDS)}")
+        for name in ("n", "batch", "steps", "attack_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"robust-data: {name} must be an integer >= 1, got {v!r}")
+
+
+class RepresentationLoss:
+    """PGD loss (logits, y) → (N,) to maximise: −‖g(z) − g(x)‖² per sample, with g(z) read by a
+    hook (`capture`) in the forward pass that made the logits and g(x) (N, D) set per batch."""
+
+    __name__ = "representation-match"
+
+    def __init__(self, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.transform = transform
+        self.value: Tensor | None = None
+        self.goal: Tensor | None = None
+
+    def capture(self, _name: str, t: Tensor) -> None:
+        v = t.flatten(1) if t.ndim > 2 else t
+        if self.transform is not None:
+            v = self.transform(t)
+        self.value = v
+
+    def __call__(self, logits: Tensor, y: Tensor) -> Tensor:
+        del y
+        if self.value is None or self.goal is None or self.value.shape[0] != logits.shape[0]:
+            raise RuntimeError("the representation hook did not run in this forward pass")
+        return -((self.value - self.goal.to(self.value)) ** 2).sum(1)
+
+
+def match_representation(
+    model: nn.Module,
+    layer: str,
+    x: Tensor,
+    z0: Tensor,
+    *,
+    steps: int = 1000,
+    eta: float = 0.1,
+    capture: str = "input",
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """x_r (N, C, H, W) ≈ argmin_z ‖g(z) − g(x)‖² from z0 (N, C, H, W), g = the `capture`
+    ("input" or "output") of `layer` (optionally mapped by `transform` (N, ...) → (N, D)).
+
+    Not an attack: there is no ε-ball, only a representation to match. It runs the one PGD loop
+    with norm ℓ2, ε = ∞ (the clip to [0, 1] is the only projection), no random start and step η:
+    z ← clip[0,1](z + η ∇(−‖g(z) − g(x)‖²)/‖∇‖₂), the last iterate after `steps` steps."""
+    device = model_device(model, x.device)
+    loss = RepresentationLoss(transform)
+    with eval_mode(model), torch.no_grad(), record(model, layer, loss.capture, keep=False, capture=capture):  # type: ignore[arg-type]
+        model(x.to(device))
+    loss.goal = loss.value
+    pgd = PGD(math.inf, norm="l2", steps=steps, alpha=eta, loss=loss, random_start=False, keep="last")
+    dummy = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    with record(model, layer, loss.capture, keep=False, detach=False, capture=capture):  # type: ignore[arg-type]
+        out = pgd.perturb(model, z0.to(device), dummy, torch.Generator(device=device))
+    return out.to(x.device)
+
+
+def representation_batch_fn(
+    model: nn.Module,
+    pool: Tensor,
+    settings: RobustDataSettings,
+    layer: str = "fc1",
+    capture: str = "input",
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> BatchFn:
+    """D̂_R / D̂_NR batches: each image's start is another image of `pool` (N, C, H, W) drawn with
+    the batch's generator (never the image itself)."""
+    n = pool.shape[0]
+
+    def fn(x: Tensor, y: Tensor, source: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        shift = torch.randint(1, max(n, 2), source.shape, generator=gen)
+        z0 = pool[(source + shift) % n]
+        return match_representation(model, layer, x, z0, steps=settings.steps, eta=settings.eta,
+                                    capture=capture, transform=transform), y  # fmt: skip
+
+    return fn
+
+
+def draw_targets(y: Tensor, num_classes: int, kind: str, gen: torch.Generator, exclude_true: bool = False) -> Tensor:
+    """Targets (N,): D̂_det t = (y + 1) mod K; D̂_rand t ~ Uniform{0..K−1} over all K classes
+    (with `exclude_true`, uniform over the K − 1 classes ≠ y)."""
+    if kind == "det":
+        return (y + 1) % num_classes
+    if kind != "rand":
+        raise UserError(f"targets are drawn for rand or det, not {kind}")
+    if exclude_true:
+        return (y + torch.randint(1, num_classes, y.shape, generator=gen)) % num_classes
+    return torch.randint(0, num_classes, y.shape, generator=gen)
+
+
+def targeted_batch_fn(model: nn.Module, num_classes: int, settings: RobustDataSettings) -> BatchFn:
+    """D̂_rand / D̂_det batches: targeted ℓ2 PGD toward t on a standard model, labelled t."""
+    attack = PGD(settings.eps, norm="l2", steps=settings.attack_steps, alpha=settings.alpha, random_start=False)
+
+    def fn(x: Tensor, y: Tensor, source: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        del source
+        t = draw_targets(y, num_classes, settings.kind, gen, settings.exclude_true)
+        return attack(model, x, y, targets=t).x_adv, t
+
+    return fn
+
+
+def _batch_path(partial: Path, b: int) -> Path:
+    return partial / f"batch-{b:05d}.safetensors"
+
+
+def build(
+    out: str | Path,
+    x: Tensor,
+    y: Tensor,
+    batch_fn: BatchFn,
+    settings: RobustDataSettings,
+    card: dict[str, Any] | None = None,
+    *,
+    progress: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> Path:
+    """Build OUT from images x (N, C, H, W), labels y (N,) batch by batch; resumes from the
+    batches already in OUT.partial/ (written with the same settings). Returns OUT."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    partial = out.with_name(out.name + ".partial")
+    n = min(settings.n, int(x.shape[0]))
+    meta = {"settings": asdict(settings), **(card or {})}
+    stamp = partial / "settings.json"
+    if partial.exists():
+        if not stamp.is_file() or json.loads(stamp.read_text()) != json.loads(json.dumps(meta, default=str)):
+            raise UserError(f"{partial} holds a build with other settings; remove it or use the same settings")
+    else:
+        partial.mkdir(parents=True)
+        stamp.write_text(json.dumps(meta, default=str, indent=1, sort_keys=True))
+    starts = list(range(0, n, settings.batch))
+    bar: Any = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(starts), desc=f"robust-data {settings.kind}", unit="batch")
+    for b, s in enumerate(starts):
+        path = _batch_path(partial, b)
+        if not path.is_file():
+            gen = torch.Generator().manual_seed(settings.seed * BATCH_SALT + b)
+            src = torch.arange(s, min(s + settings.batch, n))
+            xb, yb = batch_fn(x[src], y[src], src, gen)
+            tmp = path.with_suffix(".tmp")
+            save_file({"x": xb.detach().cpu().float().contiguous(), "y": yb.cpu().long().contiguous(),
+                       "source": src.contiguous()}, str(tmp))  # fmt: skip
+            tmp.replace(path)
+            if on_batch is not None:
+                on_batch(b)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    parts = [load_file(str(_batch_path(partial, b))) for b in range(len(starts))]
+    tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in ("x", "y", "source")}
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"kind": settings.kind, "seed": str(settings.seed)})
+    tmp.replace(out)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    card_path = out.with_suffix(".json")
+    card_path.write_text(json.dumps({**meta, "n": n, "sha256": digest}, default=str, indent=1, sort_keys=True))
+    shutil.rmtree(partial)
+    return out
+
+
+def load_robust_data(path: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """x (N, C, H, W), y (N,) and the card of a built set."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        p = p.with_suffix(".safetensors")
+    if not p.is_file():
+        raise UserError(f"robust dataset {p} does not exist; build it with `robustdissect robust-data`")
+    card_path = p.with_suffix(".json")
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    t = load_file(str(p))
+    return t["x"], t["y"], card
+
+
+@DATASETS.register("robust-data", "a set built by `robustdissect robust-data` (--data robust-data:PATH); "
+                   "val and test are the source dataset's")  # fmt: skip
+def robust_data(data_dir: str | None = None, seed: int = 0) -> Dataset:
+    from . import load_dataset
+
+    if data_dir is None:
+        raise UserError("robust-data needs a path: --data robust-data:PATH")
+    x, y, card = load_robust_data(data_dir)
+    src = load_dataset(str(card.get("dataset", "fashion-mnist")), card.get("data_dir"), seed=seed)
+    return Dataset(f"robust-data:{card.get('settings', {}).get('kind', '?')}", src.classes, Split(x, y), src.val,
+                   src.test, source=str(data_dir), extra={"card": json.dumps(card, default=str)})  # fmt: skip

@@ -1,0 +1,115 @@
+"""Ilyas datasets (METHODS §3.2, §3.3, §3.6): representation matching, targets, resumable builds."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+from robustdissect.data import load_dataset
+from robustdissect.data.robust_data import (
+    RobustDataSettings,
+    build,
+    draw_targets,
+    load_robust_data,
+    match_representation,
+    representation_batch_fn,
+    targeted_batch_fn,
+)
+from robustdissect.errors import UserError
+
+
+class IdentityRep(nn.Module):
+    """g(z) = z: the layer `rep` is the identity; a linear head makes it a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rep = nn.Identity()
+        self.head = nn.Linear(36, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rep(x).flatten(1))  # type: ignore[no-any-return]
+
+
+def test_identity_representation_converges_to_x() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, z0 = torch.rand(6, 1, 6, 6, generator=g), torch.rand(6, 1, 6, 6, generator=g)
+    start = (z0 - x).flatten(1).norm(dim=1)
+    out = match_representation(IdentityRep().eval(), "rep", x, z0, steps=200, eta=0.05, capture="output")
+    dist = (out - x).flatten(1).norm(dim=1)
+    assert float(start.min()) > 1.0
+    # normalised steps of length η end within one step of the minimiser
+    assert float(dist.max()) <= 0.05 + 1e-5
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_det_targets_exact_and_rand_targets_uniform() -> None:
+    y = torch.arange(10_000) % 10
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(draw_targets(y, 10, "det", g), (y + 1) % 10)
+    t = draw_targets(y, 10, "rand", g)
+    counts = torch.bincount(t, minlength=10)
+    assert int(counts[9]) > 0  # class K-1 is drawn (randint(0, 9) would never draw it)
+    assert stats.chisquare(counts.numpy()).pvalue > 0.001  # fixed seed; a test at the 0.1% level
+    t2 = draw_targets(y, 10, "rand", g, exclude_true=True)
+    assert not bool((t2 == y).any())
+
+
+def _tiny() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    return model, torch.rand(10, 1, 6, 6, generator=g), torch.arange(10) % 3
+
+
+def test_targeted_build_labels_are_the_targets(tmp_path: Path) -> None:
+    model, x, y = _tiny()
+    s = RobustDataSettings("det", n=10, batch=4, eps=1.5, alpha=0.3, attack_steps=5)
+    out = build(tmp_path / "det", x, y, targeted_batch_fn(model, 3, s), s, {"source_model": "tiny"})
+    xd, yd, card = load_robust_data(out)
+    assert torch.equal(yd, (y + 1) % 3)
+    assert float((xd - x).flatten(1).norm(dim=1).max()) <= 1.5 + 1e-4
+    assert card["settings"]["kind"] == "det" and card["source_model"] == "tiny"
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_killed_build_resumes_to_an_identical_file(tmp_path: Path) -> None:
+    model, x, y = _tiny()
+    s = RobustDataSettings("r", n=10, batch=3, steps=5, eta=0.1)
+    fn = representation_batch_fn(model, x, s, layer="3", capture="input")
+    whole = build(tmp_path / "whole", x, y, fn, s)
+
+    def die(b: int) -> None:
+        if b == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "cut", x, y, fn, s, on_batch=die)
+    partial = tmp_path / "cut.safetensors.partial"
+    assert len(list(partial.glob("batch-*.safetensors"))) == 2
+    calls: list[int] = []
+    cut = build(tmp_path / "cut", x, y, fn, s, on_batch=calls.append)
+    assert calls == [2, 3]  # only the missing batches were computed
+    h = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (whole, cut)]
+    assert h[0] == h[1]
+    xs, _, _ = load_robust_data(cut)
+    assert not torch.equal(xs, x)
+    with pytest.raises(UserError):
+        (tmp_path / "cut.safetensors.partial").mkdir()
+        (tmp_path / "cut.safetensors.partial" / "settings.json").write_text("{}")
+        build(tmp_path / "cut", x, y, fn, s)
+
+
+def test_loadable_as_a_dataset(tmp_path: Path, fmnist: object) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
+    ds = load_dataset("fashion-mnist")
+    x, y = ds.train.x[:6], ds.train.y[:6]
+    s = RobustDataSettings("det", n=6, batch=6, attack_steps=2)
+    out = build(tmp_path / "d", x, y, targeted_batch_fn(model, 10, s), s, {"dataset": "fashion-mnist"})
+    rd = load_dataset(f"robust-data:{out}")
+    assert len(rd.train) == 6 and torch.equal(rd.train.y, (y + 1) % 10)
+    assert torch.equal(rd.test.x, ds.test.x)
