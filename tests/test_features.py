@@ -279,3 +279,29 @@ def test_feature_scores_is_computed_once_per_run(tmp_path: Path, fmnist) -> None
     assert ctx.store.misses["features"] == 1 and ctx.store.hits["features"] == 1
     assert first.y.shape == (40,)
     assert ctx.store.misses["adv"] == 2  # model-level PGD and FGSM, stored once
+
+
+def test_cli_refuses_bad_input_before_any_work(tmp_path: Path, capsys) -> None:
+    from robustdissect.cli import main
+
+    def cli(args: list[str]) -> tuple[int, str]:
+        try:
+            main(args)
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        return code, capsys.readouterr().err
+
+    for i, (args, needle, before_work) in enumerate(
+        (
+            (["--models", "no-such-checkpoint"], "no-such-checkpoint", True),
+            (["--eps", "-1"], "eps", True),
+            (["--layers", "conv99"], "conv99", False),  # needs the model: found after the overview stage
+        )
+    ):
+        out = tmp_path / f"run{i}"
+        code, err = cli(["features", "--n", "20", "--out", str(out), *args])
+        lines = [ln for ln in err.strip().splitlines() if ln.startswith("robustdissect: error:")]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], err
+        assert not out.exists()
+        assert out.with_name(f"run{i}.partial").exists() is not before_work

@@ -118,6 +118,9 @@ class FeatureOptions:
             raise UserError(f"features: n must be an integer >= 2 or null, got {self.n!r}")
         if not 0.0 < self.null_quantile < 1.0:
             raise UserError(f"features: null_quantile must lie in (0, 1), got {self.null_quantile}")
+        from ..config import parse_eps
+
+        parse_eps(self.eps)  # a malformed budget fails before any work
         if self.feature_alpha is not None and not self.feature_alpha > 0:
             raise UserError(f"features: feature_alpha must be > 0 or null, got {self.feature_alpha}")
 
