@@ -63,21 +63,25 @@ def plot_rho_gamma(res: FeatureScores, ncols: int = 3) -> Figure:
     return fig
 
 
-def plot_quadrant_shares(layer_rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
-    """Stacked bars: the share of each layer's units in each quadrant (rows of `layer_rows()`)."""
-    fig = Figure(figsize=(max(4.0, 0.8 * len(layer_rows) + 2), 3.2), layout="constrained")
-    ax = fig.subplots()
-    names = [str(r["layer"]) for r in layer_rows]
-    bottom = np.zeros(len(names))
-    for qd in QUADRANTS:
-        vals = np.array([float(r[f"share_{qd}"]) for r in layer_rows])
-        ax.bar(names, vals, bottom=bottom, color=COLOURS[qd], label=qd)
-        bottom += vals
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("share of units")
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+def plot_quadrant_shares(layer_rows: Sequence[Mapping[str, Any]]) -> Figure:
+    """Stacked bars: the share of each layer's units in each quadrant, one panel per model (rows
+    of `FeatureScores.layer_rows()`, several models concatenated)."""
+    models = list(dict.fromkeys(str(r.get("model", "")) for r in layer_rows))
+    n_layers = max(1, len(layer_rows) // max(1, len(models)))
+    fig = Figure(figsize=(max(4.0, 0.7 * n_layers + 1.5) * len(models) + 1.2, 3.2), layout="constrained")
+    axes = fig.subplots(1, len(models), squeeze=False, sharey=True).ravel()
+    for ax, model in zip(axes, models, strict=True):
+        rows = [r for r in layer_rows if str(r.get("model", "")) == model]
+        names = [str(r["layer"]) for r in rows]
+        bottom = np.zeros(len(names))
+        for qd in QUADRANTS:
+            vals = np.array([float(r[f"share_{qd}"]) for r in rows])
+            ax.bar(names, vals, bottom=bottom, color=COLOURS[qd], label=qd)
+            bottom += vals
+        ax.set_ylim(0, 1)
+        ax.set_title(model, fontsize=9)
+    axes[0].set_ylabel("share of units")
+    axes[-1].legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig
 
 

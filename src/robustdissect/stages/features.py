@@ -84,8 +84,8 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         figure(f"feature_rho_gamma_{_slug(r.model_name)}", fplots.plot_rho_gamma(r), f"{r.model_name}: γ̂ against ρ")
     figure(
         "feature_quadrant_shares",
-        fplots.plot_quadrant_shares(main.layer_rows(), ctx.config.model),
-        "Share of each layer's units in each quadrant (RU robust & useful, NRU non-robust & useful, "
+        fplots.plot_quadrant_shares(layer_rows),
+        "Share of each layer's units in each quadrant, per model (RU robust & useful, NRU non-robust & useful, "
         "RL robust & useless, NL non-robust & useless)",
     )
     if len(results) > 1:
