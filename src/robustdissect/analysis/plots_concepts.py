@@ -112,9 +112,10 @@ def plot_fragility(category_rows: Rows, concept_rows: Rows, main_model: str, top
         frag = [float(by[c]["fragility"]) if c in by else np.nan for c in cats]
         se = [float(by[c]["fragility_se"]) if c in by else np.nan for c in cats]
         share = [float(by[c]["nru_share"]) if c in by else np.nan for c in cats]
-        lo = [share[k] - float(by[c]["nru_low"]) if c in by else 0.0 for k, c in enumerate(cats)]
-        hi = [float(by[c]["nru_high"]) - share[k] if c in by else 0.0 for k, c in enumerate(cats)]
-        ax_f.bar(x + i * width, frag, width, yerr=np.nan_to_num(se), label=m, capsize=2)
+        # Wilson bounds rounded at 0 / 1 can sit a hair inside the share: clamp the bar lengths
+        lo = [max(0.0, share[k] - float(by[c]["nru_low"])) if c in by else 0.0 for k, c in enumerate(cats)]
+        hi = [max(0.0, float(by[c]["nru_high"]) - share[k]) if c in by else 0.0 for k, c in enumerate(cats)]
+        ax_f.bar(x + i * width, frag, width, yerr=np.abs(np.nan_to_num(se)), label=m, capsize=2)
         ax_n.bar(x + i * width, share, width, yerr=[lo, hi], label=m, capsize=2)
     for ax, lab in ((ax_f, "fragility: mean (1 − r) of detectors"), (ax_n, "share of detectors in NRU")):
         ax.set_xticks(x + width * (len(models) - 1) / 2, cats, fontsize=8)
@@ -126,7 +127,7 @@ def plot_fragility(category_rows: Rows, concept_rows: Rows, main_model: str, top
     ax_c.barh(
         [f"{r['concept']} ({r['units']})" for r in main],
         [float(r["fragility"]) for r in main],
-        xerr=[float(np.nan_to_num(r["fragility_se"])) for r in main],
+        xerr=[abs(float(np.nan_to_num(r["fragility_se"]))) for r in main],
         color=["#e63946" if float(r["nru_share"]) >= 0.5 else "#457b9d" for r in main],
     )
     ax_c.tick_params(axis="y", labelsize=7)
