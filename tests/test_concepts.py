@@ -290,3 +290,12 @@ def test_pnas_thresholds_are_taken_after_upsampling() -> None:
     raw = dissect(pool, cs, ["unit"], quantile=0.01, threshold="exact", permutations=5).layers["unit"].thresholds
     assert torch.equal(raw, torch.quantile(maps.transpose(0, 1).reshape(3, -1).double(), 0.99, dim=1))
     assert not torch.equal(raw, expected)
+
+
+def test_fragility_figure_takes_wilson_bounds_rounded_inside_the_share() -> None:
+    from robustdissect.analysis.plots_concepts import plot_fragility
+
+    row = {"model": "m", "category": "class", "concept": "Bag", "units": 3, "nru": 3, "fragility": 1.1,
+           "fragility_se": float("nan"), "nru_share": 1.0, "nru_low": 0.44, "nru_high": 1.0 - 1e-12}  # fmt: skip
+    fig = plot_fragility([row], [row], "m")
+    assert len(fig.axes) == 3
