@@ -19,9 +19,13 @@ from robustdissect.store import list_evidence
 
 
 def test_metric_and_landscape_stages(tmp_path: Path, fmnist: Any) -> None:
+    study = tmp_path / "study"
+    study.mkdir()
+    rows = _rows()
+    (study / "yu1.json").write_text(json.dumps({"settings": {"n": 5}, "rows": rows, **summarise(rows, n_boot=50)}))
     stages = {
         "metric": {"n": 40, "steps": 5, "calibration_n": 200, "evaluation": True, "eval_steps": 5, "eval_restarts": 1,
-                   "study": None},
+                   "study": str(study)},
         "landscape": {"n": 4, "grid": 5, "line_points": 11, "attack_steps": 5},
     }  # fmt: skip
     cfg = RunConfig(model="fmnist-smallcnn-vanilla", n=40, quick=False, stages=stages)
@@ -44,6 +48,13 @@ def test_metric_and_landscape_stages(tmp_path: Path, fmnist: Any) -> None:
     for f in ("landscape_decision_contours", "landscape_loss_surface3d", "landscape_slices", "metric_psi_hist"):
         assert (run / "figures" / f"{f}.png").is_file()
     assert "Robustness metric" in (run / "report.html").read_text()
+    # the YU-1 study is shown: its correlations, stability and scatter
+    corr = {r["accuracy_column"]: r for r in read_table(run / "tables" / "metric_yu1_correlations.csv")}
+    assert float(corr["pgd_eps0.1_k10"]["spearman"]) == pytest.approx(1.0)
+    stab = {r["ranking_by"]: r for r in read_table(run / "tables" / "metric_yu1_stability.csv")}
+    assert float(stab["psi"]["mean_pairwise_kendall"]) == pytest.approx(1.0)
+    assert (run / "figures" / "metric_yu1_scatter.png").is_file()
+    assert metric["study"]["models"] == 5 and "YU-1 (5 models)" in metric["text"]
 
 
 def test_stage_options_are_checked_before_any_work(tmp_path: Path) -> None:
