@@ -479,6 +479,88 @@ def landscape(
 
 
 @app.command()
+def diagnose(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="layer boundaries, comma-separated (default: every ReLU and pool)")
+    ] = None,
+    eps: Annotated[str | None, typer.Option("--eps", help="L-inf PGD budget (default: the evaluate stage's)")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, max=100_000, help="PGD steps")] = None,
+    inverter: Annotated[
+        str, typer.Option("--inverter", help="optim (training-free inversion) or decoder (trained G_l)")
+    ] = "optim",
+    inversion_steps: Annotated[
+        int | None, typer.Option("--inversion-steps", min=1, help="Adam steps of the inversion (default 500)")
+    ] = None,
+    decoder_n: Annotated[int, typer.Option("--decoder-n", min=1, help="clean training images for G_l")] = 5000,
+    decoder_epochs: Annotated[int, typer.Option("--decoder-epochs", min=1)] = 5,
+    gan: Annotated[bool, typer.Option("--gan", help="add the GAN term to the decoders (GPU runs)")] = False,
+    judge: Annotated[
+        str | None, typer.Option("--judge", help="checkpoint that reads the explanations (default PAT; 'self')")
+    ] = None,
+    study: Annotated[str | None, typer.Option("--study", help="folder of an IG-1 pooling study to show")] = None,
+    n: NOpt = 200,
+    seed: SeedOpt = None,
+    quick: QuickOpt = False,
+    out: OutOpt = Path("runs/diagnose"),
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Layer diagnosis: flip layer V_l, V_l^soft, information loss IL_l, amplification A_l, strips."""
+    from .runs import check_out
+
+    check_out(out, overwrite)
+    options: dict[str, Any] = {"inverter": inverter, "decoder_n": decoder_n, "decoder_epochs": decoder_epochs,
+                               "gan": gan}  # fmt: skip
+    if inversion_steps is not None:
+        options["inversion_steps"] = inversion_steps
+    if n is not None:
+        options["n"] = n
+    if layers is not None:
+        options["layers"] = _names(layers)
+    if eps is not None:
+        options["eps"] = _eps(eps, "--eps", True)
+    if steps is not None:
+        options["steps"] = steps
+    if judge is not None:
+        if judge != "self":
+            _check_checkpoint(judge)
+        options["judge"] = judge
+    if study is not None:
+        options["study"] = study
+    _analysis_run("diagnose", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume,
+                  verbose)  # fmt: skip
+
+
+@app.command("robust-data")
+def robust_data(
+    kind: Annotated[str, typer.Option("--kind", help="r, nr, r-selective, rand, det or bp")],
+    n: Annotated[int, typer.Option("--n", min=1, help="training images to transform")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output .safetensors (a JSON card is written beside it)")],
+    model: Annotated[str | None, typer.Option("--model", help="source model (PAT for r, else vanilla)")] = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="images per resumable batch")] = 250,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="iterations (1000 r/nr, 100 rand/det)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Build a robust / non-robust / random-target / deterministic-target / back-perturbed dataset
+    (rerunning the same command resumes an interrupted build); train on it with
+    --data robust-data:OUT."""
+    from .data.robust_data import build_dataset
+
+    _setup_logging(verbose)
+    path = build_dataset(kind, n, out, model=model, dataset=data or "fashion-mnist", data_dir=data_dir, seed=seed,
+                         batch=batch, steps=steps, progress=True)  # fmt: skip
+    typer.echo(f"wrote {path} and {path.with_suffix('.json')}")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Re-render report.html from a run directory's files alone (only files inside it are read)."""
     from .report import render_report

@@ -262,3 +262,110 @@ def robust_data(data_dir: str | None = None, seed: int = 0) -> Dataset:
     src = load_dataset(str(card.get("dataset", "fashion-mnist")), card.get("data_dir"), seed=seed)
     return Dataset(f"robust-data:{card.get('settings', {}).get('kind', '?')}", src.classes, Split(x, y), src.val,
                    src.test, source=str(data_dir), extra={"card": json.dumps(card, default=str)})  # fmt: skip
+
+
+VANILLA = "fmnist-smallcnn-vanilla"
+DEFAULT_SOURCE = {"r": "fmnist-smallcnn-pat", "nr": VANILLA, "r-selective": VANILLA, "rand": VANILLA, "det": VANILLA,
+                  "bp": VANILLA}  # fmt: skip
+
+
+def unit_sets_for(model: nn.Module, x: Tensor, y: Tensor, x_ref: Tensor, num_classes: int, seed: int = 0) -> Any:
+    """Brittle and robust units (`analysis.pushback.UnitSets`) of `model` from a feature dissection
+    with the default run's budgets on images x (N, C, H, W), y (N,), reference images x_ref."""
+    from ..analysis.features import QUICK_FEATURES, FeatureOptions, score_features
+    from ..analysis.pushback import UnitSets
+    from ..models import default_conv_layers
+
+    layers = default_conv_layers(model, "conv", x[:1])
+    opts = FeatureOptions(**{**QUICK_FEATURES, "n": None})
+    return UnitSets.from_scores(score_features(model, x, y, x_ref, layers, opts, num_classes=num_classes, seed=seed))
+
+
+def build_dataset(
+    kind: str,
+    n: int,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    dataset: str = "fashion-mnist",
+    data_dir: str | None = None,
+    seed: int = 0,
+    batch: int = 250,
+    steps: int | None = None,
+    units_n: int = 200,
+    progress: bool = False,
+) -> Path:
+    """Build one dataset from the first n images of a seeded permutation of the training split
+    (the source model defaults to PAT for D̂_R and to the vanilla smallcnn otherwise)."""
+    from ..models.resolve import resolve_model
+    from ..store import model_hash
+    from . import load_dataset
+
+    settings = RobustDataSettings(kind, n=n, seed=seed, batch=batch)
+    if steps is not None:
+        settings = RobustDataSettings(kind, n=n, seed=seed, batch=batch, steps=steps, attack_steps=steps)
+    name = model or DEFAULT_SOURCE[kind]
+    net, _card = resolve_model(name)
+    net.eval()
+    ds = load_dataset(dataset, data_dir, seed=seed)
+    train = ds.train.subset(n, seed=seed)
+    k = ds.num_classes
+    card: dict[str, Any] = {"dataset": dataset, "data_dir": data_dir, "source_model": name,
+                            "source_model_hash": model_hash(net)}  # fmt: skip
+    fn: BatchFn
+    if kind in ("r", "nr"):
+        fn = representation_batch_fn(net, train.x, settings, layer="fc1", capture="input")
+        card["representation"] = "input of fc1 (penultimate, global average pool)"
+    elif kind in ("rand", "det"):
+        fn = targeted_batch_fn(net, k, settings)
+    else:
+        probe = ds.test.subset(units_n, seed=seed)
+        sets = unit_sets_for(net, probe.x, probe.y, ds.train.subset(2000, seed=seed).x, k, seed)
+        card.update(brittle=len(sets.brittle), robust=len(sets.robust), units_from=f"{units_n} test images")
+        if kind == "bp":
+            from ..analysis.pushback import back_perturb
+
+            bp: dict[str, Any] = {"eps": 0.1, "steps": 50, "alpha": 0.01, "lambda_r": 1.0}
+            card["back_perturbation"] = bp
+
+            def fn(x: Tensor, y: Tensor, source: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+                del source, gen
+                return back_perturb(net, x, sets, **bp), y
+        else:  # r-selective: match the standardised responses of the robust units only
+            from ..probe import spatial_reduce
+
+            layers = sets.layers
+            if len(sets.robust) == 0:
+                raise UserError(f"{name} has no robust (RU) unit to match")
+            fn = _selective_fn(net, train.x, settings, sets, layers, spatial_reduce)
+            card["representation"] = f"{len(sets.robust)} robust units of {', '.join(layers)}"
+    return build(out, train.x, train.y, fn, settings, card, progress=progress)
+
+
+def _selective_fn(
+    net: nn.Module, pool: Tensor, settings: RobustDataSettings, sets: Any, layers: list[str],
+    reduce: Callable[[Tensor], Tensor],
+) -> BatchFn:
+    """Selective D̂_R batches: the representation is f_R, the standardised responses of the robust
+    units (hooked on every layer of `sets`, gathered at the last one's forward)."""
+    acts: dict[str, Tensor] = {}
+    last = layers[-1]
+
+    def keep(name: str, t: Tensor) -> None:
+        acts[name] = reduce(t)
+
+    def transform(t: Tensor) -> Tensor:
+        keep(last, t)
+        f: Tensor = sets.standardise(torch.cat([acts[n] for n in layers], 1))
+        return f[:, sets.robust]
+
+    def fn(x: Tensor, y: Tensor, source: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        n = pool.shape[0]
+        z0 = pool[(source + torch.randint(1, max(n, 2), source.shape, generator=gen)) % n]
+
+        with record(net, layers[:-1], keep, keep=False, detach=False):
+            out = match_representation(net, last, x, z0, steps=settings.steps, eta=settings.eta, capture="output",
+                                       transform=transform)  # fmt: skip
+        return out, y
+
+    return fn
