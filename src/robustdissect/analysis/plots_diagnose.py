@@ -1,0 +1,106 @@
+"""Figures of the layer diagnosis (METHODS §1): per-layer bars, explanation strips, the IG-1
+pooling comparison. Object-oriented matplotlib; each function returns a Figure."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+
+def layer_bars(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
+    """V_l, V_l^soft, IL_l and A_l per layer (rows of `Diagnosis.layer_rows`, input row first)."""
+    fig = Figure(figsize=(11, 6.5))
+    axes = fig.subplots(2, 2)
+    names = [str(r["layer"]) for r in rows]
+    panels = [("V", "V_l (flip layer; 'input' = the judge is fooled by x′ itself)"),
+              ("V_soft", "V_l^soft"), ("IL", "IL_l = R_l − R_{l−1}"), ("A", "A_l = d_l / d_{l−1}")]  # fmt: skip
+    for ax, (key, label) in zip(axes.flat, panels, strict=True):
+        vals = [float(r[key]) if r.get(key) is not None else math.nan for r in rows]
+        ax.bar(range(len(vals)), [0.0 if math.isnan(v) else v for v in vals],
+               color=["#c44e52" if n.startswith("pool") else "#4c72b0" for n in names])  # fmt: skip
+        if key == "A":
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def strips(
+    clean: torch.Tensor, adv: torch.Tensor, layers: Sequence[str], clean_classes: torch.Tensor,
+    adv_classes: torch.Tensor, classes: Sequence[str], y: torch.Tensor, y_adv: torch.Tensor,
+) -> Figure:  # fmt: skip
+    """For each shown example two rows: the clean strip E_0(x) … E_L(x) and the adversarial strip
+    E_0(x′) … E_L(x′); each panel titled with the judge's class (red: the adversarial class).
+    clean, adv: (k, L+1, C, H, W)."""
+    k, cols = clean.shape[:2]
+    fig = Figure(figsize=(1.1 * cols + 0.6, 2.4 * max(k, 1) + 0.4))
+    if k == 0:
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no adversarial example flipped a correct prediction", ha="center")
+        return fig
+    axes = fig.subplots(2 * k, cols, squeeze=False)
+    heads = ["input", *layers]
+    for i in range(k):
+        for row, (imgs, cls, tag) in enumerate(((clean, clean_classes, "clean"), (adv, adv_classes, "adv"))):
+            for j in range(cols):
+                ax = axes[2 * i + row, j]
+                img = imgs[i, j].detach().float().clamp(0, 1)
+                ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                c = int(cls[i, j])
+                name = classes[c] if c < len(classes) else str(c)
+                ax.set_title(name[:10], fontsize=6, color="#c44e52" if c == int(y_adv[i]) else "black")
+                if i == 0 and row == 0:
+                    ax.set_xlabel(heads[j], fontsize=7)
+                    ax.xaxis.set_label_position("top")
+                if j == 0:
+                    label = classes[int(y[i])] if tag == "clean" else classes[int(y_adv[i])]
+                    ax.set_ylabel(f"{tag}\n{label[:10]}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def pooling_comparison(study: Mapping[str, Any]) -> Figure:
+    """IG-1: PGD accuracy per pooling, training and ε (one dot per seed, bar = mean), and the
+    per-layer IL and V^soft of max and avg pooling (mean over seeds)."""
+    fig = Figure(figsize=(12, 4))
+    ax_acc, ax_il, ax_v = fig.subplots(1, 3)
+    rows = study["models"]
+    groups = sorted({(r["training"], r["eps"]) for r in rows})
+    for gi, (training, eps) in enumerate(groups):
+        for pi, pooling in enumerate(("max", "avg")):
+            vals = [r["pgd_accuracy"] for r in rows
+                    if (r["training"], r["eps"], r["pooling"]) == (training, eps, pooling)]  # fmt: skip
+            xpos = gi * 3 + pi
+            if vals:
+                ax_acc.bar(xpos, sum(vals) / len(vals), color="#c44e52" if pooling == "max" else "#4c72b0", alpha=0.6)
+                ax_acc.scatter([xpos] * len(vals), vals, color="k", s=8, zorder=3)
+    ax_acc.set_xticks([gi * 3 + 0.5 for gi in range(len(groups))])
+    ax_acc.set_xticklabels([f"{t}\nε={e:g}" for t, e in groups], fontsize=8)
+    ax_acc.set_title("PGD accuracy (red max, blue avg; dots = seeds)", fontsize=9)
+    for ax, key, label in ((ax_il, "IL", "IL_l (mean over seeds)"), (ax_v, "V_soft", "V_l^soft (mean over seeds)")):
+        for training, ls in (("standard", "-"), ("pgd-at", "--")):
+            for pooling, color in (("max", "#c44e52"), ("avg", "#4c72b0")):
+                sel = [r for r in rows if r["training"] == training and r["pooling"] == pooling
+                       and r["eps"] == groups[0][1]]  # fmt: skip
+                if not sel:
+                    continue
+                layers = [p["layer"] for p in sel[0]["layers"]]
+                mean = [sum(float(r["layers"][i][key]) for r in sel) / len(sel) for i in range(len(layers))]
+                ax.plot(range(len(layers)), mean, ls=ls, color=color, marker="o", ms=3, label=f"{pooling}, {training}")
+                ax.set_xticks(range(len(layers)))
+                ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
