@@ -113,3 +113,32 @@ def test_loadable_as_a_dataset(tmp_path: Path, fmnist: object) -> None:
     rd = load_dataset(f"robust-data:{out}")
     assert len(rd.train) == 6 and torch.equal(rd.train.y, (y + 1) % 10)
     assert torch.equal(rd.test.x, ds.test.x)
+
+
+def test_selective_variant_matches_the_robust_units_only() -> None:
+    from conftest import TinyNet
+
+    from robustdissect.analysis.pushback import UnitSets
+    from robustdissect.data.robust_data import _selective_fn
+    from robustdissect.probe import spatial_reduce
+
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(6, 1, 8, 8, generator=g)
+    sets = UnitSets(["conv"], [4], torch.zeros(0, dtype=torch.long), torch.tensor([0, 2]), torch.zeros(4),
+                    torch.ones(4), torch.zeros(0))  # fmt: skip
+    s = RobustDataSettings("r-selective", n=6, batch=6, steps=100, eta=0.02)
+    fn = _selective_fn(net, x, s, sets, ["conv"], spatial_reduce)
+    src = torch.arange(6)
+    out, yy = fn(x, src % 3, src, torch.Generator().manual_seed(0))
+    assert torch.equal(yy, src % 3)
+
+    def f_r(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return spatial_reduce(net.conv(z))[:, [0, 2]]
+
+    z0 = x[(src + torch.randint(1, 6, (6,), generator=torch.Generator().manual_seed(0))) % 6]
+    before = (f_r(z0) - f_r(x)).norm(dim=1)
+    after = (f_r(out) - f_r(x)).norm(dim=1)
+    assert bool((after < 0.2 * before).all())

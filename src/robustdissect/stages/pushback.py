@@ -32,6 +32,8 @@ from ..attacks import PGD
 from ..config import parse_eps
 from ..errors import UserError
 from ..evaluation import wilson_interval
+from ..models import shipped_checkpoints
+from ..models.resolve import resolve_model
 from ..pipeline import STAGES, AnalysisUnavailable, Context, section
 from ..resources import resource
 from .training import _load
@@ -99,7 +101,8 @@ def compute_pushback(ctx: Context, opts: PushbackOptions) -> dict[str, Any]:
     sets = UnitSets.from_scores(fs)
     if len(sets.brittle) == 0:
         raise AnalysisUnavailable("the feature dissection found no brittle (NRU) unit to push back")
-    bp: dict[str, Any] = {"eps": parse_eps(opts.eps_bp), "steps": opts.steps, "alpha": opts.alpha, "lambda_r": opts.lambda_r}
+    bp: dict[str, Any] = {"eps": parse_eps(opts.eps_bp), "steps": opts.steps, "alpha": opts.alpha,
+                          "lambda_r": opts.lambda_r}  # fmt: skip
     n = fs.f_clean.shape[0]
     x, y = ctx.split.x[:n], ctx.split.y[:n]
     k = len(ctx.data.classes)
@@ -164,12 +167,12 @@ def _data_models(ctx: Context) -> list[dict[str, Any]]:
     x, y = ctx.split.x, ctx.split.y
     index = torch.arange(len(y))
     for data, name in DATA_MODELS.items():
-        got = _load(name, ctx.data.name)
-        if isinstance(got, str):
+        if name not in shipped_checkpoints():
             continue
-        out = ctx.attack(attack, x, y, index, model=got[0])
+        net = resolve_model(name)[0].eval()  # trained on robust-data:..., evaluated on the run's images
+        out = ctx.attack(attack, x, y, index, model=net)
         with torch.no_grad():
-            clean = int((got[0](x).argmax(1) == y).sum())
+            clean = int((net(x).argmax(1) == y).sum())
         rob = int(out.correct.sum())
         lo, hi = wilson_interval(clean, len(y))
         rlo, rhi = wilson_interval(rob, len(y))
