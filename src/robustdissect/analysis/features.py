@@ -168,13 +168,13 @@ class ChannelCDF:
         if capacity < 2:
             raise UserError(f"the CDF sketch needs capacity >= 2, got {capacity}")
         self.capacity = capacity
-        self.levels: list[Tensor] = []  # level h: (C, m_h) float64
+        self.levels: list[Tensor] = []  # level h: (C, m_h) float32 (responses are float32)
         self.n = 0
         self._flip = 0  # alternates the kept half so compaction errors cancel on average
 
     def update(self, values: Tensor) -> None:
         """values (B, C)."""
-        v = values.detach().to(torch.float64).cpu().t()
+        v = values.detach().to(torch.float32).cpu().t()
         if not self.levels:
             self.levels.append(v.new_zeros((v.shape[0], 0)))
         self.levels[0] = torch.cat([self.levels[0], v], 1)
@@ -196,8 +196,8 @@ class ChannelCDF:
         """F̂(a) = weighted share of reference values ≤ a; a (N, C) → (N, C) float32 in [0, 1]."""
         if self.n == 0:
             raise UserError("the CDF sketch has seen no values")
-        q = a.detach().to(torch.float64).cpu().t().contiguous()  # (C, N)
-        count = torch.zeros_like(q)
+        q = a.detach().to(torch.float32).cpu().t().contiguous()  # (C, N)
+        count = torch.zeros(q.shape, dtype=torch.float64)
         for h, level in enumerate(self.levels):
             if level.shape[1]:
                 s = level.sort(dim=1).values.contiguous()

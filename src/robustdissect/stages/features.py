@@ -121,7 +121,8 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         f"units chosen by ρ per depth bin a feature-targeted PGD ({opts.feature_steps} steps, {opts.restarts} "
         "restart(s)) that lowers f on class c* and raises it elsewhere). **γ̂ is an upper bound of the true γ**: "
         "a stronger attack can only lower it, so units called robust here may still be brittle. Retention "
-        "r = γ̂/ρ; stability s = E|f(x+δ*) − f(x)| under the model-level PGD. Quadrants: ρ ≥ τ_ρ (99th "
+        f"r = γ̂/ρ; stability s = E|f(x+δ*) − f(x)| under the model-level PGD ({_pgd_text(main)}). "
+        "Quadrants: ρ ≥ τ_ρ (99th "
         f"percentile of max_c ρ under {opts.permutations} label permutations) is useful; useful units are robust "
         "(RU) when γ̂ > 0, else non-robust (NRU, dangerous); useless ones are robust (RL) when s ≤ τ_s (median s), "
         "else noise (NL). Strict variant: RU needs r ≥ 0.5. Intervals: percentile bootstrap over images "
@@ -185,6 +186,13 @@ def _shift_sentences(rows: list[dict[str, Any]]) -> list[str]:
             f"[{100 * r['diff_ci_low']:+.0f}, {100 * r['diff_ci_high']:+.0f}])"
         )
     return out
+
+
+def _pgd_text(res: FeatureScores) -> str:
+    """The model-level PGD's settings, as the evaluate stage runs it."""
+    a = res.attacks[0] if res.attacks else {}
+    stop = ", stopped per image at its first misclassifying iterate" if a.get("early_stop") else ""
+    return f"{a.get('steps', '?')} steps, α = {a.get('alpha', math.nan):.3g}{stop}; the evaluate stage's settings"
 
 
 def _slug(name: str) -> str:
