@@ -478,6 +478,64 @@ def landscape(
                   verbose)  # fmt: skip
 
 
+@app.command()
+def diagnose(
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="layer boundaries, comma-separated (default: every ReLU and pool)")
+    ] = None,
+    eps: Annotated[str | None, typer.Option("--eps", help="L-inf PGD budget (default: the evaluate stage's)")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, max=100_000, help="PGD steps")] = None,
+    inverter: Annotated[
+        str, typer.Option("--inverter", help="optim (training-free inversion) or decoder (trained G_l)")
+    ] = "optim",
+    inversion_steps: Annotated[
+        int | None, typer.Option("--inversion-steps", min=1, help="Adam steps of the inversion (default 500)")
+    ] = None,
+    decoder_n: Annotated[int, typer.Option("--decoder-n", min=1, help="clean training images for G_l")] = 5000,
+    decoder_epochs: Annotated[int, typer.Option("--decoder-epochs", min=1)] = 5,
+    gan: Annotated[bool, typer.Option("--gan", help="add the GAN term to the decoders (GPU runs)")] = False,
+    judge: Annotated[
+        str | None, typer.Option("--judge", help="checkpoint that reads the explanations (default PAT; 'self')")
+    ] = None,
+    study: Annotated[str | None, typer.Option("--study", help="folder of an IG-1 pooling study to show")] = None,
+    n: NOpt = 200,
+    seed: SeedOpt = None,
+    quick: QuickOpt = False,
+    out: OutOpt = Path("runs/diagnose"),
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Layer diagnosis: flip layer V_l, V_l^soft, information loss IL_l, amplification A_l, strips."""
+    from .runs import check_out
+
+    check_out(out, overwrite)
+    options: dict[str, Any] = {"inverter": inverter, "decoder_n": decoder_n, "decoder_epochs": decoder_epochs,
+                               "gan": gan}  # fmt: skip
+    if inversion_steps is not None:
+        options["inversion_steps"] = inversion_steps
+    if n is not None:
+        options["n"] = n
+    if layers is not None:
+        options["layers"] = _names(layers)
+    if eps is not None:
+        options["eps"] = _eps(eps, "--eps", True)
+    if steps is not None:
+        options["steps"] = steps
+    if judge is not None:
+        if judge != "self":
+            _check_checkpoint(judge)
+        options["judge"] = judge
+    if study is not None:
+        options["study"] = study
+    _analysis_run("diagnose", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume,
+                  verbose)  # fmt: skip
+
+
 @app.command("robust-data")
 def robust_data(
     kind: Annotated[str, typer.Option("--kind", help="r, nr, r-selective, rand, det or bp")],

@@ -54,7 +54,8 @@ def strips(
             for j in range(cols):
                 ax = axes[2 * i + row, j]
                 img = imgs[i, j].detach().float().clamp(0, 1)
-                ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+                shown = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+                ax.imshow(shown.numpy(), cmap="gray", vmin=0, vmax=1)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 c = int(cls[i, j])

@@ -1,6 +1,17 @@
 """Pipeline stages; importing this package registers them in `pipeline.STAGES`."""
 
 from ..pipeline import STAGES
-from . import concepts, evaluate, features, landscape, metric, overview, pushback, sensitivity, training  # noqa: F401
+from . import (  # noqa: F401
+    concepts,
+    diagnose,
+    evaluate,
+    features,
+    landscape,
+    metric,
+    overview,
+    pushback,
+    sensitivity,
+    training,
+)
 
 __all__ = ["STAGES"]

@@ -1,0 +1,282 @@
+"""Stage `diagnose`: layer diagnosis (METHODS §1) of the run's model: per layer V_l, V_l^soft (read
+by an independent judge), IL_l, d_l and A_l beside σ_Ratio, the explanation strips E_0(x′) … E_L(x′)
+beside the clean strip, Spearman(IL_l, V_l) with a bootstrap interval, and the IG-1 pooling study
+when one has been run (`python -m robustdissect.analysis.pooling_study`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis.diagnose import (
+    INVERTERS,
+    DecoderBank,
+    DecoderSettings,
+    Diagnosis,
+    InversionSettings,
+    OptimisationInverter,
+    diagnose,
+    diagnosis_layers,
+)
+from ..config import parse_eps, stage_options
+from ..errors import UserError
+from ..evaluation import EvaluateOptions, build_attack
+from ..pipeline import STAGES, AnalysisUnavailable, Context, section, stage_settings
+from .training import _load
+
+log = logging.getLogger(__name__)
+
+PAT = "fmnist-smallcnn-pat"
+PAT_OTHER = "fmnist-smallcnn-trades"  # the judge when the analysed model is PAT itself
+CHECKOUT_STUDY = Path(__file__).resolve().parents[3] / "docs" / "results" / "ig1"
+
+
+@dataclass(frozen=True)
+class DiagnoseOptions:
+    """Options of the `diagnose` stage.
+
+    n: images (a prefix of the run's analysed split); layers: the boundaries l = 1..L (None: every
+    ReLU output and pooling layer in forward order); eps / steps: the L∞ PGD (None: the evaluate
+    stage's pgd-linf settings, so its stored examples are reused); attack_all: attack the whole
+    analysed split as evaluate does (a store hit when evaluate ran) and take the prefix;
+    inverter: "optim" (Mahendran–Vedaldi inversion, training-free) or "decoder" (G_l trained on
+    `decoder_n` clean training images; checkpoints with cards under RUN/decoders, reused on
+    --resume); judge: a checkpoint read as the independent judge (None: fmnist-smallcnn-pat,
+    or TRADES when the model is PAT; "self": the analysed model); resamples: bootstrap over
+    images; show: adversarial examples drawn as strips; study: IG-1 folder to show (None:
+    docs/results/ig1 of the checkout when present)."""
+
+    n: int = 200
+    layers: list[str] | None = None
+    eps: float | str | None = None
+    steps: int | None = None
+    attack_all: bool = True
+    inverter: str = "optim"
+    inversion_steps: int = 500
+    inversion_lr: float = 0.05
+    tv: float = 1e-3
+    tv_beta: float = 2.0
+    decoder_n: int = 5000
+    decoder_epochs: int = 5
+    lambda_img: float = 1.0
+    lambda_feat: float = 1.0
+    lambda_cls: float = 0.1
+    lambda_adv: float = 0.01
+    gan: bool = False
+    judge: str | None = None
+    resamples: int = 1000
+    show: int = 4
+    study: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.inverter not in INVERTERS:
+            raise UserError(f"diagnose: inverter must be one of {', '.join(INVERTERS)}, got {self.inverter!r}")
+        for name in ("n", "inversion_steps", "decoder_n", "decoder_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserError(f"diagnose: {name} must be an integer >= 1, got {v!r}")
+        for name in ("resamples", "show"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise UserError(f"diagnose: {name} must be an integer >= 0, got {v!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise UserError(f"diagnose: steps must be an integer >= 1 or null, got {self.steps!r}")
+        if self.eps is not None:
+            parse_eps(self.eps)
+        self.inversion()
+        self.decoder()
+
+    def inversion(self) -> InversionSettings:
+        return InversionSettings(steps=self.inversion_steps, lr=self.inversion_lr, tv=self.tv, tv_beta=self.tv_beta)
+
+    def decoder(self) -> DecoderSettings:
+        return DecoderSettings(epochs=self.decoder_epochs, lambda_img=self.lambda_img, lambda_feat=self.lambda_feat,
+                               lambda_cls=self.lambda_cls, lambda_adv=self.lambda_adv, gan=self.gan)  # fmt: skip
+
+
+# The default run: 32 images, 40 inversion steps, 200 bootstrap resamples.
+QUICK_DIAGNOSE: dict[str, Any] = {"n": 32, "inversion_steps": 40, "resamples": 200, "show": 3}
+
+
+def _check(model: nn.Module, opts: DiagnoseOptions) -> None:
+    if opts.layers:
+        from ..models.layers import resolve_layers
+
+        resolve_layers(model, list(opts.layers))
+
+
+def _judge(ctx: Context, option: str | None) -> tuple[nn.Module, str, list[str]]:
+    """The judge model, its name and warnings."""
+    name = Path(ctx.config.model).stem
+    if option == "self":
+        return ctx.model, f"{name} (the analysed model itself)", []
+    wanted = option or (PAT_OTHER if name == PAT else PAT)
+    got = _load(wanted, ctx.data.name)
+    if isinstance(got, str):
+        return ctx.model, f"{name} (the analysed model itself)", [f"{got}; the analysed model judges itself"]
+    return got[0].to(ctx.device), Path(wanted).stem, []
+
+
+def study_folder(option: str | None) -> Path | None:
+    if option is not None:
+        return Path(option)
+    return CHECKOUT_STUDY if (CHECKOUT_STUDY / "study.json").is_file() else None
+
+
+def _study_block(ctx: Context, option: str | None, tables: list[dict[str, Any]], figures: list[dict[str, str]],
+                 warnings: list[str]) -> dict[str, Any] | None:  # fmt: skip
+    from ..analysis.plots_diagnose import pooling_comparison
+
+    folder = study_folder(option)
+    if folder is None or not (folder / "study.json").is_file():
+        warnings.append("no IG-1 pooling study to show: run python -m robustdissect.analysis.pooling_study "
+                        "--out docs/results/ig1 and set diagnose.study to that folder")  # fmt: skip
+        return None
+    study = json.loads((folder / "study.json").read_text())
+    ctx.run.write_table("diagnose_ig1_models", [{k: v for k, v in r.items() if k != "layers"} for r in study["models"]])
+    ctx.run.write_table("diagnose_ig1_layers", [{"model": r["model"], "eps": r["eps"], **lr} for r in study["models"]
+                                                for lr in r["layers"]])  # fmt: skip
+    ctx.run.write_table("diagnose_ig1_differences", study["differences"])
+    ctx.run.save_figure("diagnose_ig1", pooling_comparison(study))
+    tables += [
+        {"file": "tables/diagnose_ig1_differences.csv", "show": True,
+         "title": "IG-1: max − avg pooling (mean over seeds, t interval over seed pairs)"},
+        {"file": "tables/diagnose_ig1_models.csv", "show": True, "title": "IG-1: every model, clean and PGD accuracy"},
+        {"file": "tables/diagnose_ig1_layers.csv", "title": "IG-1: per layer of every model"},
+    ]  # fmt: skip
+    figures.append({"file": "figures/diagnose_ig1.png",
+                    "caption": "IG-1: PGD accuracy per pooling (dots = training seeds); IL_l and V_l^soft per layer"})
+    return {"settings": study["settings"], "differences": study["differences"], "note": study.get("note", "")}
+
+
+@STAGES.register("diagnose", "layer vulnerability V_l, information loss IL_l, amplification A_l, explanation strips")
+def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Layer diagnosis on the stored adversarial examples of the evaluate stage's L∞ PGD."""
+    from ..analysis.plots_diagnose import layer_bars, strips
+    from ..analysis.sensitivity import mean_ratio_sensitive, neuron_sensitivity
+
+    opts: DiagnoseOptions = stage_options(DiagnoseOptions, options, "diagnose")
+    split = ctx.split
+    n = min(opts.n, len(split))
+    warnings: list[str] = []
+    try:
+        ev: EvaluateOptions = stage_settings("evaluate", ctx.config)
+    except UserError:
+        ev = EvaluateOptions()
+    if opts.eps is not None:
+        ev = replace(ev, eps=opts.eps)
+    if opts.steps is not None:
+        ev = replace(ev, pgd_steps=opts.steps)
+    attack = build_attack("pgd-linf", ev, ctx.config.seed)
+    m = len(split) if opts.attack_all else n
+    outcome = ctx.attack(attack, split.x[:m], split.y[:m], torch.arange(m))
+    x, y = split.x[:n], split.y[:n]
+    x_adv, adv_pred = outcome.x_adv[:n], outcome.pred[:n]
+    layers = list(opts.layers) if opts.layers else diagnosis_layers(ctx.model, x[:1].to(ctx.device))
+    judge, judge_name, w = _judge(ctx, opts.judge)
+    warnings += w
+    x_mean = ctx.data.train.x.mean(0) if len(ctx.data.train) else x.mean(0)
+    inverter: Any
+    if opts.inverter == "optim":
+        inverter = OptimisationInverter(ctx.model, x_mean, opts.inversion())
+    else:
+        x_train = ctx.data.train.subset(min(opts.decoder_n, len(ctx.data.train)), seed=ctx.config.seed).x
+        inverter = DecoderBank(ctx.model, ctx.run.path / "decoders", x_train, opts.decoder(),
+                               ctx.store.model_hash(ctx.model))  # fmt: skip
+    try:
+        diag: Diagnosis = ctx.store.memo(
+            "diagnosis",
+            {"adv": outcome.key, "n": n, "layers": layers, "inverter": inverter.describe(),
+             "judge": ctx.store.model_hash(judge), "resamples": opts.resamples, "show": opts.show},
+            lambda: diagnose(ctx.model, x, y, x_adv, adv_pred, layers, inverter, judge, x_mean,
+                             resamples=opts.resamples, seed=ctx.config.seed, show=opts.show),
+        )  # fmt: skip
+    except UserError as e:
+        raise AnalysisUnavailable(str(e)) from e
+    sigma_ratio: dict[str, float] = {}
+    try:
+        sens = neuron_sensitivity(ctx.model, (x, x_adv), layers)
+        sigma_ratio = mean_ratio_sensitive(sens)
+    except UserError as e:
+        warnings.append(f"σ_Ratio not computed for these layers: {e}")
+    rows = diag.layer_rows(sigma_ratio)
+    run = ctx.run
+    run.write_table("diagnose_layers", rows)
+    vul = diag.vulnerability
+    flips = vul.flip.tolist()
+    per_image = [{"image": int(diag.adv_index[i]), "label": int(vul.y[i]), "adversarial": int(vul.y_adv[i]),
+                  "flip_layer": (["input", *layers][f] if f >= 0 else "none"),
+                  **{f"judge_{name}": int(vul.classes[i, j]) for j, name in enumerate(["input", *layers])}}
+                 for i, f in enumerate(flips)]  # fmt: skip
+    run.write_table("diagnose_per_example", per_image)
+    corr_rows = [{"with": c.what, "spearman": c.rho, "ci_low": c.low, "ci_high": c.high,
+                  "resamples": c.resamples, "defined": c.defined} for c in diag.correlations]  # fmt: skip
+    run.write_table("diagnose_correlation", corr_rows)
+    classes = list(ctx.data.classes)
+    shown = diag.shown
+    run.save_figure("diagnose_layers", layer_bars(rows, f"{Path(ctx.config.model).stem}, judge {judge_name}"))
+    run.save_figure("diagnose_strips", strips(diag.clean_strips, diag.adv_strips, layers, diag.clean_classes,
+                                              vul.classes[shown], classes, vul.y[shown], vul.y_adv[shown]))  # fmt: skip
+    tables: list[dict[str, Any]] = [
+        {"file": "tables/diagnose_layers.csv", "show": True,
+         "title": "Per layer: d_l, A_l, R_l, IL_l, V_l, V_l^soft, mean σ_Ratio of the top-10% neurons"},
+        {"file": "tables/diagnose_correlation.csv", "show": True,
+         "title": "Spearman(IL_l, V_l) across layers, percentile bootstrap over images"},
+        {"file": "tables/diagnose_per_example.csv",
+         "title": "Per adversarial example: the judge's class at every layer"},
+    ]  # fmt: skip
+    figures: list[dict[str, str]] = [
+        {"file": "figures/diagnose_layers.png", "caption": "V_l, V_l^soft, IL_l and A_l per layer (red: pooling)"},
+        {"file": "figures/diagnose_strips.png",
+         "caption": "Explanations E_0 … E_L of the clean image (upper row) and of its adversarial version (lower "
+                    "row); titles: the judge's class, red = the adversarial class"},
+    ]  # fmt: skip
+    study = _study_block(ctx, opts.study, tables, figures, warnings)
+    v = [r["V"] for r in rows]
+    no_flip = 1.0 - sum(v) if vul.y.numel() else math.nan
+    top_v = max(rows, key=lambda r: r["V"])["layer"] if vul.y.numel() else "none"
+    top_il = max(rows[1:], key=lambda r: r["IL"])["layer"]
+    c = diag.correlations[0]
+    cs = diag.correlations[1]
+    summary = {
+        "adversarial examples judged": int(vul.y.numel()),
+        "most frequent flip layer": top_v,
+        "no flip (share)": f"{no_flip:.2f}",
+        "largest IL_l": top_il,
+        "Spearman(IL, V)": f"{c.rho:.2f} [{c.low:.2f}, {c.high:.2f}]",
+        "Spearman(IL, V_soft)": f"{cs.rho:.2f} [{cs.low:.2f}, {cs.high:.2f}]",
+    }
+    inv = inverter.describe()
+    how = (f"optimisation inversion ({opts.inversion_steps} Adam steps, lr {opts.inversion_lr:g}, μ = {opts.tv:g}, "
+           f"TV^{opts.tv_beta:g}, from the mean image)" if opts.inverter == "optim" else
+           f"decoders G_l trained on {inv['train_images']} clean images ({opts.decoder_epochs} epochs, "
+           f"λ_img {opts.lambda_img:g}, λ_feat {opts.lambda_feat:g}, λ_cls {opts.lambda_cls:g}, "
+           f"GAN {'on, λ_adv ' + format(opts.lambda_adv, 'g') if opts.gan else 'off'})")  # fmt: skip
+    text = (
+        f"{n} images, the {attack.describe().get('steps')}-step L∞ PGD at ε = {parse_eps(ev.eps):g} "
+        f"({vul.y.numel()} adversarial examples flip a correct prediction). Layers: {', '.join(layers)}. "
+        f"Explanations by {how}; judge: {judge_name}. Explanations flip most often at {top_v}; "
+        f"{no_flip:.0%} never stay in the adversarial class. The largest information loss is at {top_il}; "
+        f"Spearman(IL_l, V_l) = {c.rho:.2f} [{c.low:.2f}, {c.high:.2f}] and with V_l^soft {cs.rho:.2f} "
+        f"[{cs.low:.2f}, {cs.high:.2f}] across {len(layers)} layers (bootstrap over images; an interval that "
+        "contains 0 does not support 'layers that lose more information are more vulnerable')."
+    )
+    if study is not None:
+        text += " " + study.get("note", "")
+    return section("Layer diagnosis", text=text, summary=summary, tables=tables, figures=figures, warnings=warnings,
+                   layers=rows, correlations=corr_rows, judge=judge_name, inverter=inv,
+                   decoders=({"trained": inverter.trained, "loaded": inverter.loaded}
+                             if isinstance(inverter, DecoderBank) else None),
+                   study=study)  # fmt: skip
+
+
+diagnose_stage.options_class = DiagnoseOptions  # type: ignore[attr-defined]
+diagnose_stage.reduced_options = QUICK_DIAGNOSE  # type: ignore[attr-defined]
+diagnose_stage.check = _check  # type: ignore[attr-defined]
