@@ -128,8 +128,7 @@ class FeatureOptions:
 # The default run's budgets; `--full` uses the dataclass defaults.
 QUICK_FEATURES: dict[str, Any] = {
     "n": 200,
-    "reference_n": 1000,
-    "feature_steps": 5,
+    "feature_steps": 10,
     "feature_alpha": None,
     "restarts": 1,
     "candidates_per_bin": 1,
