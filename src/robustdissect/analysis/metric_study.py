@@ -64,7 +64,7 @@ DEFAULT_FAMILY = [
     "fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-alp", "fmnist-smallcnn-trades",
     "fmnist-smallcnn-fast", "fmnist-smallcnn-sns", "fmnist-smallcnn-w8-vanilla", "fmnist-smallcnn-w8-ls",
     "fmnist-smallcnn-w32-vanilla", "fmnist-smallcnn-w8-pat", "fmnist-smallcnn4-w8-vanilla",
-    "fmnist-smallcnn4-w8-fast", "fmnist-smallcnn4-w16-pat", "fmnist-smallcnn4-w16-trades",
+    "fmnist-smallcnn4-w8-fast", "fmnist-smallcnn4-w16-pat",
 ]  # fmt: skip
 STUDY_FILE = "yu1.json"
 
