@@ -28,7 +28,7 @@ class LandscapeOptions:
     eps: the threat radius (ℓ∞ pixels, or ℓ2 with norm "l2"); radius: half-width of the plane
     (None: 2ε); grid: G (odd); n: images (a prefix of the run's analysed split); norm: "linf" or
     "l2" directions; direction: "pgd" (d₁ from the stored PGD example: `attack_steps` steps,
-    α = 2.5ε/k, random start, early stop) or "gradient"; line_points: the 1-D slice for a*;
+    α = 2.5ε/k from x, no random start, its highest-loss iterate) or "gradient"; line_points: the 1-D slice for a*;
     chunk_size: points per forward; compare: other checkpoints (None: PAT for a shipped FMNIST
     smallcnn)."""
 
@@ -81,7 +81,9 @@ def landscape_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     for name, model in models.items():
         x_adv = None
         if opts.direction == "pgd":
-            attack = PGD(eps, norm=opts.norm, steps=opts.attack_steps, step_rule="madry", early_stop=True,
+            # from x itself and to the last step: a random start or an early stop would make δ mostly
+            # the start's noise, not the adversarial path
+            attack = PGD(eps, norm=opts.norm, steps=opts.attack_steps, step_rule="madry", random_start=False,
                          seed=ctx.config.seed, batch_size=500)  # fmt: skip
             x_adv = ctx.attack(attack, x, y, index, model=model).x_adv
         log.info("landscape: %s, %d images, %dx%d grid", name, n, opts.grid, opts.grid)
