@@ -257,6 +257,8 @@ def test_stage_end_to_end(tmp_path: Path, fmnist) -> None:
         assert sum(float(r["importance_share"]) for r in rows) == pytest.approx(1.0, abs=1e-4)
     pat = [r for r in quads if r["model"] == "fmnist-smallcnn-pat"]
     assert all(r["diff_ci_low"] != "" for r in pat)
+    per_image = read_table(run / "tables" / "feature_top_units_per_image.csv")
+    assert len(per_image) == 20 * 30 and all(0.0 <= float(r["q"]) <= 1.0 for r in per_image)
     for name in ("feature_rho_gamma", "feature_quadrant_shares", "feature_model_shares"):
         assert (run / "figures" / f"{name}.png").is_file()
     assert entry["tau_rho"] > 0

@@ -27,6 +27,7 @@ from ..pipeline import STAGES, Context, section
 
 log = logging.getLogger(__name__)
 
+IMAGE_ROWS = 20  # images listed in the per-image top-unit table (every image's list is in FeatureScores)
 SHIPPED = ("fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-sns")
 
 
@@ -73,6 +74,11 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     table("feature_quadrants_strict", boot_strict, "The same, strict variant (RU needs r ≥ 0.5)")
     table("feature_top_units_per_class", _top_class_rows(main, ctx.data.classes),
           "Top-activated units per class by mean percentile q (depth-stratified), with their quadrant")  # fmt: skip
+    table(
+        "feature_top_units_per_image",
+        _top_image_rows(main, ctx.data.classes, IMAGE_ROWS),
+        f"Top-activated units of the first {IMAGE_ROWS} images by percentile q (depth-stratified), with quadrant",
+    )
 
     figure(
         "feature_rho_gamma",
@@ -172,6 +178,20 @@ def _top_class_rows(res: FeatureScores, classes: Any) -> list[dict[str, Any]]:
                 "class": classes[c] if c < len(classes) else c, "rank": rank, "layer": res.layers[layer_of[u]],
                 "unit": unit[u], "mean_q": float(onehot_mean[c][u]), "quadrant": res.scores.quadrant[u],
                 "preferred_class": int(res.scores.cls[u]),
+            })  # fmt: skip
+    return rows
+
+
+def _top_image_rows(res: FeatureScores, classes: Any, images: int) -> list[dict[str, Any]]:
+    layer_of, unit = res.layer_of.tolist(), res.unit.tolist()
+    rows = []
+    for i in range(min(images, res.top_units_per_image.shape[0])):
+        label = int(res.y[i])
+        for rank, u in enumerate(res.top_units_per_image[i].tolist(), 1):
+            rows.append({
+                "image": i, "label": classes[label] if label < len(classes) else label, "rank": rank,
+                "layer": res.layers[layer_of[u]], "unit": unit[u], "q": float(res.q[i, u]),
+                "quadrant": res.scores.quadrant[u],
             })  # fmt: skip
     return rows
 
