@@ -307,3 +307,16 @@ def test_cli_refuses_bad_input_before_any_work(tmp_path: Path, capsys) -> None:
         assert code == 2 and len(lines) == 1 and needle in lines[0], err
         assert not out.exists()
         assert out.with_name(f"run{i}.partial").exists() is not before_work
+
+
+def test_joining_stages_get_reduced_budgets_without_a_features_stage() -> None:
+    from types import SimpleNamespace
+
+    from robustdissect.analysis.features import QUICK_FEATURES, stage_feature_options
+
+    for quick in (True, False):
+        ctx = SimpleNamespace(config=RunConfig(quick=quick, stages={"overview": {}}))
+        opts = stage_feature_options(ctx)  # type: ignore[arg-type]
+        assert opts.n == QUICK_FEATURES["n"] and opts.feature_steps == QUICK_FEATURES["feature_steps"]
+    full = SimpleNamespace(config=RunConfig(quick=False, stages={"features": {}}))
+    assert stage_feature_options(full).feature_steps == FeatureOptions().feature_steps  # type: ignore[arg-type]

@@ -770,16 +770,17 @@ def _fixed_tau_s(res: FeatureScores) -> float | None:
 
 
 def stage_feature_options(ctx: Context) -> FeatureOptions:
-    """The `features` stage's options of this run (profile applied); defaults when the run has no
-    `features` stage (reduced budgets under the default profile)."""
+    """The `features` stage's options of this run (profile applied); when the run has no `features`
+    stage, the reduced budgets whatever the profile: a stage that only joins the quadrants (e.g.
+    `concepts` alone) should not start the full per-unit attack budget (hours on a CPU); add a
+    `features` stage with its options to choose them."""
     from ..config import stage_options
     from ..pipeline import STAGES, load_stages, stage_settings
 
     load_stages()
     if "features" in ctx.config.stages and "features" in STAGES:
         return stage_settings("features", ctx.config)
-    base = QUICK_FEATURES if ctx.config.quick else {}
-    return stage_options(FeatureOptions, dict(base), "features")
+    return stage_options(FeatureOptions, dict(QUICK_FEATURES), "features")
 
 
 def model_level_attacks(ctx: Context, eps: float) -> list[Attack]:
