@@ -2,7 +2,7 @@
 against one plain forward pass over the same concept images, and its working memory against the
 number of images.
 
-    python bench/concepts.py                          # timing at N = 1000, memory at 500 / 1000 / 2000
+    python bench/concepts.py                          # timing at N = 1000, memory at 500 / 2000 / 4000
     python bench/concepts.py --n 2000 --repeats 5
 
 Target (issue 12): dissection within 2× one plain forward pass; working memory flat in N
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def _rss_kib(field: str) -> int:
 def memory_child(n: int, threshold: str) -> None:
     torch.set_num_threads(1)
     m, cs = model(), concept_set(n)
-    dissect(m, cs, LAYERS, threshold=threshold, permutations=2)  # warm-up: allocator pools, lazy imports
+    warm = ConceptSet(cs.images[:50], [p[:50] for p in cs.planes], cs.concepts, cs.categories, cs.concept_category)
+    dissect(m, warm, LAYERS, threshold=threshold, permutations=2)  # warm-up: lazy imports, thread pools
     before = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current size
@@ -110,9 +112,11 @@ def memory_child(n: int, threshold: str) -> None:
 def memory(sizes: list[int], threshold: str) -> list[dict[str, Any]]:
     out = []
     for n in sizes:
+        # large blocks from mmap and trimmed on free, so the resident size follows live memory
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
         res = subprocess.run(
             [sys.executable, __file__, "--memory-child", str(n), "--threshold", threshold],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True, check=True, env=env,
         )  # fmt: skip
         out.append(json.loads(res.stdout.strip().splitlines()[-1]))
     return out
@@ -123,20 +127,22 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=250)
-    ap.add_argument("--memory-sizes", type=int, nargs="+", default=[500, 1000, 2000])
+    ap.add_argument("--memory-sizes", type=int, nargs="+", default=[500, 2000, 4000])
     ap.add_argument("--memory-child", type=int, default=None)
     ap.add_argument("--threshold", default="streaming")
+    ap.add_argument("--skip-timing", action="store_true")
     args = ap.parse_args()
     if args.memory_child is not None:
         memory_child(args.memory_child, args.threshold)
         return
     torch.set_num_threads(1)
-    t = timing(args.n, args.repeats, args.batch)
-    print(f"concept dissection of {len(LAYERS)} layers (224 units), N = {t['n']} concept images, batch {t['batch']}")
-    for name, ips in t["images_per_s"].items():
-        ratio = t["median_ratio_to_forward"].get(name)
-        extra = f"   {ratio:.2f}x forward (target <= {TIME_TARGET:g}x)" if ratio is not None else ""
-        print(f"  {name:36s} {ips:9.0f} images/s{extra}")
+    if not args.skip_timing:
+        t = timing(args.n, args.repeats, args.batch)
+        print(f"concept dissection of {len(LAYERS)} layers (224 units), N = {t['n']} images, batch {t['batch']}")
+        for name, ips in t["images_per_s"].items():
+            ratio = t["median_ratio_to_forward"].get(name)
+            extra = f"   {ratio:.2f}x forward (target <= {TIME_TARGET:g}x)" if ratio is not None else ""
+            print(f"  {name:36s} {ips:9.0f} images/s{extra}")
     for threshold in ("streaming", "exact"):
         mem = memory(args.memory_sizes, threshold)
         base = mem[0]["working_mib"]
