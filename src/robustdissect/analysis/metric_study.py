@@ -100,7 +100,6 @@ def evaluate_model(
         r = robustness_metric(model, x, eps=e, steps=k, calibration_x=x_cal, seed=seed)
         row[f"psi_eps{e:g}_k{k}"] = r.mean
     eval_seconds = 0.0
-    x_main_adv: torch.Tensor | None = None
     for e in pgd_eps:
         for k in pgd_steps:
             attack = PGD(e, steps=k, step_rule="madry", restarts=restarts, early_stop=True, seed=seed, batch_size=500)
@@ -110,8 +109,6 @@ def evaluate_model(
             eval_seconds += dt
             row[_pgd_column(e, k)] = res.robust_accuracy
             row[f"{_pgd_column(e, k)}_seconds"] = dt
-            if e == eps and k == max(pgd_steps):
-                x_main_adv = res.x_adv
     cw = make_attack("cw-l2", eps=cw_eps, steps=cw_steps, search_steps=cw_search_steps, seed=seed, batch_size=500)
     t0 = time.perf_counter()
     row["cw_l2"] = cw(model, x, y).robust_accuracy
@@ -119,13 +116,19 @@ def evaluate_model(
     eval_seconds += row["cw_l2_seconds"]
     row["eval_seconds"] = eval_seconds
     row["pgd100_seconds"] = row.get(f"{_pgd_column(eps, 100)}_seconds", math.nan)
-    if x_main_adv is not None and landscape_n > 0:
-        m = min(landscape_n, len(x))
-        land = landscape(model, x[:m], y[:m], eps=eps, grid=3, line_points=101, x_adv=x_main_adv[:m], seed=seed)
-        s = land.summary()
-        row.update(boundary_inside_eps=s["boundary_inside_eps"], boundary_median=s["boundary_median"],
-                   steepness=s["steepness_mean"])  # fmt: skip
+    if landscape_n > 0:
+        row.update(landscape_readouts(model, x[:landscape_n], y[:landscape_n], eps=eps, seed=seed))
     return row
+
+
+def landscape_readouts(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.1,
+                       seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """a* and steepness along the PGD direction (PGD-20 from x, α = 2.5ε/20, no random start, so δ
+    is the adversarial path rather than a start's noise) on a 101-point slice over [0, 2ε]."""
+    x_adv = PGD(eps, steps=20, step_rule="madry", random_start=False, seed=seed, batch_size=500)(model, x, y).x_adv
+    s = landscape(model, x, y, eps=eps, grid=3, line_points=101, x_adv=x_adv, seed=seed).summary()
+    return {"boundary_inside_eps": float(s["boundary_inside_eps"]), "boundary_median": float(s["boundary_median"]),
+            "steepness": float(s["steepness_mean"])}  # fmt: skip
 
 
 def _corr(method: str, a: np.ndarray, b: np.ndarray) -> float:
@@ -217,7 +220,8 @@ def read_study(folder: str | Path) -> dict[str, Any]:
 
 
 def run_study(models: Sequence[str], out: Path, data: Dataset, n: int, restarts: int, seed: int,
-              pgd_steps: Sequence[int], n_boot: int, cw_steps: int = 50) -> dict[str, Any]:  # fmt: skip
+              pgd_steps: Sequence[int], n_boot: int, cw_steps: int = 50,
+              refresh_landscape: bool = False) -> dict[str, Any]:  # fmt: skip
     """Evaluate every model (rows cached in out/models/<name>.json) and write yu1.json, yu1.csv
     and yu1_scatter.png."""
     from .plots_metric import study_scatter
@@ -230,7 +234,12 @@ def run_study(models: Sequence[str], out: Path, data: Dataset, n: int, restarts:
     for name in models:
         cached = out / "models" / f"{Path(name).stem}.json"
         if cached.is_file():
-            rows.append(json.loads(cached.read_text()))
+            row = json.loads(cached.read_text())
+            if refresh_landscape:
+                model, _ = resolve_model(name, data=data)
+                row.update(landscape_readouts(model.eval(), x[:50], y[:50], seed=seed))
+                atomic_write_text(cached, json.dumps(jsonable(row), indent=1, allow_nan=False) + "\n")
+            rows.append(row)
             continue
         model, card = resolve_model(name, data=data)
         model.eval()
@@ -278,13 +287,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--pgd-steps", default="10,40,100")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--cw-steps", type=int, default=50)
+    p.add_argument("--refresh-landscape", action="store_true", help="recompute a* and steepness of cached rows")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = load_dataset("fashion-mnist", seed=a.seed)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     steps = [int(s) for s in a.pgd_steps.split(",")]
-    study = run_study(models, Path(a.out), data, a.n, a.restarts, a.seed, steps, a.n_boot, a.cw_steps)
+    study = run_study(models, Path(a.out), data, a.n, a.restarts, a.seed, steps, a.n_boot, a.cw_steps,
+                      a.refresh_landscape)  # fmt: skip
     print(json.dumps({k: study[k] for k in ("correlations", "stability", "timing")}, indent=1))
 
 
