@@ -299,3 +299,48 @@ def test_fragility_figure_takes_wilson_bounds_rounded_inside_the_share() -> None
            "fragility_se": float("nan"), "nru_share": 1.0, "nru_low": 0.44, "nru_high": 1.0 - 1e-12}  # fmt: skip
     fig = plot_fragility([row], [row], "m")
     assert len(fig.axes) == 3
+
+
+def test_balanced_accuracy_and_unit_ablation() -> None:
+    from robustdissect.analysis.concepts import balanced_accuracy, remove_units, unit_ablation
+    from robustdissect.probe import intervene, record, zero_channels
+
+    pred, y = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 1, 1, 2, 0])
+    # class 0: recall 1/2, TNR 2/3; class 1: recall 1/2, TNR 1; class 2: recall 1, TNR 3/4
+    assert balanced_accuracy(pred, y, 3).tolist() == pytest.approx([(1 / 2 + 2 / 3) / 2, 0.75, 0.875])
+
+    class Net(nn.Module):
+        """Class c's logit = the mean of channel c of `feat` (3 channels that copy the input's sign)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.feat = nn.Conv2d(1, 3, 1)
+            with torch.no_grad():
+                self.feat.weight.copy_(torch.tensor([1.0, -1.0, 0.5]).view(3, 1, 1, 1))
+                self.feat.bias.copy_(torch.tensor([0.0, 0.0, 0.3]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.feat(x).mean((2, 3))
+
+    net = Net()
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(60, 1, 4, 4, generator=g)  # class means spread over all three classes
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    # ablating a unit leaves every other channel bit-identical
+    with torch.no_grad(), record(net, ["feat"]) as rec:
+        logits = net(x)
+        clean = rec.outputs["feat"].clone()
+    # the edit's hook runs first, so the recording sees the ablated output
+    with torch.no_grad(), intervene(net, [zero_channels("feat", [1])]), record(net, ["feat"]) as rec:
+        logits_ablated = net(x)
+        ablated = rec.outputs["feat"]
+    assert torch.equal(ablated[:, [0, 2]], clean[:, [0, 2]]) and not ablated[:, 1].any()
+    assert torch.equal(logits_ablated[:, [0, 2]], logits[:, [0, 2]]) and not logits_ablated[:, 1].any()
+    abl = unit_ablation(net, x, y, "feat", num_classes=3)
+    assert abl.baseline.tolist() == [1.0, 1.0, 1.0]  # y is the model's own prediction
+    assert abl.ranking(1)[0] == 1 and float(abl.drop[1, 1]) > 0  # class 1 needs unit 1
+    rows = remove_units(net, x, y, "feat", abl.ranking(1), cls=1, counts=(1, 3), num_classes=3)
+    assert [r["n"] for r in rows] == [1, 3] and rows[0]["balanced_accuracy"] == pytest.approx(float(abl.ablated[1, 1]))
+    kept = remove_units(net, x, y, "feat", abl.ranking(1), cls=1, counts=(3,), keep=True, num_classes=3)
+    assert kept[0]["balanced_accuracy"] == 1.0  # keeping every unit removes nothing

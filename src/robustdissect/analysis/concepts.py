@@ -25,6 +25,7 @@ shuffles (the set comes in a seeded random order, so every batch mixes every kin
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -417,7 +418,6 @@ class ConceptFragility:
 
 
 def _group(rows: Sequence[Mapping[str, Any]], key: str, model: str) -> list[dict[str, Any]]:
-    import math
 
     from ..evaluation import wilson_interval
 
@@ -514,3 +514,103 @@ def grad_cam(model: nn.Module, layer: str, x: torch.Tensor, target: torch.Tensor
         )
     up = LayerAttribution.interpolate(attr.detach(), (int(x.shape[2]), int(x.shape[3])), "bilinear")
     return up[:, 0].cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# unit ablation (METHODS §4.2, PNAS 2020)
+
+
+def balanced_accuracy(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K,) float64: per class c, BA_c = (recall_c + TNR_c) / 2 of the decision "argmax = c";
+    NaN for a class with no image (or only images) of it. pred, y: (N,) int."""
+    p = torch.nn.functional.one_hot(pred.long(), num_classes).bool()
+    t = torch.nn.functional.one_hot(y.long(), num_classes).bool()
+    pos, neg = t.sum(0).double(), (~t).sum(0).double()
+    recall = (p & t).sum(0).double() / pos
+    tnr = (~p & ~t).sum(0).double() / neg
+    return 0.5 * (recall + tnr)
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """Balanced accuracy per class with each unit of `layer` zeroed: baseline (K,), ablated
+    (U, K); `drop` = baseline − ablated (the PNAS ranking of units per class)."""
+
+    layer: str
+    units: list[int]
+    baseline: torch.Tensor
+    ablated: torch.Tensor
+
+    @property
+    def drop(self) -> torch.Tensor:
+        return self.baseline[None, :] - self.ablated
+
+    def ranking(self, cls: int) -> list[int]:
+        """Units by decreasing BA drop for class `cls` (ties: the smaller unit first)."""
+        d = torch.nan_to_num(self.drop[:, cls], nan=-math.inf)
+        order = torch.sort(d, descending=True, stable=True).indices
+        return [self.units[i] for i in order.tolist()]
+
+
+def _predict_with(model: nn.Module, x: torch.Tensor, edits: Sequence[Any], batch_size: int) -> torch.Tensor:
+    from ..probe import intervene
+
+    device = model_device(model)
+    out = []
+    with eval_mode(model), torch.no_grad(), intervene(model, edits):
+        for s in range(0, x.shape[0], batch_size):
+            out.append(model(x[s : s + batch_size].to(device)).argmax(1).cpu())
+    return torch.cat(out)
+
+
+def unit_ablation(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layer: str,
+    units: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    batch_size: int = 250,
+) -> Ablation:
+    """Zero each unit's whole feature map in turn (METHODS §4.2) and measure the balanced accuracy
+    per class on images x (N, C, H, W) with labels y (N,). One pass over x per unit."""
+    from ..probe import zero_channels
+
+    k = int(num_classes if num_classes is not None else int(y.max()) + 1)
+    base = balanced_accuracy(_predict_with(model, x, [], batch_size), y, k)
+    if units is None:
+        with eval_mode(model), torch.no_grad(), record(model, [layer]) as rec:
+            model(x[:1].to(model_device(model)))
+        units = list(range(int(rec.outputs[layer].shape[1])))
+    rows = [balanced_accuracy(_predict_with(model, x, [zero_channels(layer, [u])], batch_size), y, k) for u in units]
+    return Ablation(layer, list(units), base, torch.stack(rows) if rows else torch.zeros(0, k, dtype=torch.float64))
+
+
+def remove_units(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layer: str,
+    ranked: Sequence[int],
+    cls: int,
+    counts: Sequence[int] = (1, 2, 3, 4, 5, 20, 64, 128, 256),
+    keep: bool = False,
+    num_classes: int | None = None,
+    batch_size: int = 250,
+) -> list[dict[str, Any]]:
+    """BA of class `cls` after zeroing the first N units of `ranked` (or, with `keep`, every unit
+    of the layer but those N), for each N in `counts` not above len(ranked) (PNAS Fig. 3)."""
+    from ..probe import zero_channels
+
+    k = int(num_classes if num_classes is not None else int(y.max()) + 1)
+    with eval_mode(model), torch.no_grad(), record(model, [layer]) as rec:
+        model(x[:1].to(model_device(model)))
+    all_units = range(int(rec.outputs[layer].shape[1]))
+    out = []
+    for n in [c for c in counts if c <= len(ranked)]:
+        chosen = set(ranked[:n])
+        zeroed = [u for u in all_units if u not in chosen] if keep else sorted(chosen)
+        pred = _predict_with(model, x, [zero_channels(layer, zeroed)], batch_size)
+        out.append({"layer": layer, "class": cls, "n": n, "mode": "keep" if keep else "remove",
+                    "balanced_accuracy": float(balanced_accuracy(pred, y, k)[cls])})  # fmt: skip
+    return out
