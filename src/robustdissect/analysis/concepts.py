@@ -20,6 +20,10 @@ For unit k of a layer, over a `ConceptSet`:
 Two streaming passes over the set (thresholds, then IoU), memory independent of the number of
 images: the null is accumulated batch by batch, each permutation a product of within-batch
 shuffles (the set comes in a seeded random order, so every batch mixes every kind of image).
+
+Also here: `concept_fragility` (§6.6: per concept and category, mean(1 − r) of its units and
+their share in the dangerous quadrant, Fisher enrichment tests), `grad_cam` (captum's
+LayerGradCam) and the §4.2 unit ablation (`unit_ablation`, `remove_units`, balanced accuracy).
 """
 
 from __future__ import annotations
@@ -43,12 +47,19 @@ from ..probe.quantiles import StreamingQuantile
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Ablation",
     "ConceptDissection",
+    "ConceptFragility",
     "LayerDissection",
     "UnitConcept",
+    "balanced_accuracy",
     "cached_dissection",
+    "concept_fragility",
     "dissect",
+    "grad_cam",
     "iou_from_counts",
+    "remove_units",
+    "unit_ablation",
     "unit_masks",
 ]
 
