@@ -241,8 +241,8 @@ class OptimisationInverter:
 
 class Decoder(nn.Module):
     """G_l: features (N, C_l, H_l, W_l) or (N, C_l) → images (N, C, H, W) in [0, 1]. A conv
-    stem, ⌈log2(H/H_l)⌉ nearest-upsample + conv blocks, a resize to (H, W), a conv to C and a
-    sigmoid; sized from the two shapes only."""
+    stem, ⌊log2(H/H_l)⌋ nearest-upsample + conv blocks, a bilinear resize to (H, W), a conv to C
+    and a sigmoid; sized from the two shapes only."""
 
     def __init__(self, feature_shape: Sequence[int], image_shape: Sequence[int], width: int | None = None) -> None:
         super().__init__()
@@ -254,7 +254,7 @@ class Decoder(nn.Module):
         c_img, h_img, w_img = (int(s) for s in image_shape)
         self.feature_shape, self.image_shape = fs, (c_img, h_img, w_img)
         w = width or min(128, max(32, fs[0]))
-        n_up = max(0, math.ceil(math.log2(max(h_img / fs[1], w_img / fs[2], 1.0))))
+        n_up = max(0, math.floor(math.log2(max(h_img / fs[1], w_img / fs[2], 1.0)) + 1e-9))
         blocks: list[nn.Module] = [nn.Conv2d(fs[0], w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
         for _ in range(n_up):
             blocks += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w, 3, padding=1),
