@@ -16,7 +16,7 @@ drifts of a shared machine's load cancel; the median over rounds is printed):
 
 Memory: `reference_statistics` over N images generated batch by batch (the data never sits in
 memory whole), in a fresh process per N; printed are the peak RSS above the RSS before the call and
-the values the CDF sketch holds per unit (bounded by its capacity, whatever N).
+the numbers the CDF sketch holds per unit (at most 2 · capacity + 1, whatever N).
 
 The model is the shipped `fmnist-smallcnn-vanilla` checkpoint; images are uniform noise.
 """
@@ -114,19 +114,19 @@ def memory_child(n: int) -> None:
     reset_peak()
     ref = reference_statistics(model, batches(n, seed=2), LAYERS, BATCH)
     peak = status_kib("VmHWM")
-    held = sum(level.shape[1] for level in ref.cdf.levels)
+    held = ref.cdf.values_held()
     print(json.dumps({"n": n, "peak_above_kib": peak - before, "sketch_values_per_unit": held}))
 
 
 def memory(sizes: list[int]) -> None:
     print("\nreference statistics memory (fresh process per N, data generated batch by batch)")
-    print(f"{'N':>7} {'peak RSS above start':>21} {'sketch values/unit':>19}")
+    print(f"{'N':>7} {'peak RSS above start':>21} {'sketch numbers/unit':>20}")
     for n in sizes:
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", str(n)], capture_output=True, text=True, check=True
         ).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"{r['n']:>7} {r['peak_above_kib'] / 1024:>18.1f} MiB {r['sketch_values_per_unit']:>19}")
+        print(f"{r['n']:>7} {r['peak_above_kib'] / 1024:>18.1f} MiB {r['sketch_values_per_unit']:>20}")
 
 
 def main() -> None:

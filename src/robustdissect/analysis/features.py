@@ -154,54 +154,93 @@ def one_thread() -> Iterator[None]:
 
 
 class ChannelCDF:
-    """Per-channel empirical CDF of (B, C) values with bounded memory (a KLL-style compactor).
+    """Per-channel empirical CDF of (B, C) values in fixed memory.
 
-    Level h holds values of weight 2^h, sorted per channel. Up to `capacity` values per channel
-    everything is kept and `cdf` is the exact empirical CDF #{v ≤ a} / n; beyond that a full level
-    is halved (every other sorted value moves up with double weight). Each compaction at level h
-    shifts a rank by at most 2^h, so |q̂ − q| ≤ log2(n / capacity) / capacity + 1/capacity,
-    whatever n. Memory: at most 2·capacity values per level and log2(n / capacity) levels.
+    The first `capacity` values per channel are kept, and while n ≤ capacity `cdf` is the exact
+    empirical CDF #{v ≤ a} / n. Beyond that, the sketch freezes `capacity` edges per channel
+    (evenly spaced order statistics of the values kept so far, the largest among them) and counts
+    every value, exactly, into the right-closed intervals between consecutive edges, the lower tail
+    and the upper tail (with the running min and max). F̂ is then exact at every edge and linear
+    inside an interval, so |F̂ − F| ≤ the largest interval's share of the values — `error_bound()`,
+    a few times 1 / capacity when the values arrive in random order (a shuffled reference set). Memory:
+    capacity edges and capacity + 1 counts per channel, whatever n.
     """
 
     def __init__(self, capacity: int = 4096) -> None:
         if capacity < 2:
             raise UserError(f"the CDF sketch needs capacity >= 2, got {capacity}")
         self.capacity = capacity
-        self.levels: list[Tensor] = []  # level h: (C, m_h) float32 (responses are float32)
         self.n = 0
-        self._flip = 0  # alternates the kept half so compaction errors cancel on average
+        self.buffer: Tensor | None = None  # (C, m) the values themselves while m ≤ capacity
+        self.edges: Tensor | None = None  # (C, capacity) float32, sorted
+        self.counts: Tensor | None = None  # (C, capacity + 1) int64: (−∞, e0], (e0, e1], ..., (e_last, ∞)
+        self.lo = torch.zeros(0)
+        self.hi = torch.zeros(0)
 
     def update(self, values: Tensor) -> None:
         """values (B, C)."""
-        v = values.detach().to(torch.float32).cpu().t()
-        if not self.levels:
-            self.levels.append(v.new_zeros((v.shape[0], 0)))
-        self.levels[0] = torch.cat([self.levels[0], v], 1)
+        v = values.detach().to(torch.float32).cpu().t().contiguous()  # (C, B)
         self.n += int(v.shape[1])
-        h = 0
-        while h < len(self.levels) and self.levels[h].shape[1] > self.capacity:
-            s = self.levels[h].sort(dim=1).values
-            m = s.shape[1] - (s.shape[1] % 2)
-            keep_odd = s[:, m:]  # an odd leftover stays at this level with its weight
-            up = s[:, self._flip : m : 2]
-            self._flip ^= 1
-            self.levels[h] = keep_odd
-            if h + 1 == len(self.levels):
-                self.levels.append(up.new_zeros((up.shape[0], 0)))
-            self.levels[h + 1] = torch.cat([self.levels[h + 1], up], 1)
-            h += 1
+        if self.edges is None:
+            self.buffer = v if self.buffer is None else torch.cat([self.buffer, v], 1)
+            if self.buffer.shape[1] <= self.capacity:
+                return
+            s = self.buffer.sort(dim=1).values
+            m = s.shape[1]
+            pick = (torch.arange(1, self.capacity + 1) * m) // self.capacity - 1  # the last pick is the max
+            self.edges = s[:, pick].contiguous()
+            self.counts = torch.zeros(s.shape[0], self.capacity + 1, dtype=torch.int64)
+            self.lo, self.hi = s[:, 0].clone(), s[:, -1].clone()
+            self.buffer = None
+            self._count(s.contiguous())
+            return
+        self.lo = torch.minimum(self.lo, v.amin(1))
+        self.hi = torch.maximum(self.hi, v.amax(1))
+        self._count(v)
+
+    def _count(self, v: Tensor) -> None:
+        assert self.edges is not None and self.counts is not None
+        c, k = v.shape[0], self.capacity + 1
+        j = torch.searchsorted(self.edges, v, right=False)  # v in (e_{j-1}, e_j]; j = capacity above e_last
+        flat = (j + torch.arange(c)[:, None] * k).flatten()
+        self.counts += torch.bincount(flat, minlength=c * k).view(c, k)
+
+    def error_bound(self) -> Tensor:
+        """Largest |F̂ − F| per channel (C,): 0 while exact, else the largest interval's share."""
+        if self.counts is None:
+            return torch.zeros(0 if self.buffer is None else self.buffer.shape[0])
+        return self.counts.amax(1).double() / self.n
+
+    def values_held(self) -> int:
+        """Numbers kept per channel (values, or edges + counts): bounded by 2·capacity + 1."""
+        if self.edges is None:
+            return 0 if self.buffer is None else int(self.buffer.shape[1])
+        return 2 * self.capacity + 1
 
     def cdf(self, a: Tensor) -> Tensor:
-        """F̂(a) = weighted share of reference values ≤ a; a (N, C) → (N, C) float32 in [0, 1]."""
+        """F̂(a) = share of reference values ≤ a; a (N, C) → (N, C) float32 in [0, 1]."""
         if self.n == 0:
             raise UserError("the CDF sketch has seen no values")
         q = a.detach().to(torch.float32).cpu().t().contiguous()  # (C, N)
-        count = torch.zeros(q.shape, dtype=torch.float64)
-        for h, level in enumerate(self.levels):
-            if level.shape[1]:
-                s = level.sort(dim=1).values.contiguous()
-                count += torch.searchsorted(s, q, right=True).to(torch.float64) * (2**h)
-        return (count / self.n).clamp_(0.0, 1.0).t().to(torch.float32)
+        if self.edges is None:
+            assert self.buffer is not None
+            s = self.buffer.sort(dim=1).values.contiguous()
+            count = torch.searchsorted(s, q, right=True).to(torch.float64)
+            return (count / self.n).clamp_(0.0, 1.0).t().to(torch.float32)
+        assert self.counts is not None
+        cap = self.capacity
+        j = torch.searchsorted(self.edges, q, right=False)  # q in (e_{j-1}, e_j]
+        e = self.edges.double()
+        lo, hi = self.lo.double()[:, None].expand_as(q), self.hi.double()[:, None].expand_as(q)
+        left = torch.where(j > 0, e.gather(1, (j - 1).clamp_min(0)), lo)
+        right = torch.where(j < cap, e.gather(1, j.clamp_max(cap - 1)), hi)
+        cum = self.counts.cumsum(1).double()
+        below = torch.where(j > 0, cum.gather(1, (j - 1).clamp_min(0)), torch.zeros_like(left))
+        inbin = self.counts.double().gather(1, j)
+        qd = q.double()
+        width = right - left
+        frac = torch.where(width > 0, ((qd - left) / width.clamp_min(1e-300)).clamp(0, 1), (qd >= right).double())
+        return ((below + frac * inbin) / self.n).clamp_(0.0, 1.0).t().to(torch.float32)
 
 
 @dataclass
