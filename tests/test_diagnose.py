@@ -163,7 +163,8 @@ def test_pooling_differences_pair_seeds() -> None:
     def row(pooling: str, seed: int, acc: float, schedule: str = "3 epochs") -> dict[str, Any]:
         return {"model": f"{pooling}{seed}", "pooling": pooling, "training": "standard", "seed": seed, "eps": 0.1,
                 "schedule": schedule, "pgd_accuracy": acc, "clean_accuracy": 0.9,
-                "layers": [{"layer": "pool1", "IL": 0.2 if pooling == "max" else 0.1, "V": 0.1, "V_soft": 0.1}]}  # fmt: skip
+                "layers": [{"layer": "pool1", "IL": 0.2 if pooling == "max" else 0.1, "V": 0.1,
+                            "V_soft": 0.1}]}  # fmt: skip
 
     rows = [row("max", 0, 0.30, "8"), row("avg", 0, 0.35, "12"), row("max", 1, 0.20), row("avg", 1, 0.26),
             row("max", 2, 0.22), row("avg", 2, 0.27)]  # fmt: skip
@@ -195,3 +196,28 @@ def test_diagnose_stage_end_to_end(tmp_path: Path, fmnist: Any) -> None:
     for f in ("diagnose_layers", "diagnose_strips"):
         assert (run / "figures" / f"{f}.png").is_file()
     assert "Layer diagnosis" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["diagnose", "--inverter", "gan"], "inverter must be one of"),
+        (["diagnose", "--layers", "pool9"], "pool9"),
+        (["diagnose", "--judge", "fmnist-smallcnn-pta"], "fmnist-smallcnn-pta"),
+    ],
+)
+def test_cli_mistakes_are_one_line_and_leave_nothing(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from robustdissect.cli import main
+
+    out_dir = tmp_path / "out"
+    try:
+        main([*args, "--n", "10", "--out", str(out_dir)])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    _out, err = capsys.readouterr()
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out_dir.exists()
