@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -134,3 +138,24 @@ def test_reliance_shift_and_transition_matrix_known_answers() -> None:
     assert math.isnan(reliance_shift(torch.zeros(2), ["RU", "NL"]))
     m = transition_matrix(["NRU", "NRU", "RU", "NL"], ["RU", "NRU", "RU", "RL"])
     assert m[1, 0] == 1 and m[1, 1] == 1 and m[0, 0] == 1 and m[3, 2] == 1 and int(m.sum()) == 4
+
+
+def test_stage_shows_the_shipped_results_without_recomputing(tmp_path: Path, fmnist: Any) -> None:
+    from robustdissect.config import RunConfig
+    from robustdissect.pipeline import run_pipeline
+    from robustdissect.runs import read_table
+    from robustdissect.stages.pushback import shipped_pushback
+
+    shipped = shipped_pushback()
+    assert shipped is not None, "results/pushback-fmnist.json is not shipped"
+    assert {"purification", "criterion", "reliance", "verdict"} <= set(shipped)
+    cfg = RunConfig(model="fmnist-smallcnn-vanilla", n=20, quick=True, stages={"overview": {}, "pushback": {}})
+    t = time.perf_counter()
+    run = run_pipeline(cfg, tmp_path / "run")
+    assert time.perf_counter() - t < 60
+    res = json.loads((run / "results.json").read_text())["stages"]["pushback"]
+    assert res["pushback"]["verdict"] == shipped["verdict"]
+    rows = read_table(run / "tables" / "pushback_purification.csv")
+    assert len(rows) == 5 and all(float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"]) for r in rows)
+    assert "shipped results" in res["text"]
+    assert not list((run / "evidence").glob("adv/*"))  # nothing attacked
