@@ -33,13 +33,11 @@ from ..data.concepts import HIGH_FREQUENCY, ConceptSet, generate_concept_set, lo
 from ..errors import UserError
 from ..evaluation import attack_evidence
 from ..models import default_conv_layers
-from ..models.resolve import resolve_model
 from ..modelutil import predict
 from ..pipeline import STAGES, AnalysisUnavailable, Context, section
 
 log = logging.getLogger(__name__)
 
-SHIPPED = ("fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-sns")
 
 
 @dataclass(frozen=True)
@@ -118,12 +116,6 @@ def _settings(opts: ConceptsOptions, seed: int) -> dict[str, Any]:
             "iou_threshold": opts.iou_threshold, "permutations": opts.permutations,
             "null_percentile": opts.null_percentile, "bins": opts.bins, "top_k": opts.top_images,
             "batch_size": opts.batch_size, "seed": seed}  # fmt: skip
-
-
-def _compare_list(ctx: Context, opts: ConceptsOptions) -> list[str]:
-    if opts.compare is not None:
-        return [m for m in opts.compare if m != ctx.config.model]
-    return [m for m in SHIPPED if m != ctx.config.model] if ctx.config.model in SHIPPED else []
 
 
 @STAGES.register("concepts", "Network Dissection: concept labels of every unit, and which concepts are brittle")
@@ -280,16 +272,9 @@ def _join(
     if scored != layers:
         raise AnalysisUnavailable(f"the features score {', '.join(scored)}, the concepts dissect {', '.join(layers)}")
     models: list[tuple[str, nn.Module]] = [(ctx.config.model, ctx.model)]
-    for name in _compare_list(ctx, opts):
-        try:
-            other, card = resolve_model(name, None, {}, ctx.data)
-        except UserError as e:
-            warnings.append(f"model {name} not compared: {e}")
-            continue
-        if card.get("dataset") not in (None, ctx.data.name):
-            warnings.append(f"model {name} not compared: trained on {card.get('dataset')}")
-            continue
-        models.append((name, other.to(ctx.device)))
+    others, missing = ctx.comparison_models(opts.compare)
+    warnings += missing
+    models += list(others.items())
     out = []
     for name, m in models:
         log.info("concepts: joining dissection and feature scores of %s", name)

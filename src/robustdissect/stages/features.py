@@ -21,14 +21,11 @@ from ..analysis.features import (
     feature_scores,
 )
 from ..config import parse_eps, stage_options
-from ..errors import UserError
-from ..models.resolve import resolve_model
 from ..pipeline import STAGES, Context, section
 
 log = logging.getLogger(__name__)
 
 IMAGE_ROWS = 20  # images listed in the per-image top-unit table (every image's list is in FeatureScores)
-SHIPPED = ("fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-sns")
 
 
 @STAGES.register("features", "feature dissection: usefulness, robust usefulness, stability, four quadrants per unit")
@@ -52,17 +49,11 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     log.info("features: scoring the units of %s", ctx.config.model)
     main = feature_scores(ctx, options=opts, model_name=ctx.config.model)
     results = [main]
-    for name in _compare_list(ctx, opts):
-        try:
-            other, card = resolve_model(name, None, {}, ctx.data)
-        except UserError as e:
-            warnings.append(f"model {name} not compared: {e}")
-            continue
-        if card.get("dataset") not in (None, ctx.data.name):
-            warnings.append(f"model {name} not compared: trained on {card.get('dataset')}")
-            continue
+    others, missing = ctx.comparison_models(opts.compare)
+    warnings += missing
+    for name, other in others.items():
         log.info("features: scoring the units of %s", name)
-        results.append(feature_scores(ctx, model=other.to(ctx.device), options=opts, model_name=name))
+        results.append(feature_scores(ctx, model=other, options=opts, model_name=name))
 
     unit_rows = [row for r in results for row in r.rows()]
     layer_rows = [row for r in results for row in r.layer_rows()]
@@ -154,15 +145,6 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         models=[r.model_name for r in results],
         quadrant_names=QUADRANT_NAMES,
     )
-
-
-def _compare_list(ctx: Context, opts: FeatureOptions) -> list[str]:
-    """`opts.compare`, or PAT and SNS beside a shipped Fashion-MNIST smallcnn."""
-    if opts.compare is not None:
-        return [m for m in opts.compare if m != ctx.config.model]
-    if ctx.config.model in SHIPPED:
-        return [m for m in SHIPPED if m != ctx.config.model]
-    return []
 
 
 def _top_class_rows(res: FeatureScores, classes: Any) -> list[dict[str, Any]]:
