@@ -228,7 +228,7 @@ def _check_resume(run: RunDir, identity: dict[str, str], cfg: RunConfig) -> None
 
 def validate_stages(cfg: RunConfig, model: nn.Module | None = None) -> None:
     """Check every stage name and its option block before any work starts; with the model, also
-    what depends on it (a stage's `check(model, options)`, e.g. layer names)."""
+    the layer names an option block gives (`layers`)."""
     from .config import stage_options
 
     for name, options in cfg.stages.items():
@@ -236,9 +236,12 @@ def validate_stages(cfg: RunConfig, model: nn.Module | None = None) -> None:
         opts_cls = getattr(fn, "options_class", None)
         if opts_cls is not None:
             opts = stage_options(opts_cls, _profiled(fn, cfg, dict(options)), name)
-            check = getattr(fn, "check", None)
-            if model is not None and check is not None:
-                check(model, opts)
+            layers = getattr(opts, "layers", None)
+            if model is not None and isinstance(layers, list | tuple):
+                from .models import resolve_layer
+
+                for layer in layers:  # every named layer exists, before any stage runs
+                    resolve_layer(model, str(layer))
         elif options:
             raise UserError(f"stage '{name}' takes no options, got {sorted(options)}")
 

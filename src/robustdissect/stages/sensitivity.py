@@ -377,16 +377,7 @@ def _own_layers(model: torch.nn.Module, wanted: list[str], example: torch.Tensor
         return own
 
 
-def _check(model: torch.nn.Module, opts: SensitivityOptions) -> None:
-    """Before any stage runs: every named layer exists in the model."""
-    from ..models import resolve_layer
-
-    for name in opts.layers or []:
-        resolve_layer(model, name)
-
-
 sensitivity_stage.options_class = SensitivityOptions  # type: ignore[attr-defined]
-sensitivity_stage.check = _check  # type: ignore[attr-defined]
 sensitivity_stage.reduced_options = QUICK_SENSITIVITY  # type: ignore[attr-defined]
 
 
