@@ -221,3 +221,19 @@ def test_cli_mistakes_are_one_line_and_leave_nothing(
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out_dir.exists()
+
+
+def test_no_adversarial_example_gives_undefined_vulnerability_not_an_error() -> None:
+    model = _tiny()
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    from robustdissect.analysis.diagnose import diagnose
+
+    inv = OptimisationInverter(model, x.mean(0), InversionSettings(steps=2))
+    # the "attack" changed nothing: no prediction flips, M = 0
+    d = diagnose(model, x, pred, x.clone(), pred, ["1", "2"], inv, model, x.mean(0), resamples=5, show=2)
+    assert d.vulnerability.y.numel() == 0 and d.adv_strips.shape[0] == 0
+    assert np.isnan(d.vulnerability.V()).all() and np.isnan(d.vulnerability.V_soft()).all()
+    assert all(np.isnan(c.rho) for c in d.correlations)
+    assert len(d.layer_rows()) == 3

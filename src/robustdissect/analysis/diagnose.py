@@ -453,6 +453,8 @@ def explanations(
     model: nn.Module, inverter: Inverter, x: torch.Tensor, layers: Sequence[str], batch_size: int = 250
 ) -> torch.Tensor:
     """E_0(x) = x, E_l(x) = Inv_l(h_l(x)): (N, L+1, C, H, W) on the CPU."""
+    if x.shape[0] == 0:
+        return torch.empty(0, len(layers) + 1, *x.shape[1:])
     feats = layer_features(model, x, layers, batch_size)
     return torch.stack([x.cpu(), *(inverter(name, feats[name]) for name in layers)], 1)
 
@@ -537,6 +539,9 @@ def judge_strips(judge: nn.Module, strips: torch.Tensor, y: torch.Tensor, y_adv:
                  layers: Sequence[str]) -> Vulnerability:  # fmt: skip
     """The judge's classes and p_J(y|·) on strips (M, L+1, C, H, W)."""
     m, k = strips.shape[:2]
+    if m == 0:
+        empty = torch.empty(0, k)
+        return Vulnerability(list(layers), empty.long(), empty, y.clone(), y_adv.clone())
     device = model_device(judge, strips.device)
     flat = strips.reshape(m * k, *strips.shape[2:])
     with eval_mode(judge), torch.no_grad():
