@@ -502,7 +502,9 @@ def diagnose(
         str | None, typer.Option("--judge", help="checkpoint that reads the explanations (default PAT; 'self')")
     ] = None,
     study: Annotated[str | None, typer.Option("--study", help="folder of an IG-1 pooling study to show")] = None,
-    n: NOpt = 200,
+    n: Annotated[
+        int | None, typer.Option("--n", min=1, help="images diagnosed (default 100; 32 with --quick)")
+    ] = None,
     seed: SeedOpt = None,
     quick: QuickOpt = False,
     out: OutOpt = Path("runs/diagnose"),
@@ -532,7 +534,8 @@ def diagnose(
         options["judge"] = judge
     if study is not None:
         options["study"] = study
-    _analysis_run("diagnose", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume,
+    run_n = n if n is not None else (32 if quick else 100)
+    _analysis_run("diagnose", options, model, weights, data, data_dir, run_n, seed, quick, out, overwrite, resume,
                   verbose)  # fmt: skip
 
 

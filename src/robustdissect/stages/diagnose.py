@@ -53,7 +53,7 @@ class DiagnoseOptions:
     images; show: adversarial examples drawn as strips; study: IG-1 folder to show (None:
     docs/results/ig1 of the checkout when present)."""
 
-    n: int = 200
+    n: int = 100
     layers: list[str] | None = None
     eps: float | str | None = None
     steps: int | None = None
