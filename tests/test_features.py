@@ -303,7 +303,7 @@ def test_cli_refuses_bad_input_before_any_work(tmp_path: Path, capsys) -> None:
         (
             (["--models", "no-such-checkpoint"], "no-such-checkpoint", True),
             (["--eps", "-1"], "eps", True),
-            (["--layers", "conv99"], "conv99", False),  # needs the model: found after the overview stage
+            (["--layers", "conv99"], "conv99", True),  # checked against the model before any stage runs
         )
     ):
         out = tmp_path / f"run{i}"
