@@ -18,7 +18,10 @@ import yaml
 
 from .errors import UserError, unknown_name
 
-DEFAULT_STAGES = ("overview", "evaluate", "sensitivity", "features", "concepts", "training")
+DEFAULT_STAGES = (
+    "overview", "evaluate", "sensitivity", "features", "concepts", "training", "diagnose", "metric", "landscape",
+    "pushback",
+)
 
 
 @dataclass(frozen=True)
