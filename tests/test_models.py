@@ -22,7 +22,10 @@ from robustdissect.models import (
 )
 from robustdissect.models.io import apply_weights
 
-SHAPES = {"smallcnn": (1, 28, 28), "smallcnn4": (1, 28, 28), "lenet": (1, 28, 28), "vgg16": (3, 32, 32), "resnet18": (3, 32, 32)}
+SHAPES = {
+    "smallcnn": (1, 28, 28), "smallcnn4": (1, 28, 28), "lenet": (1, 28, 28), "vgg16": (3, 32, 32),
+    "resnet18": (3, 32, 32),
+}  # fmt: skip
 SMALL_ARGS = {"vgg16": {"width_mult": 0.125}, "resnet18": {"width": 8}}
 
 
