@@ -4,19 +4,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-from robustdissect.cli import main
-
-
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_line_error(code: int, err: str, needle: str) -> None:
@@ -26,11 +13,11 @@ def _one_line_error(code: int, err: str, needle: str) -> None:
     assert "Traceback" not in err
 
 
-def test_run_quick_writes_a_complete_run_directory(tmp_path: Path, capsys, fmnist) -> None:
+def test_run_quick_writes_a_complete_run_directory(tmp_path: Path, cli, fmnist) -> None:
     out = tmp_path / "run"
     cfg = tmp_path / "overview.yaml"
     cfg.write_text("stages: [overview]\nn: 500\n")
-    code, _, err = _cli(["run", "--config", str(cfg), "--out", str(out)], capsys)
+    code, _, err = cli(["run", "--config", str(cfg), "--out", str(out)])
     assert code == 0, err
     for rel in (
         "config.yaml",
@@ -53,42 +40,41 @@ def test_run_quick_writes_a_complete_run_directory(tmp_path: Path, capsys, fmnis
     assert not (tmp_path / "run.partial").exists()
 
     # an existing run directory is not overwritten silently
-    code, _, err = _cli(["run", "--config", str(cfg), "--out", str(out)], capsys)
+    code, _, err = cli(["run", "--config", str(cfg), "--out", str(out)])
     _one_line_error(code, err, "already exists")
 
     # the report can be rebuilt from the files alone
     (out / "report.html").unlink()
-    code, _, err = _cli(["report", str(out)], capsys)
+    code, _, err = cli(["report", str(out)])
     assert code == 0 and "fmnist-smallcnn-vanilla" in (out / "report.html").read_text()
 
 
-def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path: Path, capsys) -> None:
+def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path: Path, cli) -> None:
     out = tmp_path / "bad"
-    code, _, err = _cli(["run", "--quick", "--model", "no-such-model", "--out", str(out)], capsys)
+    code, _, err = cli(["run", "--quick", "--model", "no-such-model", "--out", str(out)])
     _one_line_error(code, err, "unknown model 'no-such-model'")
     assert not out.exists() and not (tmp_path / "bad.partial").exists()
 
-    code, _, err = _cli(["run", "--quick", "--data-dir", str(tmp_path / "missing"), "--out", str(out)], capsys)
+    code, _, err = cli(["run", "--quick", "--data-dir", str(tmp_path / "missing"), "--out", str(out)])
     _one_line_error(code, err, "does not exist")
     assert not out.exists() and not (tmp_path / "bad.partial").exists()
 
-    code, _, err = _cli(["layers", "--model", "smallcnn", "--model-arg", "widthh=3"], capsys)
+    code, _, err = cli(["layers", "--model", "smallcnn", "--model-arg", "widthh=3"])
     _one_line_error(code, err, "bad arguments for model")
 
     (tmp_path / "cfg.yaml").write_text("modle: smallcnn\n")
-    code, _, err = _cli(["run", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)], capsys)
+    code, _, err = cli(["run", "--config", str(tmp_path / "cfg.yaml"), "--out", str(out)])
     _one_line_error(code, err, "did you mean: model")
 
 
-def test_class_count_mismatch_via_cli(tmp_path: Path, capsys) -> None:
+def test_class_count_mismatch_via_cli(cli, tmp_path: Path) -> None:
     x = np.random.default_rng(0).random((30, 1, 28, 28)).astype(np.float32)
     np.savez(tmp_path / "three.npz", x=x, y=np.arange(30) % 3)
-    code, _, err = _cli(
-        ["run", "--quick", "--data", "npz", "--data-dir", str(tmp_path / "three.npz"), "--out", str(tmp_path / "r")],
-        capsys,
+    code, _, err = cli(
+        ["run", "--quick", "--data", "npz", "--data-dir", str(tmp_path / "three.npz"), "--out", str(tmp_path / "r")]
     )
     _one_line_error(code, err, "outputs 10 classes but the dataset has 3")
-    code, _, err = _cli(
+    code, _, err = cli(
         [
             "run",
             "--quick",
@@ -102,16 +88,15 @@ def test_class_count_mismatch_via_cli(tmp_path: Path, capsys) -> None:
             str(tmp_path / "three.npz"),
             "--out",
             str(tmp_path / "r"),
-        ],
-        capsys,
+        ]
     )
     _one_line_error(code, err, "the model expects (3,)")
 
 
-def test_layers_and_list(capsys) -> None:
-    code, out, _ = _cli(["layers"], capsys)
+def test_layers_and_list(cli) -> None:
+    code, out, _ = cli(["layers"])
     assert code == 0 and "conv6.bn" in out and "relu6" in out
-    code, out, _ = _cli(["list", "checkpoints"], capsys)
+    code, out, _ = cli(["list", "checkpoints"])
     assert code == 0 and "fmnist-smallcnn-vanilla" in out
-    code, _, err = _cli(["list", "nonsense"], capsys)
+    code, _, err = cli(["list", "nonsense"])
     _one_line_error(code, err, "cannot list")

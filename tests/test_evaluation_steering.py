@@ -13,21 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from robustdissect.attacks import PGD
-from robustdissect.cli import main
 from robustdissect.config import RunConfig
 from robustdissect.errors import UserError
 from robustdissect.evaluation import EvaluateOptions, build_attack
 from robustdissect.pipeline import run_pipeline
 from robustdissect.runs import read_table
 from robustdissect.store import list_evidence, load_evidence
-
-
-def _cli(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_two_step_pgd_by_hand() -> None:
@@ -56,12 +47,12 @@ def test_attack_options_reach_the_attack_and_name_rules() -> None:
         build_attack("pgd-linf", EvaluateOptions(attack_options={"pgd-linf": {"alhpa": 0.01}}), 0)
 
 
-def test_cli_attack_opt_and_exact_n_on_an_npz_without_test_split(tmp_path: Path, fmnist: Any) -> None:
+def test_cli_attack_opt_and_exact_n_on_an_npz_without_test_split(cli, tmp_path: Path, fmnist: Any) -> None:
     npz = tmp_path / "mine.npz"
     np.savez(npz, x=fmnist.test.x[:30].numpy(), y=fmnist.test.y[:30].numpy())
     model = f"{__name__}:make_vanilla"  # a user model: the shipped checkpoint's card names fashion-mnist
     out = tmp_path / "ev"
-    code = _cli(["evaluate", "--model", model, "--data", "npz", "--data-dir", str(npz), "--n", "20",
+    code, _, _err = cli(["evaluate", "--model", model, "--data", "npz", "--data-dir", str(npz), "--n", "20",
                  "--attacks", "pgd-linf,pgd-l2", "--attack-opt", "pgd-linf.alpha=0.01",
                  "--attack-opt", "pgd-linf.restarts=2", "--curves", "none", "--corruptions", "none",
                  "--out", str(out)])  # fmt: skip
@@ -125,13 +116,13 @@ def make_tiny_cnn() -> nn.Module:
     ).eval()
 
 
-def test_models_overlay_takes_a_user_factory(tmp_path: Path, fmnist: Any) -> None:
+def test_models_overlay_takes_a_user_factory(cli, tmp_path: Path, fmnist: Any) -> None:
     out = tmp_path / "sens"
-    code = _cli(["sensitivity", "--models", f"{__name__}:make_tiny_cnn", "--experiments", "profiles,compare",
+    code, _, _err = cli(["sensitivity", "--models", f"{__name__}:make_tiny_cnn", "--experiments", "profiles,compare",
                  "--n", "20", "--steps", "2", "--out", str(out)])  # fmt: skip
     assert code == 0
     assert (out / "figures" / "compare_profiles.png").is_file()
     entry = json.loads((out / "results.json").read_text())["stages"]["sensitivity"]
     assert not any("not compared" in w for w in entry["warnings"])
-    assert _cli(["sensitivity", "--models", "nowhere.py:make", "--out", str(tmp_path / "x")]) == 2
+    assert cli(["sensitivity", "--models", "nowhere.py:make", "--out", str(tmp_path / "x")])[0] == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()

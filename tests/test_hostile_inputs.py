@@ -30,7 +30,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from robustdissect.cli import main
 from robustdissect.errors import UserError
 from robustdissect.runs import LOCK, MARKER
 
@@ -40,17 +39,6 @@ OVERVIEW = "stages: [overview]\nn: 20\n"
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the console entry point in-process; (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def assert_one_line(code: int, err: str, expect_code: int, needle: str) -> str:
     """Exactly one line on stderr, from robustdissect, holding `needle`; no traceback."""
     assert code == expect_code, err
@@ -405,60 +393,56 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile_input(case: Case, work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hostile_input(case: Case, work: Path, cli) -> None:
     argv = case.setup(work)
     before = snapshot(work.parent)
-    code, out, err = cli(argv, capsys)
+    code, out, err = cli(argv)
     assert_one_line(code, err, case.code, case.needle)
     assert out == "", out
     assert snapshot(work.parent) == before  # nothing written, nothing removed
     assert not (work / "pwned").exists()
 
 
-def test_unwritable_parent_is_refused_before_any_work(
-    work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_unwritable_parent_is_refused_before_any_work(work: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
     (work / "ro").mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == work / "ro" else real_access(p, m))
     before = snapshot(work)
-    code, _, err = cli(["run", "--out", "ro/run"], capsys)
+    code, _, err = cli(["run", "--out", "ro/run"])
     assert_one_line(code, err, 2, "not writable")
-    code, _, err = cli(["train", "--out", "ro/run", "--epochs", "1"], capsys)
+    code, _, err = cli(["train", "--out", "ro/run", "--epochs", "1"])
     assert_one_line(code, err, 2, "not writable")
     assert snapshot(work) == before
 
 
 # -- --overwrite and the marker ----------------------------------------------------------------
-def test_user_files_survive_overwrite_and_run_directories_are_replaced(
-    work: Path, capsys: pytest.CaptureFixture[str], fmnist: object
-) -> None:
+def test_user_files_survive_overwrite_and_run_directories_are_replaced(work: Path, cli, fmnist: object) -> None:
     with_user_folder([])(work)
     (work / "ov.yaml").write_text(OVERVIEW)
     before = snapshot(work / "thesis")
-    code, _, err = cli(["run", "--config", "ov.yaml", "--out", "thesis", "--overwrite"], capsys)
+    code, _, err = cli(["run", "--config", "ov.yaml", "--out", "thesis", "--overwrite"])
     assert_one_line(code, err, 2, "not a robustdissect run directory")
     assert snapshot(work / "thesis") == before
     assert not (work / "thesis.partial").exists()
 
     # a directory robustdissect made is replaced, and holds the new run's marker afterwards
-    code, _, err = cli(["run", "--config", "ov.yaml", "--out", "first"], capsys)
+    code, _, err = cli(["run", "--config", "ov.yaml", "--out", "first"])
     assert code == 0, err
     first_id = json.loads((work / "first" / MARKER).read_text())["run_id"]
     assert not (work / "first" / LOCK).exists()
     (work / "first" / "stale.txt").write_text("from the first run")
-    code, _, err = cli(["run", "--config", "ov.yaml", "--out", "first", "--overwrite"], capsys)
+    code, _, err = cli(["run", "--config", "ov.yaml", "--out", "first", "--overwrite"])
     assert code == 0, err
     assert json.loads((work / "first" / MARKER).read_text())["run_id"] != first_id
     assert not (work / "first" / "stale.txt").exists()
     assert sorted(p.name for p in work.iterdir()) == ["first", "ov.yaml", "thesis"]
 
 
-def test_files_follow_the_umask(work: Path, capsys: pytest.CaptureFixture[str], fmnist: object) -> None:
+def test_files_follow_the_umask(work: Path, cli, fmnist: object) -> None:
     (work / "ov.yaml").write_text(OVERVIEW)
     old = os.umask(0o022)
     try:
-        code, _, err = cli(["run", "--config", "ov.yaml", "--out", "r"], capsys)
+        code, _, err = cli(["run", "--config", "ov.yaml", "--out", "r"])
     finally:
         os.umask(old)
     assert code == 0, err
@@ -487,11 +471,11 @@ def exploding_stage() -> Iterator[str]:
 
 
 def test_unexpected_error_one_line_log_in_partial_and_resumable(
-    work: Path, capsys: pytest.CaptureFixture[str], exploding_stage: str, fmnist: object
+    work: Path, cli, exploding_stage: str, fmnist: object
 ) -> None:
     (work / "boom.yaml").write_text(f"stages: [{exploding_stage}]\nn: 20\n")
     argv = ["run", "--config", "boom.yaml", "--out", "r"]
-    code, _, err = cli(argv, capsys)
+    code, _, err = cli(argv)
     line = assert_one_line(code, err, 1, "ZeroDivisionError: the stage divided by zero")
     assert "details in r.partial/error.log" in line
     log = (work / "r.partial" / "error.log").read_text()
@@ -499,12 +483,12 @@ def test_unexpected_error_one_line_log_in_partial_and_resumable(
     assert (work / "r.partial" / MARKER).is_file() and not (work / "r").exists()
 
     # the partial directory is kept: a plain rerun is told how to go on, --verbose shows the trace
-    code, _, err = cli(argv, capsys)
+    code, _, err = cli(argv)
     assert_one_line(code, err, 2, "pass --resume to continue it or --overwrite")
-    code, _, err = cli([*argv, "--resume", "--verbose"], capsys)
+    code, _, err = cli([*argv, "--resume", "--verbose"])
     assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("robustdissect: unexpected")
     assert log in (work / "r.partial" / "error.log").read_text()  # appended, not replaced
-    code, _, err = cli(["run", "--config", "none.yaml", "--out", "r", "--overwrite"], capsys)
+    code, _, err = cli(["run", "--config", "none.yaml", "--out", "r", "--overwrite"])
     assert_one_line(code, err, 2, "does not exist")
     assert (work / "r.partial" / "error.log").is_file()
 
@@ -536,7 +520,7 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_epoch(tmp_path: 
     assert not (tmp_path / "u").exists()
 
 
-def test_train_resume_reads_its_own_configuration(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_resume_reads_its_own_configuration(work: Path, cli) -> None:
     argv = ["train", "--model-arg", "width=4", "--n", "64", "--epochs", "2", "--batch-size", "32", "--out", "t"]
     (work / "t").mkdir()
     import torch
@@ -548,14 +532,14 @@ def test_train_resume_reads_its_own_configuration(work: Path, capsys: pytest.Cap
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _save_state(work / "t" / "state.pt", model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 0, [], cfg)
-    code, _, err = cli([*argv[:-2], "--epochs", "3", "--resume", "t"], capsys)
+    code, _, err = cli([*argv[:-2], "--epochs", "3", "--resume", "t"])
     assert_one_line(code, err, 2, "different configuration (epochs: 2 there, 3 now)")
-    code, _, err = cli(["train", "--resume", "t", "--config", "none.yaml"], capsys)
+    code, _, err = cli(["train", "--resume", "t", "--config", "none.yaml"])
     assert_one_line(code, err, 2, "does not exist")
 
 
 def test_interrupted_train_says_how_to_resume_and_resumes_without_its_config(
-    work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fmnist: object
+    work: Path, cli, monkeypatch: pytest.MonkeyPatch, fmnist: object
 ) -> None:
     from robustdissect.training import Vanilla
 
@@ -566,14 +550,14 @@ def test_interrupted_train_says_how_to_resume_and_resumes_without_its_config(
     argv = ["train", "--model-arg", "width=4", "--n", "64", "--epochs", "2", "--batch-size", "32", "--out", "t"]
     with monkeypatch.context() as m:
         m.setattr(Vanilla, "on_epoch_start", stop_at_epoch_2)
-        code, out, err = cli(argv, capsys)
+        code, out, err = cli(argv)
     assert code == 130 and "Traceback" not in err and out == ""
     assert error_lines(err) == [  # (above it, only the progress bar of epoch 1)
         "robustdissect: interrupted; the last finished epoch is kept in t; "
         "continue with: robustdissect train --resume t"
     ], err
     assert (work / "t" / "state.pt").is_file() and not (work / "t" / "model.safetensors").exists()
-    code, out, err = cli(["train", "--resume", "t"], capsys)  # the README's form: no --config needed
+    code, out, err = cli(["train", "--resume", "t"])  # the README's form: no --config needed
     assert code == 0, err
     assert "wrote t/model.safetensors" in out
     assert not (work / "t" / LOCK).exists()

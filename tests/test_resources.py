@@ -9,21 +9,10 @@ import pytest
 import yaml
 
 from robustdissect import resources
-from robustdissect.cli import main
 from robustdissect.errors import UserError
 from robustdissect.models import list_models, shipped_checkpoints
 
 PRESETS = Path(__file__).resolve().parents[1] / "src" / "robustdissect" / "configs" / "train"
-
-
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_presets_are_the_committed_files() -> None:
@@ -69,32 +58,30 @@ def test_checkpoint_files_and_templates() -> None:
         resources.template("nope.j2")
 
 
-def test_cli_list_filters_with_a_pattern(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _cli(["list", "models", "fmnist-*"], capsys)
+def test_cli_list_filters_with_a_pattern(cli) -> None:
+    code, out, _ = cli(["list", "models", "fmnist-*"])
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == list_models("fmnist-*")
     assert all("checkpoint of smallcnn" in line for line in out.splitlines())
-    code, out, _ = _cli(["list", "models"], capsys)
+    code, out, _ = cli(["list", "models"])
     assert code == 0 and [line.split()[0] for line in out.splitlines()] == list_models()
     assert "architecture" in next(line for line in out.splitlines() if line.startswith("vgg16 "))
-    code, out, _ = _cli(["list", "checkpoints", "fmnist-smallcnn-avg-*"], capsys)
+    code, out, _ = cli(["list", "checkpoints", "fmnist-smallcnn-avg-*"])
     assert code == 0 and [line.split()[0] for line in out.splitlines()] == [
         "fmnist-smallcnn-avg-pat",
         "fmnist-smallcnn-avg-vanilla",
     ]
-    code, out, _ = _cli(["list", "presets", "cifar10-*"], capsys)
+    code, out, _ = cli(["list", "presets", "cifar10-*"])
     assert code == 0 and out.splitlines() == [
         f"robustdissect train --config {n}" for n in resources.train_presets() if n.startswith("cifar10-")
     ]
 
 
-def test_cli_train_takes_a_preset_name(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cli_train_takes_a_preset_name(tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     # The error names the CIFAR-10 folder that only the preset holds: the preset was read.
-    code, _, err = _cli(["train", "--config", "cifar10-vgg16-vanilla", "--out", "o"], capsys)
+    code, _, err = cli(["train", "--config", "cifar10-vgg16-vanilla", "--out", "o"])
     assert code == 2 and "data/cifar-10-batches-py" in err, err
     assert not (tmp_path / "o").exists()
-    code, _, err = _cli(["train", "--config", "fmnist-smallcnn-vanila", "--out", "o"], capsys)
+    code, _, err = cli(["train", "--config", "fmnist-smallcnn-vanila", "--out", "o"])
     assert code == 2 and "unknown training preset 'fmnist-smallcnn-vanila'" in err, err
