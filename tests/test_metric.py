@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustdissect.analysis.landscape import decision_margin, landscape
-from robustdissect.analysis.metric import calibrate_temperature, kl_divergence, metric_attack, robustness_metric
+from robustdissect.analysis.metric import (
+    DEFAULT_STEPS,
+    calibrate_temperature,
+    clear_calibration_cache,
+    kl_divergence,
+    metric_attack,
+    model_temperature,
+    robustness_metric,
+)
 from robustdissect.attacks import PGD
 from robustdissect.data import Dataset
 from robustdissect.errors import UserError
@@ -70,10 +78,13 @@ def _scaled_last_layer(net: nn.Module, factor: float) -> nn.Module:
     return other
 
 
-def test_calibrated_psi_is_invariant_to_scaling_the_logits(net_and_x: tuple[nn.Module, torch.Tensor]) -> None:
+@pytest.mark.parametrize("steps", [None, 10])  # None: the default K = 5
+def test_calibrated_psi_is_invariant_to_scaling_the_logits(
+    net_and_x: tuple[nn.Module, torch.Tensor], steps: int | None
+) -> None:
     net, x = net_and_x
     big = _scaled_last_layer(net, 10.0)
-    kw = {"eps": 0.1, "steps": 10, "seed": 0}
+    kw: dict = {"eps": 0.1, "seed": 0, **({"steps": steps} if steps else {})}
     cal = robustness_metric(net, x, **kw)
     cal_big = robustness_metric(big, x, **kw)
     assert cal.calibrated and cal_big.calibrated
@@ -103,6 +114,7 @@ def test_psi_is_nonnegative_and_zero_for_a_constant_model(net_and_x: tuple[nn.Mo
             c = robustness_metric(const, x, eps=0.1, steps=5, calibration=calibration)
             assert torch.equal(c.psi, torch.zeros(len(x))), (values, calibration)
             assert c.flipped == 0.0
+        assert robustness_metric(const, x).psi.eq(0).all()  # default K, temperature
     tied = robustness_metric(Constant([1.0, 1.0, 1.0, 1.0]), x, eps=0.1, steps=3)
     assert not tied.calibrated  # every T gives max-softmax 1/4: the target 0.9 is out of reach
     assert robustness_metric(net, x, eps=0.0, steps=3).mean == 0.0  # eps = 0: x' = x
@@ -146,8 +158,61 @@ def test_max_loss_keeps_the_highest_kl_iterate(net_and_x: tuple[nn.Module, torch
     assert bool((kl(top) >= kl(best) - 1e-6).all())
     m = metric_attack(0.1, steps=10)
     assert m.keep == "max-loss" and m.loss == "kl" and m.alpha == pytest.approx(0.025)
+    assert metric_attack(0.1).steps == DEFAULT_STEPS == 5
     with pytest.raises(UserError, match="max-loss"):
         PGD(0.1, keep="max-loss", early_stop=True)
+
+
+def test_default_psi_runs_no_extra_forward_and_caches_the_calibration(
+    net_and_x: tuple[nn.Module, torch.Tensor],
+) -> None:
+    """One call: calibration (1 forward), clean logits (1), the attack's class probe (1) and KL
+    clean probabilities (1), K gradient steps and the last iterate (1); the attack's clean check and
+    ψ reuse logits already computed. A second call on the same weights and images skips the
+    calibration; it gives the same Ψ."""
+    net, x = net_and_x
+    x_cal = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    counted = Counting(net)
+    clear_calibration_cache()
+    first = robustness_metric(counted, x, calibration_x=x_cal)
+    assert first.steps == DEFAULT_STEPS
+    assert counted.calls == DEFAULT_STEPS + 5
+    assert not first.calibration_cached and 0 < first.calibration_seconds <= first.seconds
+    counted.calls = 0
+    again = robustness_metric(counted, x, calibration_x=x_cal)
+    assert counted.calls == DEFAULT_STEPS + 4
+    assert again.calibration_cached and again.calibration_seconds == 0.0
+    assert again.temperature == first.temperature and torch.equal(again.psi, first.psi)
+    counted.calls = 0
+    robustness_metric(counted, x, calibration_x=x_cal, steps=20)  # K is an option; T still cached
+    assert counted.calls == 20 + 4
+    # the cache is off, or the images or the weights change: calibrated again
+    counted.calls = 0
+    off = robustness_metric(counted, x, calibration_x=x_cal, cache_calibration=False)
+    assert counted.calls == DEFAULT_STEPS + 5 and not off.calibration_cached
+    assert torch.equal(off.psi, first.psi)
+    assert not robustness_metric(net, x, calibration_x=x_cal[:20]).calibration_cached
+    big = _scaled_last_layer(net, 10.0)
+    t_big, reached, seconds, cached = model_temperature(big, x_cal)
+    assert reached and not cached and seconds > 0
+    assert t_big == pytest.approx(10.0 * float(first.temperature or 0), rel=1e-4)
+    assert model_temperature(big, x_cal)[3]
+    # what the call reports
+    summary = first.summary()
+    assert summary["steps"] == DEFAULT_STEPS and summary["calibration_cached"] is False
+    clear_calibration_cache()
+    assert not robustness_metric(net, x, calibration_x=x_cal).calibration_cached
+
+
+def test_psi_reads_the_attacks_logits(net_and_x: tuple[nn.Module, torch.Tensor]) -> None:
+    """ψ from the maximiser's own logits equals the KL recomputed from its x_adv."""
+    net, x = net_and_x
+    r = robustness_metric(net, x, eps=0.1, calibration="none")
+    y = net(x).argmax(1)
+    x_adv = metric_attack(0.1)(net, x, y).x_adv
+    with torch.no_grad():
+        expected = kl_divergence(net(x), net(x_adv))
+    assert torch.allclose(r.psi, expected, atol=1e-5)
 
 
 def _linear_binary(d: int, margin_l1: float) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:

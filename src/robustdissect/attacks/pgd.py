@@ -13,7 +13,8 @@ iterates beat unsuccessful ones, and among equals the one with the higher loss w
 robustness metric's KL; restarts then rerun every sample).
 
 Cost of PGD-k: k forward+backward passes with respect to the input plus one forward on the last
-iterate; gradients are taken with torch.autograd.grad on the input only.
+iterate (the KL loss adds one forward on the clean images, whose logits are handed back so that
+the base class does not repeat it); gradients are taken with torch.autograd.grad on the input only.
 """
 
 from __future__ import annotations
@@ -163,7 +164,9 @@ class PGD(Attack):
             aux["t"] = targets
         if self.loss == "kl" and self._loss_fn is None:
             with torch.no_grad():
-                aux["p"] = F.softmax(model(x).float(), dim=1)
+                z = model(x)
+            aux["p"] = F.softmax(z.float(), dim=1)
+            aux["z"] = z  # the clean logits: returned to the base class, which then needs no clean forward
         return aux
 
     def _objective(self, logits: Tensor, aux: dict[str, Tensor]) -> Tensor:
@@ -245,7 +248,7 @@ class PGD(Attack):
         best_logits: Tensor | None = None
         best_loss = torch.full((n,), -math.inf, device=x.device)
         best_ok = torch.zeros(n, dtype=torch.bool, device=x.device)
-        clean: Tensor | None = None
+        clean: Tensor | None = aux.get("z")  # the KL loss already ran the clean forward
         for t in range(self.steps + 1):
             last = t == self.steps
             if last:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.metric import CALIBRATIONS, MetricResult, robustness_metric
+from ..analysis.metric import CALIBRATIONS, DEFAULT_STEPS, MetricResult, robustness_metric
 from ..attacks import PGD, Attack
 from ..config import parse_eps, stage_options
 from ..errors import UserError
@@ -32,7 +32,8 @@ CHECKOUT_STUDY = Path(__file__).resolve().parents[3] / "docs" / "results" / "yu1
 class MetricOptions:
     """Options of the `metric` stage.
 
-    eps, steps, alpha (None: ε/4), restarts: the KL maximiser; n: images (a prefix of the run's
+    eps, steps (default 5; 20 is METHODS §2.3's K, see analysis/metric.py for K = 5 against 20),
+    alpha (None: ε/4), restarts: the KL maximiser; n: images (a prefix of the run's
     analysed split; None = all); calibration: "temperature" (T with mean max-softmax =
     `target_confidence` on `calibration_n` validation images), "logit_norm" (s·Z/‖Z‖₂, s =
     `logit_scale`) or "none"; compare: other checkpoints (None: PAT when the run's model is a
@@ -41,7 +42,7 @@ class MetricOptions:
     YU-1 study to show (None: docs/results/yu1 of the checkout when present)."""
 
     eps: float | str = 0.1
-    steps: int = 20
+    steps: int = DEFAULT_STEPS
     alpha: float | None = None
     restarts: int = 1
     n: int | None = 1000
@@ -101,6 +102,7 @@ def _psi(ctx: Context, model: nn.Module, x: torch.Tensor, index: torch.Tensor, o
         model, x, eps=parse_eps(opts.eps), steps=opts.steps, alpha=opts.alpha, restarts=opts.restarts,
         calibration=opts.calibration, calibration_x=cal, target_confidence=opts.target_confidence,
         logit_scale=opts.logit_scale, seed=ctx.config.seed, run_attack=run_attack,
+        cache_calibration=False,  # each model is calibrated once here; its time always includes that
     )  # fmt: skip
 
 
@@ -142,8 +144,10 @@ def _study_block(ctx: Context, option: str | None, tables: list[dict[str, Any]],
         return None
     study = read_study(folder)
     rows = study["rows"]
-    keep = ["model", "arch", "width", "objective", "clean", "psi_mean", "psi_p90", "psi_seconds", "eval_seconds",
-            *study["accuracy_columns"], "boundary_inside_eps", "boundary_median", "steepness"]  # fmt: skip
+    keep = ["model", "arch", "width", "objective", "clean", "psi_mean", "psi_p90",
+            *[c for c in study.get("psi_columns", []) if c != "psi_mean"], "psi_seconds", "psi_k20_seconds",
+            "eval_seconds", *study["accuracy_columns"], "boundary_inside_eps", "boundary_median",
+            "steepness"]  # fmt: skip
     ctx.run.write_table("metric_yu1_models", rows, columns=[k for k in keep if k in rows[0]])
     corr = [{"accuracy_column": col, **vals} for col, vals in study["correlations"].items()]
     ctx.run.write_table("metric_yu1_correlations", corr)
@@ -162,7 +166,8 @@ def _study_block(ctx: Context, option: str | None, tables: list[dict[str, Any]],
     caption = "YU-1: Ψ against adversarial accuracy per test setting, one point per model"
     figures.append({"file": "figures/metric_yu1_scatter.png", "caption": caption})
     return {"settings": study["settings"], "timing": study["timing"], "stability": stab,
-            "correlations": study["correlations"], "models": len(rows)}  # fmt: skip
+            "correlations": study["correlations"], "models": len(rows),
+            "psi_steps_agreement": study.get("psi_steps_agreement")}  # fmt: skip
 
 
 @STAGES.register("metric", "robustness metric Psi (max KL in the eps-ball, calibrated), its cost, the YU-1 study")
@@ -211,18 +216,35 @@ def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         f"({opts.steps} steps, {opts.restarts} restart(s)), {opts.calibration} calibration, on {n} images; "
         "no labels are used. Ψ is the mean over images."
     )
+    if opts.evaluation:
+        ratios = ", ".join(f"{r['model']} {r['psi_over_eval_time']:.2g}" for r in rows
+                           if math.isfinite(r.get("psi_over_eval_time", math.nan)))  # fmt: skip
+        if ratios:
+            text += (
+                f" Ψ's wall time (calibration included) over that of PGD-{opts.eval_steps} ({opts.eval_restarts} "
+                f"restart(s), early stop per image) on the same images: {ratios}."
+            )
     if study is not None:
         t = study["timing"]
         sp = study["correlations"]
+        st = study["settings"]
         best = max(sp, key=lambda c: sp[c]["spearman"] if not math.isnan(sp[c]["spearman"]) else -2)
+        used = [f"{st['n']} test images" if "n" in st else "",
+                f"PGD with {st['restarts']} run(s) per setting" if "restarts" in st else "",
+                f"main Ψ at K = {st.get('psi_steps', 20)}"]  # fmt: skip
         text += (
-            f" YU-1 ({study['models']} models): Spearman(−Ψ, accuracy) ranges "
+            f" YU-1 ({study['models']} models): {', '.join(u for u in used if u)}; Spearman(−Ψ, accuracy) ranges "
             f"{min(v['spearman'] for v in sp.values()):.2f}–{max(v['spearman'] for v in sp.values()):.2f} "
             f"(best {best}); the accuracy ranking across test settings has mean pairwise Kendall τ "
             f"{study['stability']['accuracy']['mean_pairwise_kendall']:.2f}, Ψ's across its settings "
             f"{study['stability']['psi']['mean_pairwise_kendall']:.2f}; the full evaluation took "
             f"{t['full_over_psi']:.1f}× Ψ's time, PGD-100 alone {t['pgd100_over_psi']:.1f}×."
         )
+        for col, agr in (study.get("psi_steps_agreement") or {}).items():
+            text += (
+                f" Ψ's model ranking against {col}: Spearman {agr['spearman']:.2f}, Kendall {agr['kendall']:.2f} "
+                f"({len(agr['discordant_pairs'])} discordant pair(s))."
+            )
     return section("Robustness metric Ψ", text=text, summary=summary, tables=tables, figures=figures,
                    warnings=warnings, models=rows, study=study)  # fmt: skip
 
