@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from robustdissect.analysis import pooling_study as ps
 from robustdissect.analysis.diagnose import (
     DecoderBank,
     DecoderSettings,
@@ -28,10 +29,14 @@ from robustdissect.analysis.diagnose import (
     layer_correlations,
     train_decoder,
 )
-from robustdissect.analysis.pooling_study import differences
 
 
 def test_mean_of_a_2x2_gaussian_block_reconstructs_with_mse_075() -> None:
+    # analytic: the best reconstruction of i.i.d. N(0,1) x (4,) from its mean is the projection
+    # P = 11ᵀ/4 applied to x; E‖x − Px‖²/4 = tr(I − P)/4 = 3/4 exactly
+    proj = torch.full((4, 4), 0.25, dtype=torch.float64)
+    assert float(torch.trace(torch.eye(4, dtype=torch.float64) - proj)) / 4 == 0.75
+    # sampled: the optimisation inversion through a 2x2 average pool finds that projection
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 1, 2, 2, generator=g)
     model = nn.Sequential(nn.AvgPool2d(2))
@@ -131,6 +136,50 @@ def test_decoders_resume_bit_identically(tmp_path: Path) -> None:
     assert other.trained == ["1"]
 
 
+def test_gan_decoders_build_a_discriminator_record_it_and_resume_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import robustdissect.analysis.diagnose as dg
+
+    built: list[int] = []
+
+    class Spy(dg.Discriminator):
+        def __init__(self, channels: int) -> None:
+            built.append(channels)
+            super().__init__(channels)
+
+    monkeypatch.setattr(dg, "Discriminator", Spy)
+    model = _tiny()
+    x = torch.rand(48, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    s = DecoderSettings(epochs=2, batch_size=16, seed=3, gan=True, lambda_adv=0.01)
+    full = DecoderBank(model, tmp_path / "full", x, s)
+    for layer in ("1", "2"):
+        full.decoder(layer)
+    assert built == [1, 1]  # one D_l per layer, on the image channels
+    card = json.loads((tmp_path / "full" / "2.json").read_text())
+    assert card["settings"]["gan"] is True and card["settings"]["lambda_adv"] == 0.01
+    assert set(card["losses"]) == {"img", "feat", "cls", "adv", "disc"}
+    assert all(np.isfinite(v) for v in card["losses"].values()) and card["losses"]["disc"] > 0
+    # interrupted after layer 1: the resumed bank loads it, trains layer 2, and matches bit for bit
+    DecoderBank(model, tmp_path / "resumed", x, s).decoder("1")
+    resumed = DecoderBank(model, tmp_path / "resumed", x, s)
+    for layer in ("1", "2"):
+        resumed.decoder(layer)
+    assert resumed.loaded == ["1"] and resumed.trained == ["2"] and len(built) == 4  # none for the loaded one
+    for layer in ("1", "2"):
+        assert (tmp_path / "resumed" / f"{layer}.safetensors").read_bytes() == (
+            tmp_path / "full" / f"{layer}.safetensors"
+        ).read_bytes()
+    # the GAN term changes the decoder, and a GAN-free bank does not reuse a GAN checkpoint
+    plain = DecoderBank(model, tmp_path / "full", x, DecoderSettings(epochs=2, batch_size=16, seed=3))
+    plain.decoder("2")
+    assert plain.trained == ["2"] and len(built) == 4  # no discriminator without the GAN term
+    card = json.loads((tmp_path / "full" / "2.json").read_text())
+    assert card["settings"]["gan"] is False and "disc" not in card["losses"]
+    a, b = resumed.decoders["2"].state_dict(), plain.decoders["2"].state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_correlation_has_known_answers() -> None:
     # IL rises with depth on every image; the flip layer of every example is the deepest layer,
     # V = (0, 0, 0, 1): Spearman(IL, V) is that of (1, 2, 3) with (0, 0, 1)
@@ -159,21 +208,241 @@ def test_diagnosis_layers_follow_the_forward_order(fmnist: Any) -> None:
     assert diagnosis_layers(user, x) == ["1", "2"]
 
 
-def test_pooling_differences_pair_seeds() -> None:
-    def row(pooling: str, seed: int, acc: float, schedule: str = "3 epochs") -> dict[str, Any]:
-        return {"model": f"{pooling}{seed}", "pooling": pooling, "training": "standard", "seed": seed, "eps": 0.1,
-                "schedule": schedule, "pgd_accuracy": acc, "clean_accuracy": 0.9,
-                "layers": [{"layer": "pool1", "IL": 0.2 if pooling == "max" else 0.1, "V": 0.1,
-                            "V_soft": 0.1}]}  # fmt: skip
+# ---------------------------------------------------------------------------------------------
+# user models: named layer boundaries, decoders sized from the activation shapes (32x32 RGB)
 
-    rows = [row("max", 0, 0.30, "8"), row("avg", 0, 0.35, "12"), row("max", 1, 0.20), row("avg", 1, 0.26),
-            row("max", 2, 0.22), row("avg", 2, 0.27)]  # fmt: skip
-    d = {(r["pairs"], r["metric"]): r for r in differences(rows)}
-    pgd = d[("all pairs", "pgd_accuracy")]
-    assert pgd["n_pairs"] == 3 and pgd["max_minus_avg"] == pytest.approx(np.mean([-0.05, -0.06, -0.05]))
-    assert pgd["ci_low"] < pgd["max_minus_avg"] < pgd["ci_high"] < 0
-    assert d[("like-for-like pairs", "pgd_accuracy")]["n_pairs"] == 2
-    assert d[("all pairs", "IL_pooling_layers")]["max_minus_avg"] == pytest.approx(0.1)
+USER_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = nn.ReLU()
+        self.down1 = nn.AvgPool2d(2)
+        self.body = nn.Conv2d(8, 16, 3, padding=1)
+        self.act2 = nn.ReLU()
+        self.down2 = nn.MaxPool2d(2)
+        self.head = nn.Linear(16 * 8 * 8, num_classes)
+
+    def forward(self, x):
+        x = self.down1(self.act1(self.stem(x)))
+        x = self.down2(self.act2(self.body(x)))
+        return self.head(x.flatten(1))
+
+
+def make(num_classes=10):
+    torch.manual_seed(0)
+    return Net(num_classes)
+"""
+
+
+def _diagnose_user_model(model: nn.Module, layers: list[str], folder: Path) -> None:
+    """The whole diagnosis with decoders on 6 random 32x32 RGB images (a 3-step PGD), judged by
+    the model itself; checks the decoder shapes and the §1.7 invariants."""
+    from robustdissect.analysis.diagnose import diagnose, layer_features
+    from robustdissect.attacks import PGD
+
+    g = torch.Generator().manual_seed(0)
+    x, x_train = torch.rand(6, 3, 32, 32, generator=g), torch.rand(16, 3, 32, 32, generator=g)
+    # untrained: BatchNorm statistics from the training images, so the logits depend on the input
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(x_train)
+    model.eval()
+    with torch.no_grad():
+        y = model(x).argmax(1)  # the model's own labels: every clean image is "correct"
+    res = PGD(0.3, steps=3, alpha=0.1, seed=0)(model, x, y)
+    bank = DecoderBank(model, folder, x_train, DecoderSettings(epochs=1, batch_size=8, width=8, seed=0))
+    d = diagnose(model, x, y, res.x_adv, res.logits.argmax(1), layers, bank, model, x_train.mean(0), resamples=10,
+                 show=2)  # fmt: skip
+    feats = layer_features(model, x[:1], layers)
+    for layer in layers:  # one decoder per boundary, sized from that layer's activation shape
+        card = json.loads((folder / f"{layer.replace('/', '_')}.json").read_text())
+        shape = list(feats[layer].shape[1:])
+        assert card["feature_shape"] == (shape if len(shape) == 3 else [shape[0], 1, 1]), layer
+        assert card["image_shape"] == [3, 32, 32] and card["layer"] == layer
+    assert bank.trained == layers
+    assert d.layers == layers and d.vulnerability.y.numel() > 0
+    assert d.adv_strips.shape[1:] == (len(layers) + 1, 3, 32, 32)
+    assert d.adv_strips.min() >= 0 and d.adv_strips.max() <= 1
+    rows = d.layer_rows()
+    assert [r["layer"] for r in rows] == ["input", *layers]
+    assert sum(r["V"] for r in rows) <= 1 + 1e-12 and all(r["V_soft"] >= 0 for r in rows[1:])
+    assert all(np.isfinite(r["R"]) and np.isfinite(r["d"]) for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("arch", "args", "layers"),
+    [
+        # paper-style aliases and a module path, across the pooling stages down to 1x1
+        ("vgg16", {"width_mult": 1 / 16}, ["relu2", "pool1", "features.pool3", "relu13"]),
+        # block ReLUs (after the residual add), a whole stage and the global pool (1x1 features)
+        ("resnet18", {"width": 4}, ["relu1", "l2b1r2", "layer4_output", "avgpool"]),
+    ],
+)
+def test_diagnosis_on_zoo_vgg16_and_resnet18_with_named_layers(
+    arch: str, args: dict[str, Any], layers: list[str], tmp_path: Path
+) -> None:
+    from robustdissect.models.resolve import resolve_model
+
+    torch.manual_seed(0)
+    model, _card = resolve_model(arch, model_args={"num_classes": 10, "in_channels": 3, **args},
+                                 require_weights=False)  # fmt: skip
+    _diagnose_user_model(model, layers, tmp_path / "decoders")
+
+
+def test_default_layers_of_zoo_models_are_every_relu_and_pool_in_forward_order() -> None:
+    from robustdissect.models.io import build_model
+
+    x = torch.rand(1, 3, 32, 32)
+    vgg = diagnosis_layers(build_model("vgg16", width_mult=1 / 16), x)
+    assert len(vgg) == 18 and vgg[:5] == ["relu1", "relu2", "pool1", "relu3", "relu4"] and vgg[-1] == "pool5"
+    resnet = diagnosis_layers(build_model("resnet18", width=4), x)
+    assert resnet[:3] == ["relu1", "l1b1r1", "l1b1r2"] and resnet[-1] == "l4b2r2" and len(resnet) == 17
+
+
+@pytest.mark.parametrize("form", ["module", "file"])
+def test_diagnosis_on_a_module_factory_model(form: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from robustdissect.models.resolve import resolve_model
+
+    (tmp_path / "diag_user_net.py").write_text(USER_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = "diag_user_net:make" if form == "module" else f"{tmp_path / 'diag_user_net.py'}:make"
+    model, card = resolve_model(spec, model_args={"num_classes": 4})
+    assert card["user_model"] is True
+    # default boundaries: every ReLU and pooling module in forward order, by module name
+    assert diagnosis_layers(model, torch.rand(1, 3, 32, 32)) == ["act1", "down1", "act2", "down2"]
+    _diagnose_user_model(model, ["act1", "down1", "down2"], tmp_path / "decoders")
+
+
+def _study_row(model: str, pooling: str, seed: int, acc: float, group: str = ps.SEED_GROUP, epochs: int = 3,
+               training: str = "standard") -> dict[str, Any]:  # fmt: skip
+    return {"model": model, "group": group, "pooling": pooling, "training": training, "seed": seed, "eps": 0.1,
+            "n": 300, "pgd_accuracy": acc, "pgd_ci": [acc - 0.05, acc + 0.05], "clean_accuracy": 0.9,
+            "clean_ci": [0.86, 0.93], "stale": [],
+            "train_config": {"epochs": epochs, "seed": seed, "model_args": {"width": 16, "pooling": pooling}},
+            "layers": [{"layer": "pool1", "IL": 0.2 if pooling == "max" else 0.1, "V": 0.1, "V_soft": 0.1},
+                       {"layer": "relu2", "IL": 0.5, "V": 0.3, "V_soft": 0.2}]}  # fmt: skip
+
+
+def test_pooling_comparisons_pair_seeds_and_leave_out_what_is_not_like_for_like() -> None:
+    rows = [_study_row(f"{p}{s}", p, s, acc) for p, s, acc in
+            [("max", 0, 0.30), ("avg", 0, 0.35), ("max", 1, 0.20), ("avg", 1, 0.26), ("max", 2, 0.22),
+             ("avg", 2, 0.27), ("max", 3, 0.5)]]  # fmt: skip
+    # the shipped pair: one PAT pair alike, one standard pair with different schedules
+    rows += [_study_row("pat", "max", 0, 0.80, ps.SHIPPED_GROUP, 20, "pgd-at"),
+             _study_row("avg-pat", "avg", 0, 0.82, ps.SHIPPED_GROUP, 20, "pgd-at"),
+             _study_row("vanilla", "max", 0, 0.0, ps.SHIPPED_GROUP, 8),
+             _study_row("avg-vanilla", "avg", 0, 0.0, ps.SHIPPED_GROUP, 12)]  # fmt: skip
+    diffs, excluded = ps.comparisons(rows)
+    d = {(r["comparison"], r["training"], r["metric"]): r for r in diffs}
+    pgd = d[(ps.SEED_GROUP, "standard", "pgd_accuracy")]
+    assert pgd["n_pairs"] == 3 and pgd["seeds"] == "0,1,2"
+    assert pgd["avg_minus_max"] == pytest.approx(np.mean([0.05, 0.06, 0.05]))  # avg − max: positive = avg higher
+    assert 0 < pgd["ci_low"] < pgd["avg_minus_max"] < pgd["ci_high"] and pgd["interval"].startswith("t over 3")
+    assert d[(ps.SEED_GROUP, "standard", "IL_pooling_layers")]["avg_minus_max"] == pytest.approx(-0.1)
+    assert d[(ps.SEED_GROUP, "standard", "V_pooling_layers")]["avg_minus_max"] == pytest.approx(0.0)
+    # one like-for-like shipped pair: Newcombe's interval over test images for accuracies, none for IL
+    ship = d[(ps.SHIPPED_GROUP, "pgd-at", "pgd_accuracy")]
+    assert ship["n_pairs"] == 1 and ship["avg_minus_max"] == pytest.approx(0.02)
+    assert ship["ci_low"] < 0.02 < ship["ci_high"] and ship["interval"].startswith("Newcombe")
+    assert np.isnan(d[(ps.SHIPPED_GROUP, "pgd-at", "IL_pooling_layers")]["ci_low"])
+    assert (ps.SHIPPED_GROUP, "standard", "pgd_accuracy") not in d
+    why = {(e["comparison"], e["training"], e["seed"]): e["reason"] for e in excluded}
+    assert why[(ps.SEED_GROUP, "standard", 3)] == "no avg-pooling model at seed 3"
+    assert "epochs 8 vs 12" in why[(ps.SHIPPED_GROUP, "standard", 0)]
+    # a stale checkpoint (its card no longer matches its preset) is left out with the reason
+    rows[1]["stale"] = ["epochs 10 in the card, 3 in the preset"]
+    diffs, excluded = ps.comparisons(rows)
+    assert {r["n_pairs"] for r in diffs if r["comparison"] == ps.SEED_GROUP} == {2}
+    assert any("avg0 is stale (epochs 10" in e["reason"] for e in excluded)
+    text = ps.note(diffs, excluded, [{"model": "m-s9", "reason": "not shipped"}])
+    assert "avg − max" in text and "Not yet available: m-s9" in text and "avg0 is stale" in text
+
+
+def test_the_ig1_family_has_three_like_for_like_seeds_per_variant() -> None:
+    from robustdissect.resources import read_train_config, train_presets
+
+    fam = ps.family()
+    assert all(m.name in train_presets() for m in fam)
+    seeds = [m for m in fam if m.group == ps.SEED_GROUP]
+    assert len(seeds) == 12 and {m.seed for m in seeds} == {0, 1, 2}
+    for training in ps.TRAININGS:
+        variant = [m for m in seeds if m.training == training]
+        base = read_train_config(variant[0].name)
+        for m in variant:  # one schedule: the presets differ only in pooling and seed
+            cfg = read_train_config(m.name)
+            assert cfg["seed"] == m.seed and cfg["model_args"]["pooling"] == m.pooling
+            assert ps.config_differences(cfg, base, ignore=("seed", "model_args.pooling")) == [], m.name
+    # the shipped PAT pair: the 20-epoch preset for both, only the pooling differs
+    pat, avg_pat = (read_train_config(ps.SHIPPED[("pgd-at", p)]) for p in ("max", "avg"))
+    assert pat["epochs"] == 20 and ps.config_differences(pat, avg_pat) == ["model_args.pooling max vs avg"]
+    stale = ps.preset_mismatch("fmnist-smallcnn-pat", {**pat, "epochs": 10})
+    assert stale == ["epochs 10 in the card, 20 in the preset"]
+    assert ps.preset_mismatch("fmnist-smallcnn-pat", pat) == []
+
+
+def test_pooling_study_rows_resume_skip_unshipped_and_invalidate_on_new_settings(
+    tmp_path: Path, fmnist: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import robustdissect.data
+
+    members = [ps.Member("fmnist-smallcnn-ig1-max-pat-s1", ps.SEED_GROUP, "pgd-at", "max", 1),
+               ps.Member("fmnist-smallcnn-ig1-avg-pat-s1", ps.SEED_GROUP, "pgd-at", "avg", 1),
+               ps.Member("fmnist-smallcnn-ig1-max-pat-s7", ps.SEED_GROUP, "pgd-at", "max", 7)]  # fmt: skip
+    monkeypatch.setattr(ps, "family", lambda: members)
+    monkeypatch.setattr(robustdissect.data, "load_dataset", lambda *a, **k: fmnist)
+    calls: list[tuple[str, float]] = []
+    fail_at: list[int] = []
+
+    def fake_row(name: str, model: nn.Module, card: Any, x: torch.Tensor, y: torch.Tensor, x_mean: torch.Tensor,
+                 judge: nn.Module, eps: float, *args: Any) -> dict[str, Any]:  # fmt: skip
+        if fail_at and len(calls) == fail_at[0]:
+            raise KeyboardInterrupt
+        calls.append((name, eps))
+        assert len(x) == 40
+        row = _study_row(name, "max" if "-max-" in name else "avg", 1, 0.5 + eps, training="pgd-at")
+        return {**row, "eps": eps, "settings": args[-1]}
+
+    monkeypatch.setattr(ps, "model_row", fake_row)
+    argv = ["--out", str(tmp_path), "--n", "40", "--eps", "0.1,0.2"]
+    study = ps.run_study(ps.parser().parse_args(argv))
+    assert len(calls) == 4 and len(study["models"]) == 4
+    assert [s["model"] for s in study["skipped"]] == ["fmnist-smallcnn-ig1-max-pat-s7"]
+    assert "not shipped yet" in caplog.text and "--config fmnist-smallcnn-ig1-max-pat-s7" in caplog.text
+    stored = json.loads((tmp_path / "models" / "fmnist-smallcnn-ig1-max-pat-s1.json").read_text())["rows"]
+    assert {r["settings"]["eps"] for r in stored} == {0.1, 0.2}
+    assert stored[0]["settings"]["n"] == 40 and len(stored[0]["settings"]["checkpoint"]) == 64
+    assert [d["n_pairs"] for d in study["differences"] if d["metric"] == "pgd_accuracy"] == [1, 1]
+    # same settings: every row is reused
+    calls.clear()
+    ps.run_study(ps.parser().parse_args(argv))
+    assert calls == []
+    # new settings (PGD steps): every row is recomputed; interrupted after 1 row, the rerun resumes
+    calls.clear()
+    fail_at.append(1)
+    with pytest.raises(KeyboardInterrupt):
+        ps.run_study(ps.parser().parse_args([*argv, "--steps", "10"]))
+    fail_at.clear()
+    ps.run_study(ps.parser().parse_args([*argv, "--steps", "10"]))
+    assert len(calls) == 4 and len(set(calls)) == 4
+    # a row whose checkpoint changed (retrained model) is recomputed; --cached-only computes nothing
+    path = tmp_path / "models" / "fmnist-smallcnn-ig1-avg-pat-s1.json"
+    got = json.loads(path.read_text())
+    got["rows"][0]["settings"]["checkpoint"] = "0" * 64
+    path.write_text(json.dumps(got))
+    calls.clear()
+    study = ps.run_study(ps.parser().parse_args([*argv, "--steps", "10", "--cached-only"]))
+    assert calls == [] and len(study["models"]) == 3
+    ps.run_study(ps.parser().parse_args([*argv, "--steps", "10"]))
+    assert calls == [("fmnist-smallcnn-ig1-avg-pat-s1", 0.1)]
 
 
 def test_diagnose_stage_end_to_end(tmp_path: Path, fmnist: Any) -> None:

@@ -51,14 +51,20 @@ INVERTERS = ("optim", "decoder")
 
 
 def diagnosis_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """The default layer boundaries l = 1..L, in forward order: the ReLU output of every conv block
-    (`relu_l` of zoo models, every ReLU module of user models) and every pooling layer (`pool_l`
-    aliases, or MaxPool/AvgPool modules); modules called more than once per pass are left out.
-    `example`: images (N, C, H, W), the first is used."""
+    """The default layer boundaries l = 1..L, in forward order: every ReLU output (`relu_l` of zoo
+    models and every other alias of a ReLU module, e.g. ResNet-18's `l{i}b{j}r{k}`; every ReLU
+    module of user models) and every pooling layer (`pool_l` aliases, or MaxPool/AvgPool modules);
+    modules called more than once per pass are left out. `example`: images (N, C, H, W), the
+    first is used."""
+    from ..models.layers import reused_layers
     from ..probe.hooks import forward_order
 
     names = default_conv_layers(model, "relu", example[:1])
     aliases = aliases_of(model)
+    modules = dict(model.named_modules())
+    reused = set(reused_layers(model, example[:1]))
+    names += [a for a, path in aliases.items()
+              if isinstance(modules.get(path), nn.ReLU) and a not in names and path not in reused]  # fmt: skip
     pools = [a for a in aliases if a.startswith("pool") and a[4:].isdigit()]
     if not aliases:
         pools = [n for n, m in model.named_modules() if isinstance(m, POOLING_TYPES)]
@@ -319,8 +325,9 @@ def train_decoder(
     model: nn.Module, layer: str, x: torch.Tensor, settings: DecoderSettings | None = None
 ) -> tuple[Decoder, dict[str, float]]:
     """Train G_l on clean images x (N, C, H, W) with the classifier frozen; returns the decoder
-    (eval mode, CPU) and its last epoch's mean losses. Deterministic for a given seed on one
-    machine."""
+    (eval mode, CPU) and its last epoch's mean losses (`img`, `feat`, `cls`, and with the GAN term
+    `adv`, the decoder's non-saturating loss, and `disc`, the discriminator D_l's loss).
+    Deterministic for a given seed on one machine."""
     s = settings or DecoderSettings()
     device = model_device(model, x.device)
     seed = _layer_seed(s.seed, layer)
@@ -363,6 +370,7 @@ def train_decoder(
                         opt_d.zero_grad(set_to_none=True)
                         torch.autograd.backward(d_loss)
                         opt_d.step()
+                        sums["disc"] = sums.get("disc", 0.0) + float(d_loss.detach()) * len(idx)
                         parts["adv"] = F.softplus(-disc(rec)).mean()
                     weights = {"img": s.lambda_img, "feat": s.lambda_feat, "cls": s.lambda_cls, "adv": s.lambda_adv}
                     loss = sum((weights[k] * v for k, v in parts.items()), torch.zeros((), device=device))

@@ -72,36 +72,44 @@ def strips(
 
 
 def pooling_comparison(study: Mapping[str, Any]) -> Figure:
-    """IG-1: PGD accuracy per pooling, training and ε (one dot per seed, bar = mean), and the
-    per-layer IL and V^soft of max and avg pooling (mean over seeds)."""
+    """IG-1: PGD accuracy per pooling, training and ε (bar = mean over the short-schedule seeds, black
+    dots = those seeds, open diamonds = the shipped checkpoints), and the per-layer IL and V^soft of
+    max and avg pooling (mean over the short-schedule seeds)."""
     fig = Figure(figsize=(12, 4))
     ax_acc, ax_il, ax_v = fig.subplots(1, 3)
-    rows = study["models"]
-    groups = sorted({(r["training"], r["eps"]) for r in rows})
+    every = study["models"]
+    rows = [r for r in every if r.get("group", "short-schedule seeds") == "short-schedule seeds"]
+    shipped = [r for r in every if r.get("group", "short-schedule seeds") != "short-schedule seeds"]
+    groups = sorted({(r["training"], r["eps"]) for r in every})
     for gi, (training, eps) in enumerate(groups):
         for pi, pooling in enumerate(("max", "avg")):
-            vals = [r["pgd_accuracy"] for r in rows
-                    if (r["training"], r["eps"], r["pooling"]) == (training, eps, pooling)]  # fmt: skip
+            cell = (training, eps, pooling)
+            vals = [r["pgd_accuracy"] for r in rows if (r["training"], r["eps"], r["pooling"]) == cell]
             xpos = gi * 3 + pi
             if vals:
                 ax_acc.bar(xpos, sum(vals) / len(vals), color="#c44e52" if pooling == "max" else "#4c72b0", alpha=0.6)
                 ax_acc.scatter([xpos] * len(vals), vals, color="k", s=8, zorder=3)
+            ship = [r["pgd_accuracy"] for r in shipped if (r["training"], r["eps"], r["pooling"]) == cell]
+            if ship:
+                ax_acc.scatter([xpos + 0.25] * len(ship), ship, facecolors="none", edgecolors="k", marker="D", s=18,
+                               zorder=3)  # fmt: skip
     ax_acc.set_xticks([gi * 3 + 0.5 for gi in range(len(groups))])
     ax_acc.set_xticklabels([f"{t}\nε={e:g}" for t, e in groups], fontsize=8)
-    ax_acc.set_title("PGD accuracy (red max, blue avg; dots = seeds)", fontsize=9)
-    for ax, key, label in ((ax_il, "IL", "IL_l (mean over seeds)"), (ax_v, "V_soft", "V_l^soft (mean over seeds)")):
+    ax_acc.set_title("PGD accuracy (red max, blue avg; dots = seeds, ◇ = shipped)", fontsize=9)
+    for ax, key_, label in ((ax_il, "IL", "IL_l (mean over seeds)"), (ax_v, "V_soft", "V_l^soft (mean over seeds)")):
         for training, ls in (("standard", "-"), ("pgd-at", "--")):
             for pooling, color in (("max", "#c44e52"), ("avg", "#4c72b0")):
                 sel = [r for r in rows if r["training"] == training and r["pooling"] == pooling
-                       and r["eps"] == groups[0][1]]  # fmt: skip
+                       and groups and r["eps"] == groups[0][1]]  # fmt: skip
                 if not sel:
                     continue
                 layers = [p["layer"] for p in sel[0]["layers"]]
-                mean = [sum(float(r["layers"][i][key]) for r in sel) / len(sel) for i in range(len(layers))]
+                mean = [sum(float(r["layers"][i][key_]) for r in sel) / len(sel) for i in range(len(layers))]
                 ax.plot(range(len(layers)), mean, ls=ls, color=color, marker="o", ms=3, label=f"{pooling}, {training}")
                 ax.set_xticks(range(len(layers)))
                 ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
         ax.set_title(label, fontsize=9)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -1,22 +1,37 @@
 """Experiment IG-1 (METHODS §1.6, §8.3): is average pooling more robust than max pooling, and does
 it lose less information?
 
-Per model (smallcnn checkpoints with max or avg pooling, standard or PGD-trained, several
-training seeds) and per ε: clean and L∞ PGD-`steps` accuracy (α = `alpha`, random start) on the
-first `n` test images with Wilson intervals; on the first `diag_n` of them the layer diagnosis of
+The model family is defined once, in `family()`:
+
+- **short-schedule seeds** (the main comparison): `fmnist-smallcnn-ig1-{max,avg}-{vanilla,pat}-s{0,1,2}`,
+  three training seeds per variant, one schedule (3 epochs; PAT on a seeded 8,000-image subset), so
+  max and avg of one seed differ only in pooling (same initial weights, same data order);
+- **shipped pairs** (reported separately): `fmnist-smallcnn-{vanilla,avg-vanilla}` and
+  `fmnist-smallcnn-{pat,avg-pat}`, compared only when the two checkpoints were trained with the
+  same settings apart from pooling (the 20-epoch PAT preset for both PAT checkpoints).
+
+A family member whose checkpoint is not shipped yet is skipped with a message saying how to train
+and ship it; one whose card no longer matches its training preset (retrain pending) is left out of
+the comparisons with the reason.
+
+Per model and ε: clean and L∞ PGD-`steps` accuracy (α = `alpha`, random start) on the first `n`
+test images with Wilson intervals; on the first `diag_n` of them the layer diagnosis of
 `analysis.diagnose` (V_l, V_l^soft read by one fixed judge for every model, IL_l by the
-optimisation inversion, A_l). Pooling, training type and seed come from each checkpoint's card.
+optimisation inversion, A_l). Each row is saved in OUT/models/NAME.json as soon as it is computed,
+with its settings (including the SHA-256 of the model's and the judge's weights): a rerun reuses a
+row only when its settings are unchanged, so an interrupted study resumes, a retrained checkpoint
+or changed settings are recomputed, and seeds shipped later are added by rerunning the command.
 
-Across models: for each (training type, ε) the max − avg difference of PGD accuracy, clean
-accuracy, and IL and V^soft summed over the pooling layers, paired by training seed, with its
-mean and a t interval over the seed pairs (none with one pair); the same over the like-for-like
-pairs only (identical schedule for both poolings).
+Across models, per comparison, training type and ε: the avg − max difference (positive: average
+pooling higher) of clean and PGD accuracy, and of IL, V and V^soft summed over the pooling layers;
+for the seeds paired by training seed, with the mean and a t interval over the seed pairs; for a
+single pair of accuracies, Newcombe's interval for a difference of two proportions (over test
+images, not seeds).
 
-    python -m robustdissect.analysis.pooling_study --out docs/results/ig1 \\
-        --models fmnist-smallcnn-vanilla,fmnist-smallcnn-avg-vanilla,fmnist-smallcnn-pat,fmnist-smallcnn-avg-pat
+    python -m robustdissect.analysis.pooling_study --out docs/results/ig1
+    python -m robustdissect.analysis.pooling_study --out docs/results/ig1 --cached-only   # re-aggregate
 
-A model whose rows are already in OUT/models/ with the same settings is not recomputed, so seeds
-trained later are added by rerunning with the longer list. The `diagnose` stage shows the study.
+The `diagnose` stage shows the study.
 """
 
 from __future__ import annotations
@@ -27,16 +42,16 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..attacks import PGD
-from ..data import load_dataset
 from ..evaluation import wilson_interval
-from ..models.resolve import resolve_model
 from ..modelutil import eval_mode
 from ..runs import atomic_write_text
 from .diagnose import InversionSettings, OptimisationInverter, diagnose, diagnosis_layers
@@ -44,7 +59,49 @@ from .diagnose import InversionSettings, OptimisationInverter, diagnose, diagnos
 log = logging.getLogger(__name__)
 
 JUDGE = "fmnist-smallcnn-trades"  # robust, trained separately from every compared model
-SHIPPED = ["fmnist-smallcnn-vanilla", "fmnist-smallcnn-avg-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-avg-pat"]
+SEEDS = (0, 1, 2)
+TRAININGS = {"standard": "vanilla", "pgd-at": "pat"}  # training type -> objective in the preset names
+POOLINGS = ("max", "avg")
+SEED_GROUP = "short-schedule seeds"
+SHIPPED_GROUP = "shipped pair"
+GROUPS = (SEED_GROUP, SHIPPED_GROUP)
+SHIPPED = {
+    ("standard", "max"): "fmnist-smallcnn-vanilla",
+    ("standard", "avg"): "fmnist-smallcnn-avg-vanilla",
+    ("pgd-at", "max"): "fmnist-smallcnn-pat",
+    ("pgd-at", "avg"): "fmnist-smallcnn-avg-pat",
+}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of the IG-1 family: its checkpoint (= training preset) name and role."""
+
+    name: str
+    group: str
+    training: str
+    pooling: str
+    seed: int
+
+
+def seed_model(pooling: str, training: str, seed: int) -> str:
+    return f"fmnist-smallcnn-ig1-{pooling}-{TRAININGS[training]}-s{seed}"
+
+
+def family() -> list[Member]:
+    """The IG-1 models: three short-schedule seeds per (training, pooling), then the shipped pairs."""
+    out = [Member(seed_model(p, t, s), SEED_GROUP, t, p, s) for t in TRAININGS for p in POOLINGS for s in SEEDS]
+    out += [Member(name, SHIPPED_GROUP, t, p, 0) for (t, p), name in SHIPPED.items()]
+    return out
+
+
+def train_and_ship(name: str) -> str:
+    return (f"robustdissect train --config {name} --out runs/train-{name} && "
+            f"python scripts/ship_checkpoint.py runs/train-{name} {name}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# cards and schedules
 
 
 def _describe(card: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,101 +114,252 @@ def _describe(card: Mapping[str, Any]) -> dict[str, Any]:
         "training": "standard" if objective == "vanilla" else "pgd-at" if objective == "pat" else str(objective),
         "seed": int(card.get("seed", tc.get("seed", 0)) or 0),
         "schedule": f"{tc.get('epochs', card.get('epochs'))} epochs on {tc.get('n') or 'all'} images",
+        "train_config": dict(tc),
     }
 
 
-def model_rows(
-    name: str, x: torch.Tensor, y: torch.Tensor, x_mean: torch.Tensor, judge: torch.nn.Module,
-    eps_values: Sequence[float], steps: int, alpha: float, diag_n: int, inversion: InversionSettings,
-    resamples: int, seed: int,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """The study's rows of one checkpoint, one per ε."""
-    model, card = resolve_model(name)
-    model.eval()
-    info = _describe(card)
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Where and how fast a model was trained, not what was trained (None and False: both off).
+RUNTIME_KEYS = ("device", "data_dir", "compile", "channels_last")
+
+
+def config_differences(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+    """The settings where training configs a and b differ ("key a vs b"), nested keys dotted;
+    runtime settings (`RUNTIME_KEYS`) and the keys in `ignore` are not compared."""
+    fa, fb = _flat(a), _flat(b)
+    keys = sorted((set(fa) | set(fb)) - set(ignore) - set(RUNTIME_KEYS))
+    return [f"{k} {fa.get(k)} vs {fb.get(k)}" for k in keys if fa.get(k) != fb.get(k)]
+
+
+def preset_mismatch(name: str, train_config: Mapping[str, Any]) -> list[str]:
+    """How checkpoint `name`'s training config differs from its training preset of the same name
+    (the settings the preset names; [] when it matches or no such preset exists): a non-empty
+    answer means the checkpoint is stale, waiting to be retrained."""
+    from .. import resources
+
+    if name not in resources.train_presets():
+        return []
+    preset = resources.read_train_config(name)
+    card = {k: train_config.get(k) for k in preset}
+    return [f"{d.replace(' vs ', ' in the card, ')} in the preset" for d in config_differences(card, preset)]
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+
+
+def row_settings(settings: Mapping[str, Any], eps: float, checkpoint: str, judge_checkpoint: str) -> dict[str, Any]:
+    """What one (model, ε) row depends on; a stored row is reused only when these are equal."""
+    return {**{k: v for k, v in settings.items() if k != "eps"}, "eps": float(eps), "checkpoint": checkpoint,
+            "judge_checkpoint": judge_checkpoint}  # fmt: skip
+
+
+def model_row(
+    name: str, model: nn.Module, card: Mapping[str, Any], x: torch.Tensor, y: torch.Tensor, x_mean: torch.Tensor,
+    judge: nn.Module, eps: float, steps: int, alpha: float, diag_n: int, inversion: InversionSettings,
+    resamples: int, seed: int, settings: Mapping[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The study's row of one checkpoint at one ε."""
+    t0 = time.perf_counter()
     with eval_mode(model), torch.no_grad():
         clean_correct = torch.cat([model(x[b : b + 500]).argmax(1) == y[b : b + 500] for b in range(0, len(x), 500)])
     layers = diagnosis_layers(model, x[:1])
-    rows = []
-    for eps in eps_values:
-        t0 = time.perf_counter()
-        res = PGD(eps, steps=steps, alpha=alpha, random_start=True, seed=seed, batch_size=500)(model, x, y)
-        n, c, r = len(y), int(clean_correct.sum()), int(res.correct.sum())
-        diag = diagnose(model, x[:diag_n], y[:diag_n], res.x_adv[:diag_n], res.logits[:diag_n].argmax(1), layers,
-                        OptimisationInverter(model, x_mean, inversion), judge, x_mean, resamples=resamples,
-                        seed=seed, show=0)  # fmt: skip
-        layer_rows = diag.layer_rows()
-        rows.append({
-            "model": name, **info, "eps": eps, "n": n,
-            "clean_accuracy": c / n, "clean_ci": list(wilson_interval(c, n)),
-            "pgd_accuracy": r / n, "pgd_ci": list(wilson_interval(r, n)),
-            "judged": int(diag.vulnerability.y.numel()), "V_input": layer_rows[0]["V"],
-            "no_flip": 1.0 - sum(lr["V"] for lr in layer_rows),
-            "spearman_IL_V": diag.correlations[0].rho, "spearman_IL_V_ci": [diag.correlations[0].low,
-                                                                             diag.correlations[0].high],
-            "spearman_IL_Vsoft": diag.correlations[1].rho,
-            "spearman_IL_Vsoft_ci": [diag.correlations[1].low, diag.correlations[1].high],
-            "layers": [{k: lr[k] for k in ("layer", "d", "A", "R", "IL", "V", "V_soft")} for lr in layer_rows[1:]],
-            "seconds": round(time.perf_counter() - t0, 1),
-        })  # fmt: skip
-    return rows
+    res = PGD(eps, steps=steps, alpha=alpha, random_start=True, seed=seed, batch_size=500)(model, x, y)
+    n, c, r = len(y), int(clean_correct.sum()), int(res.correct.sum())
+    diag = diagnose(model, x[:diag_n], y[:diag_n], res.x_adv[:diag_n], res.logits[:diag_n].argmax(1), layers,
+                    OptimisationInverter(model, x_mean, inversion), judge, x_mean, resamples=resamples,
+                    seed=seed, show=0)  # fmt: skip
+    layer_rows = diag.layer_rows()
+    return {
+        "model": name, **_describe(card), "eps": eps, "n": n,
+        "clean_accuracy": c / n, "clean_ci": list(wilson_interval(c, n)),
+        "pgd_accuracy": r / n, "pgd_ci": list(wilson_interval(r, n)),
+        "judged": int(diag.vulnerability.y.numel()), "V_input": layer_rows[0]["V"],
+        "no_flip": 1.0 - sum(lr["V"] for lr in layer_rows),
+        "spearman_IL_V": diag.correlations[0].rho, "spearman_IL_V_ci": [diag.correlations[0].low,
+                                                                         diag.correlations[0].high],
+        "spearman_IL_Vsoft": diag.correlations[1].rho,
+        "spearman_IL_Vsoft_ci": [diag.correlations[1].low, diag.correlations[1].high],
+        "layers": [{k: lr[k] for k in ("layer", "d", "A", "R", "IL", "V", "V_soft")} for lr in layer_rows[1:]],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "settings": dict(settings),
+    }  # fmt: skip
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows stored for one model (none when the file is missing or unreadable)."""
+    if not path.is_file():
+        return []
+    try:
+        got = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("IG-1: %s is not valid JSON; its rows are recomputed", path)
+        return []
+    rows = got.get("rows", []) if isinstance(got, dict) else []
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("settings"), dict)]
+
+
+def write_rows(path: Path, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    rows = sorted(rows, key=lambda r: float(r["eps"]))
+    atomic_write_text(path, json.dumps({"model": name, "rows": list(rows)}, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# comparisons
 
 
 def _pool_sum(row: Mapping[str, Any], key: str) -> float:
     return float(sum(lr[key] for lr in row["layers"] if str(lr["layer"]).startswith("pool")))
 
 
-def differences(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """max − avg per (training, ε, metric), paired by seed: mean and t interval over the pairs,
-    over all pairs and over the like-for-like pairs (same schedule) only."""
+METRICS: dict[str, Callable[[Mapping[str, Any]], float]] = {
+    "pgd_accuracy": lambda r: float(r["pgd_accuracy"]),
+    "clean_accuracy": lambda r: float(r["clean_accuracy"]),
+    "IL_pooling_layers": lambda r: _pool_sum(r, "IL"),
+    "V_pooling_layers": lambda r: _pool_sum(r, "V"),
+    "V_soft_pooling_layers": lambda r: _pool_sum(r, "V_soft"),
+}
+CI_KEYS = {"pgd_accuracy": "pgd_ci", "clean_accuracy": "clean_ci"}
+
+
+def newcombe_interval(p1: float, ci1: Sequence[float], p2: float, ci2: Sequence[float]) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for p1 − p2 from the two Wilson intervals (independent
+    samples; conservative when both were measured on the same images)."""
+    d = p1 - p2
+    lo = d - math.sqrt((p1 - ci1[0]) ** 2 + (ci2[1] - p2) ** 2)
+    hi = d + math.sqrt((ci1[1] - p1) ** 2 + (p2 - ci2[0]) ** 2)
+    return lo, hi
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the t interval of the mean; (mean, nan, nan) with fewer than 2 values."""
     from scipy import stats
 
-    metrics: dict[str, Callable[[Mapping[str, Any]], float]] = {
-        "pgd_accuracy": lambda r: float(r["pgd_accuracy"]),
-        "clean_accuracy": lambda r: float(r["clean_accuracy"]),
-        "IL_pooling_layers": lambda r: _pool_sum(r, "IL"),
-        "V_soft_pooling_layers": lambda r: _pool_sum(r, "V_soft"),
-        "V_pooling_layers": lambda r: _pool_sum(r, "V"),
-    }
-    out = []
-    for training, eps in sorted({(r["training"], r["eps"]) for r in rows}):
-        sel = [r for r in rows if r["training"] == training and r["eps"] == eps]
-        by = {(r["pooling"], r["seed"]): r for r in sel}
-        seeds = sorted({s for p, s in by if p == "max"} & {s for p, s in by if p == "avg"})
-        for scope in ("all pairs", "like-for-like pairs"):
-            used = [s for s in seeds
-                    if scope == "all pairs" or by[("max", s)]["schedule"] == by[("avg", s)]["schedule"]]  # fmt: skip
+    d = np.asarray(values, dtype=np.float64)
+    mean = float(d.mean()) if d.size else math.nan
+    if d.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf((1 + level) / 2, d.size - 1)) * float(d.std(ddof=1)) / math.sqrt(d.size)
+    return mean, mean - half, mean + half
+
+
+def comparisons(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(differences, excluded). Rows carry `group`, `training`, `pooling`, `seed`, `eps`,
+    `train_config` and, for stale checkpoints, a non-empty `stale` list.
+
+    differences: per (group, training, ε, metric) with a usable pair, the avg − max difference, paired by training
+    seed, its mean and interval (t over seed pairs with ≥ 2 pairs; Newcombe over test images for a
+    single pair of accuracies; none otherwise). A pair is used only when neither checkpoint is
+    stale and their training configs agree in everything but pooling. excluded: one entry per
+    (group, training, seed) pair left out, with the reason."""
+    diffs: list[dict[str, Any]] = []
+    excluded: list[dict[str, Any]] = []
+    seen_excluded: set[tuple[str, str, int]] = set()
+    for group in GROUPS:
+        for training, eps in sorted({(r["training"], r["eps"]) for r in rows if r.get("group") == group}):
+            sel = [r for r in rows if r.get("group") == group and r["training"] == training and r["eps"] == eps]
+            by = {(r["pooling"], int(r["seed"])): r for r in sel}
+            used: list[int] = []
+            for s in sorted({s for _p, s in by}):
+                a, b = by.get(("max", s)), by.get(("avg", s))
+                reasons: list[str] = []
+                if a is None or b is None:
+                    missing = "max" if a is None else "avg"
+                    reasons.append(f"no {missing}-pooling model at seed {s}")
+                else:
+                    for r in (a, b):
+                        reasons += [f"{r['model']} is stale ({'; '.join(r['stale'])})"] if r.get("stale") else []
+                    diff = config_differences(a.get("train_config") or {}, b.get("train_config") or {},
+                                              ignore=("model_args.pooling",))  # fmt: skip
+                    if diff:
+                        reasons.append(f"not like for like: {a['model']} vs {b['model']}: {', '.join(diff)}")
+                if reasons:
+                    if (group, training, s) not in seen_excluded:
+                        seen_excluded.add((group, training, s))
+                        excluded.append({"comparison": group, "training": training, "seed": s,
+                                         "models": ", ".join(r["model"] for r in (a, b) if r is not None),
+                                         "reason": "; ".join(reasons)})  # fmt: skip
+                    continue
+                used.append(s)
             pairs = [(by[("max", s)], by[("avg", s)]) for s in used]
-            for metric, get in metrics.items():
-                d = np.array([get(a) - get(b) for a, b in pairs], dtype=np.float64)
-                mean = float(d.mean()) if d.size else math.nan
-                lo = hi = math.nan
-                if d.size >= 2:
-                    q = float(stats.t.ppf(0.975, d.size - 1))
-                    half = q * float(d.std(ddof=1)) / math.sqrt(d.size)
-                    lo, hi = mean - half, mean + half
-                out.append({"training": training, "eps": eps, "pairs": scope, "metric": metric,
-                            "seeds": ",".join(str(s) for s in used),
-                            "n_pairs": int(d.size), "max_minus_avg": mean, "ci_low": lo, "ci_high": hi,
-                            "per_seed": [float(v) for v in d]})  # fmt: skip
-    return out
+            if not pairs:
+                continue
+            for metric, get in METRICS.items():
+                d = [get(avg) - get(mx) for mx, avg in pairs]
+                mean, lo, hi = t_interval(d)
+                interval = f"t over {len(d)} seed pairs" if len(d) >= 2 else "none"
+                if len(d) == 1 and metric in CI_KEYS:
+                    mx, avg = pairs[0]
+                    lo, hi = newcombe_interval(get(avg), avg[CI_KEYS[metric]], get(mx), mx[CI_KEYS[metric]])
+                    interval = f"Newcombe over {avg['n']} test images (one pair)"
+                diffs.append({"comparison": group, "training": training, "eps": eps, "metric": metric,
+                              "seeds": ",".join(str(s) for s in used), "n_pairs": len(d),
+                              "avg_minus_max": mean, "ci_low": lo, "ci_high": hi, "interval": interval,
+                              "per_seed": [float(v) for v in d]})  # fmt: skip
+    return diffs, excluded
 
 
-def note(diffs: Sequence[Mapping[str, Any]]) -> str:
+def differences(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The avg − max differences of `comparisons` (without the excluded pairs)."""
+    return comparisons(rows)[0]
+
+
+def _verdict(d: Mapping[str, Any]) -> str:
+    if math.isnan(d["ci_low"]):
+        return "no interval"
+    if d["ci_low"] > 0:
+        return "avg pooling higher"
+    if d["ci_high"] < 0:
+        return "max pooling higher"
+    return "no difference resolved"
+
+
+def note(diffs: Sequence[Mapping[str, Any]], excluded: Sequence[Mapping[str, Any]] = (),
+         skipped: Sequence[Mapping[str, Any]] = ()) -> str:  # fmt: skip
     """The study's answer in words, with what the seeds can and cannot show."""
     parts = []
-    for d in diffs:
-        if d["metric"] != "pgd_accuracy" or d["pairs"] != "all pairs":
-            continue
-        ci = (f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if not math.isnan(d["ci_low"])
-              else "(no interval: one pair)")  # fmt: skip
-        verdict = ("avg pooling more robust" if d["ci_high"] < 0 else "max pooling more robust" if d["ci_low"] > 0
-                   else "no difference resolved")  # fmt: skip
-        parts.append(f"{d['training']} ε={d['eps']:g}: PGD accuracy max − avg = {d['max_minus_avg']:+.3f} {ci} over "
-                     f"{d['n_pairs']} seed pair(s), {verdict}")  # fmt: skip
-    return ("IG-1: " + "; ".join(parts) + ". Seed pairs differ in schedule where the shipped checkpoints do "
-            "(see the like-for-like rows); with 2–3 pairs a t interval is wide, so only a large, consistent "
-            "difference is resolved.")  # fmt: skip
+    for group in GROUPS:
+        sel = [d for d in diffs if d["comparison"] == group and d["metric"] == "pgd_accuracy" and d["n_pairs"]]
+        lines = []
+        for d in sel:
+            ci = "" if math.isnan(d["ci_low"]) else f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+            lines.append(f"{d['training']} ε={d['eps']:g}: {d['avg_minus_max']:+.3f}{ci} "
+                         f"(seeds {d['seeds']}; {d['interval']}), {_verdict(d)}")  # fmt: skip
+        if lines:
+            parts.append(f"{group}: " + "; ".join(lines))
+        else:
+            parts.append(f"{group}: no pair to compare")
+    text = "IG-1, PGD accuracy avg − max pooling (positive: average pooling more robust). " + ". ".join(parts) + "."
+    if excluded:
+        text += " Left out: " + "; ".join(f"{e['comparison']} {e['training']} seed {e['seed']} ({e['reason']})"
+                                          for e in excluded) + "."  # fmt: skip
+    if skipped:
+        text += " Not yet available: " + ", ".join(s["model"] for s in skipped) + "."
+    text += (" With 2–3 seed pairs a t interval is wide, so only a large, consistent difference is resolved; "
+             "one pair proves nothing about pooling (its interval covers test images, not training "
+             "seeds).")  # fmt: skip
+    return text
+
+
+def describe_settings(settings: Mapping[str, Any]) -> str:
+    """The reconstructed choices a study used, in words (for the report and the closing note)."""
+    inv = settings.get("inverter") or {}
+    eps = ", ".join(f"{e:g}" for e in settings.get("eps", []))
+    return (f"L∞ PGD-{settings.get('steps')} at ε = {eps} (α = {settings.get('alpha')}, random start) on the first "
+            f"{settings.get('n')} test images; the diagnosis on the first {settings.get('diag_n')} of them, "
+            f"explanations by {'optimisation inversion' if inv.get('method') == 'optim' else inv.get('method')} "
+            f"({inv.get('steps')} Adam steps, lr {inv.get('lr')}, μ = {inv.get('tv')}, from the mean image), "
+            f"read by the judge {settings.get('judge')}; Spearman intervals from {settings.get('resamples')} "
+            "bootstrap resamples")  # fmt: skip
 
 
 def read_study(folder: Path) -> dict[str, Any]:
@@ -159,62 +367,140 @@ def read_study(folder: Path) -> dict[str, Any]:
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+# ---------------------------------------------------------------------------------------------
+# the study
+
+
+def study_settings(a: argparse.Namespace) -> tuple[dict[str, Any], InversionSettings]:
+    inversion = InversionSettings(steps=a.inversion_steps)
+    settings = {"eps": [float(e) for e in a.eps.split(",")], "steps": a.steps, "alpha": a.alpha, "n": a.n,
+                "diag_n": a.diag_n, "inverter": {"method": "optim", **asdict(inversion)}, "resamples": a.resamples,
+                "judge": a.judge, "seed": a.seed, "random_start": True}  # fmt: skip
+    return settings, inversion
+
+
+def members(only: str | None) -> list[Member]:
+    from ..errors import unknown_name
+
+    fam = family()
+    if not only:
+        return fam
+    names = [m.strip() for m in only.split(",") if m.strip()]
+    known = {m.name: m for m in fam}
+    for n in names:
+        if n not in known:
+            raise unknown_name("IG-1 model", n, list(known))
+    return [known[n] for n in names]
+
+
+def run_study(a: argparse.Namespace) -> dict[str, Any]:
+    """Compute (or reuse) every available member's rows, then compare; returns the study."""
+    from .. import resources
+    from ..data import load_dataset
+    from ..models.io import read_card
+    from ..models.resolve import resolve_model
+    from ..store import model_hash
+
+    settings, inversion = study_settings(a)
+    folder = a.out / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    shipped = set(resources.checkpoint_names())
+    todo = members(a.only)
+    skipped: list[dict[str, Any]] = []
+    data: Any = None
+    judge: nn.Module | None = None
+    judge_hash = ""
+    rows: list[dict[str, Any]] = []
+    for m in family():
+        if m.name not in shipped:
+            reason = f"checkpoint not shipped yet; train and ship it: {train_and_ship(m.name)}"
+            log.warning("IG-1: skipping %s: %s", m.name, reason)
+            skipped.append({"model": m.name, "reason": reason})
+            continue
+        card = read_card(resources.checkpoint_files(m.name)[1])
+        desc = _describe(card)
+        stale = preset_mismatch(m.name, desc["train_config"])
+        if (desc["pooling"], desc["training"]) != (m.pooling, m.training):
+            stale.append(f"card says {desc['pooling']} pooling, {desc['training']}; the family expects "
+                         f"{m.pooling}, {m.training}")  # fmt: skip
+        path = folder / f"{m.name}.json"
+        stored = read_rows(path)
+        model, _ = resolve_model(m.name)
+        ckpt = model_hash(model)
+        if judge is None:
+            judge, _ = resolve_model(a.judge)
+            judge_hash = model_hash(judge)
+        got = []
+        for eps in settings["eps"]:
+            want = row_settings(settings, eps, ckpt, judge_hash)
+            hit = next((r for r in stored if r["settings"] == want), None)
+            if hit is not None:
+                got.append(hit)
+                continue
+            if a.cached_only or m not in todo:
+                why = "--cached-only" if a.cached_only else "not among --only"
+                log.warning("IG-1: %s at ε = %g: no stored row for these settings (%s)", m.name, eps, why)
+                continue
+            if data is None:
+                data = load_dataset("fashion-mnist", None, seed=a.seed)
+            x, y = data.test.x[: a.n], data.test.y[: a.n]
+            log.info("IG-1: %s at ε = %g", m.name, eps)
+            row = model_row(m.name, model, card, x, y, data.train.x.mean(0), judge, eps, a.steps, a.alpha,
+                            a.diag_n, inversion, a.resamples, a.seed, want)  # fmt: skip
+            stored = [r for r in stored if float(r["eps"]) != float(eps)] + [row]
+            write_rows(path, m.name, stored)  # saved at once: an interrupted study resumes here
+            got.append(row)
+        for r in got:
+            rows.append({**r, **desc, "group": m.group, "stale": stale})
+    diffs, excluded = comparisons(rows)
+    study = {"settings": settings, "family": [asdict(m) for m in family()], "models": rows, "differences": diffs,
+             "excluded": excluded, "skipped": skipped, "note": note(diffs, excluded, skipped)}  # fmt: skip
+    return study
+
+
+def parser() -> argparse.ArgumentParser:
+    """The study's command line; its defaults are the settings of the shipped docs/results/ig1."""
     p = argparse.ArgumentParser(prog="python -m robustdissect.analysis.pooling_study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--models", default=",".join(SHIPPED))
+    p.add_argument("--only", default=None,
+                   help="compute only these family members (comma-separated); the others' stored rows are still "
+                        "compared")  # fmt: skip
+    p.add_argument("--cached-only", action="store_true", help="compute nothing: compare the stored rows")
     p.add_argument("--eps", default="0.1,0.2")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--alpha", type=float, default=0.01)
-    p.add_argument("--n", type=int, default=500)
-    p.add_argument("--diag-n", type=int, default=32)
-    p.add_argument("--inversion-steps", type=int, default=100)
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--diag-n", type=int, default=16)
+    p.add_argument("--inversion-steps", type=int, default=40)
     p.add_argument("--resamples", type=int, default=200)
     p.add_argument("--judge", default=JUDGE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    data = load_dataset("fashion-mnist", None, seed=a.seed)
-    x, y = data.test.x[: a.n], data.test.y[: a.n]
-    x_mean = data.train.x.mean(0)
-    judge, _ = resolve_model(a.judge)
-    judge.eval()
-    eps_values = [float(e) for e in a.eps.split(",")]
-    inversion = InversionSettings(steps=a.inversion_steps)
-    settings = {"eps": eps_values, "steps": a.steps, "alpha": a.alpha, "n": a.n, "diag_n": a.diag_n,
-                "inverter": {"method": "optim", **inversion.__dict__}, "resamples": a.resamples, "judge": a.judge,
-                "seed": a.seed, "random_start": True}  # fmt: skip
-    folder = a.out / "models"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    for name in [m.strip() for m in a.models.split(",") if m.strip()]:
-        path = folder / f"{name}.json"
-        if path.is_file():
-            got = json.loads(path.read_text())
-            if got.get("settings") == settings:
-                rows += got["rows"]
-                continue
-        log.info("IG-1: %s", name)
-        r = model_rows(name, x, y, x_mean, judge, eps_values, a.steps, a.alpha, a.diag_n, inversion, a.resamples,
-                       a.seed)  # fmt: skip
-        atomic_write_text(path, json.dumps({"settings": settings, "rows": r}, indent=1))
-        rows += r
-    diffs = differences(rows)
-    study = {"settings": settings, "models": rows, "differences": diffs, "note": note(diffs)}
+    from ..errors import UserError
+
+    try:
+        study = run_study(a)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     atomic_write_text(a.out / "study.json", json.dumps(study, indent=1))
     from ..runs import save_png
     from .plots_diagnose import pooling_comparison
 
     save_png(pooling_comparison(study), a.out / "ig1.png")
     print(study["note"])
-    for d in diffs:
-        if d["pairs"] == "all pairs":
-            print(f"{d['training']:9s} eps={d['eps']:<4g} {d['metric']:24s} max-avg {d['max_minus_avg']:+.4f} "
-                  f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] n_pairs={d['n_pairs']}")  # fmt: skip
+    for d in study["differences"]:
+        print(f"{d['comparison']:20s} {d['training']:8s} eps={d['eps']:<4g} {d['metric']:22s} avg-max "
+              f"{d['avg_minus_max']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] "
+              f"n_pairs={d['n_pairs']}")  # fmt: skip
 
 
 if __name__ == "__main__":

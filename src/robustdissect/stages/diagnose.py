@@ -140,20 +140,36 @@ def _study_block(ctx: Context, option: str | None, tables: list[dict[str, Any]],
                         "--out docs/results/ig1 and set diagnose.study to that folder")  # fmt: skip
         return None
     study = json.loads((folder / "study.json").read_text())
-    ctx.run.write_table("diagnose_ig1_models", [{k: v for k, v in r.items() if k != "layers"} for r in study["models"]])
+    nested = ("layers", "settings", "train_config")
+    models = [{**{k: v for k, v in r.items() if k not in nested}, "stale": "; ".join(r.get("stale") or [])}
+              for r in study["models"]]  # fmt: skip
+    ctx.run.write_table("diagnose_ig1_models", models)
     ctx.run.write_table("diagnose_ig1_layers", [{"model": r["model"], "eps": r["eps"], **lr} for r in study["models"]
                                                 for lr in r["layers"]])  # fmt: skip
     ctx.run.write_table("diagnose_ig1_differences", study["differences"])
+    left_out = [{"model": e["models"], "comparison": e["comparison"], "training": e["training"],
+                 "reason": e["reason"]} for e in study.get("excluded", [])]  # fmt: skip
+    left_out += [{"model": s["model"], "comparison": "", "training": "", "reason": s["reason"]}
+                 for s in study.get("skipped", [])]  # fmt: skip
+    ctx.run.write_table("diagnose_ig1_left_out", left_out, ["model", "comparison", "training", "reason"])
     ctx.run.save_figure("diagnose_ig1", pooling_comparison(study))
     tables += [
         {"file": "tables/diagnose_ig1_differences.csv", "show": True,
-         "title": "IG-1: max − avg pooling (mean over seeds, t interval over seed pairs)"},
+         "title": "IG-1: avg − max pooling per comparison (short-schedule seeds: mean and t interval over seed "
+                  "pairs; shipped pair: Newcombe interval over test images)"},
         {"file": "tables/diagnose_ig1_models.csv", "show": True, "title": "IG-1: every model, clean and PGD accuracy"},
+        {"file": "tables/diagnose_ig1_left_out.csv", "show": True,
+         "title": "IG-1: models and pairs left out (not shipped yet, stale, or not like for like)"},
         {"file": "tables/diagnose_ig1_layers.csv", "title": "IG-1: per layer of every model"},
     ]  # fmt: skip
     figures.append({"file": "figures/diagnose_ig1.png",
-                    "caption": "IG-1: PGD accuracy per pooling (dots = training seeds); IL_l and V_l^soft per layer"})
-    return {"settings": study["settings"], "differences": study["differences"], "note": study.get("note", "")}
+                    "caption": "IG-1: PGD accuracy per pooling (bars and dots: short-schedule training seeds; "
+                               "diamonds: shipped checkpoints); IL_l and V_l^soft per layer"})  # fmt: skip
+    from ..analysis.pooling_study import describe_settings
+
+    used = describe_settings(study["settings"])
+    return {"settings": study["settings"], "differences": study["differences"], "used": used,
+            "note": f"{study.get('note', '')} (IG-1 settings: {used}.)"}  # fmt: skip
 
 
 @STAGES.register("diagnose", "layer vulnerability V_l, information loss IL_l, amplification A_l, explanation strips")
@@ -254,6 +270,11 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         "Spearman(IL, V_soft)": f"{cs.rho:.2f} [{cs.low:.2f}, {cs.high:.2f}]",
     }
     inv = inverter.describe()
+    summary["judge"] = judge_name
+    summary["explanations by"] = (
+        f"optimisation inversion, {opts.inversion_steps} steps" if opts.inverter == "optim"
+        else f"decoders G_l, {opts.decoder_epochs} epochs, GAN {'on' if opts.gan else 'off'}"
+    )  # fmt: skip
     how = (f"optimisation inversion ({opts.inversion_steps} Adam steps, lr {opts.inversion_lr:g}, μ = {opts.tv:g}, "
            f"TV^{opts.tv_beta:g}, from the mean image)" if opts.inverter == "optim" else
            f"decoders G_l trained on {inv['train_images']} clean images ({opts.decoder_epochs} epochs, "
