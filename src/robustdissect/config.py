@@ -19,8 +19,8 @@ import yaml
 from .errors import UserError, unknown_name
 
 DEFAULT_STAGES = (
-    "overview", "evaluate", "sensitivity", "features", "concepts", "training", "diagnose", "metric", "landscape",
-    "pushback",
+    "overview", "evaluate", "sensitivity", "features", "concepts", "explorer", "training", "diagnose", "metric",
+    "landscape", "pushback",
 )
 
 

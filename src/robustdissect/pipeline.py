@@ -129,15 +129,17 @@ def section(
     tables: Sequence[Mapping[str, Any]] = (),
     figures: Sequence[Mapping[str, str]] = (),
     warnings: Sequence[str] = (),
+    pages: Sequence[Mapping[str, str]] = (),
     **data: Any,
 ) -> dict[str, Any]:
     """A results entry the report can render.
 
     tables: [{"file": "tables/x.csv", "title": ..., "show": True}] (shown ones are rendered as
-    HTML tables); figures: [{"file": "figures/x.png", "caption": ...}]; extra keys are kept as
-    machine-readable results.
+    HTML tables); figures: [{"file": "figures/x.png", "caption": ...}]; pages: other HTML pages
+    the stage wrote into the run directory, [{"file": "units.html", "title": ..., "caption": ...}]
+    (linked from the report); extra keys are kept as machine-readable results.
     """
-    return {
+    entry = {
         "title": title,
         "text": text,
         "summary": dict(summary or {}),
@@ -146,6 +148,9 @@ def section(
         "warnings": list(warnings),
         **data,
     }
+    if pages:
+        entry["pages"] = list(pages)
+    return entry
 
 
 def load_stages() -> None:

@@ -1,7 +1,9 @@
 """Render report.html from a run directory alone (results.json, tables/, figures/).
 
 The page is self-contained: figures are embedded as data URIs, so it opens from disk in any
-browser. Jinja2 autoescaping covers every user-supplied string.
+browser. Jinja2 autoescaping covers every user-supplied string. Other pages a stage wrote into
+the run directory (a section's `pages`, e.g. the unit explorer's units.html) are linked, when
+they are regular files inside it.
 """
 
 from __future__ import annotations
@@ -132,6 +134,11 @@ def render_report(run_dir: str | Path) -> Path:
                 data = _table(path, f"{where} table {i}")
                 if data is not None:
                     tables.append({"title": t.get("title", t["file"]), "file": t["file"], **data})
+        pages = []
+        for i, pg in enumerate(_entries(entry.get("pages"), f"{where} pages")):
+            if _inside(root, pg["file"], f"{where} page {i}") is not None:
+                pages.append({"file": pg["file"], "title": str(pg.get("title", pg["file"])),
+                              "caption": str(pg.get("caption", ""))})  # fmt: skip
         warnings = entry.get("warnings") or []
         sections.append(
             {
@@ -142,6 +149,7 @@ def render_report(run_dir: str | Path) -> Path:
                 "figures": figures,
                 "tables": tables,
                 "links": links,
+                "pages": pages,
                 "warnings": [str(w) for w in warnings] if isinstance(warnings, list) else [str(warnings)],
                 "seconds": entry.get("seconds") if isinstance(entry.get("seconds"), (int, float)) else None,
             }

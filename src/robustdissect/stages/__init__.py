@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     concepts,
     diagnose,
     evaluate,
+    explorer,
     features,
     landscape,
     metric,

@@ -34,7 +34,7 @@ from ..errors import UserError
 from ..evaluation import attack_evidence
 from ..models import default_conv_layers
 from ..modelutil import predict
-from ..pipeline import STAGES, AnalysisUnavailable, Context, section
+from ..pipeline import STAGES, AnalysisUnavailable, Context, section, stage_settings
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,33 @@ def _settings(opts: ConceptsOptions, seed: int) -> dict[str, Any]:
             "batch_size": opts.batch_size, "seed": seed}  # fmt: skip
 
 
+def _layers(ctx: Context, opts: ConceptsOptions) -> tuple[bool, Any, list[str]]:
+    """(join, the features' options when joined, the dissected layers): `opts.layers`, else the
+    features' layers when joined, else every conv hook point."""
+    join = opts.join if opts.join is not None else "features" in ctx.config.stages
+    fopts = None
+    if join and not opts.layers:
+        from ..analysis.features import stage_feature_options
+
+        fopts = stage_feature_options(ctx)
+    layers = list(opts.layers or (fopts.layers if fopts is not None and fopts.layers else [])) or default_conv_layers(
+        ctx.model, "conv", ctx.split.x[:1]
+    )
+    if not layers:
+        raise AnalysisUnavailable("the model has no conv layer with channels that can be hooked once per forward")
+    return join, fopts, layers
+
+
+def stage_dissection(ctx: Context) -> ConceptDissection:
+    """The dissection of the run's model exactly as the `concepts` stage of this run computes it
+    (its options, profile applied): memoized in the evidence store, so a hit once that stage ran
+    in this process (the unit explorer reads labels, IoU and thresholds T_k from it)."""
+    opts: ConceptsOptions = stage_settings("concepts", ctx.config)
+    cset = _concept_set(ctx, opts)
+    layers = _layers(ctx, opts)[2]
+    return cached_dissection(ctx.store, ctx.model, cset, layers, **_settings(opts, ctx.config.seed))
+
+
 @STAGES.register("concepts", "Network Dissection: concept labels of every unit, and which concepts are brittle")
 def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     """Dissect the analysed layers on the concept set; with `join`, relate each concept's units to
@@ -140,18 +167,7 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     if tuple(cset.images.shape[1:]) != tuple(ctx.data.image_shape):
         raise UserError(f"concept images {tuple(cset.images.shape[1:])} do not match the data {ctx.data.image_shape}")
     warnings += cset.warnings
-    example = ctx.split.x[:1]
-    join = opts.join if opts.join is not None else "features" in ctx.config.stages
-    fopts = None
-    if join and not opts.layers:
-        from ..analysis.features import stage_feature_options
-
-        fopts = stage_feature_options(ctx)
-    layers = list(opts.layers or (fopts.layers if fopts is not None and fopts.layers else [])) or default_conv_layers(
-        model, "conv", example
-    )
-    if not layers:
-        raise AnalysisUnavailable("the model has no conv layer with channels that can be hooked once per forward")
+    join, fopts, layers = _layers(ctx, opts)
     settings = _settings(opts, seed)
     log.info("concepts: dissecting %d layers on %d concept images", len(layers), len(cset))
     diss = cached_dissection(ctx.store, model, cset, layers, **settings)
