@@ -288,6 +288,25 @@ def check_out(out: str | Path, overwrite: bool = False) -> Path:
     return final
 
 
+class SectionArtefacts:
+    """The tables and figures one stage writes into a run, listed as its report section wants them."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self.tables: list[dict[str, Any]] = []
+        self.figures: list[dict[str, str]] = []
+
+    def table(self, name: str, rows: list[dict[str, Any]], title: str, show: bool = False) -> None:
+        """Write tables/NAME.csv and list it under `title` (shown inline when `show`)."""
+        self.run.write_table(name, rows)
+        self.tables.append({"file": f"tables/{name}.csv", "title": title, "show": show})
+
+    def figure(self, name: str, fig: Figure, caption: str) -> None:
+        """Write figures/NAME.png and list it with `caption`."""
+        self.run.save_figure(name, fig)
+        self.figures.append({"file": f"figures/{name}.png", "caption": caption})
+
+
 class RunDir:
     """A run directory being written. Use `RunDir.create(...)` and `finish()`.
 

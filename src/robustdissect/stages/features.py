@@ -22,6 +22,7 @@ from ..analysis.features import (
 )
 from ..config import parse_eps, stage_options
 from ..pipeline import STAGES, Context, section
+from ..runs import SectionArtefacts
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,9 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     opts: FeatureOptions = stage_options(FeatureOptions, options, "features")
     run = ctx.run
     warnings: list[str] = []
-    tables: list[dict[str, Any]] = []
-    figures: list[dict[str, str]] = []
-
-    def table(name: str, rows: list[dict[str, Any]], title: str, show: bool = False) -> None:
-        run.write_table(name, rows)
-        tables.append({"file": f"tables/{name}.csv", "title": title, "show": show})
-
-    def figure(name: str, fig: Any, caption: str) -> None:
-        run.save_figure(name, fig)
-        figures.append({"file": f"figures/{name}.png", "caption": caption})
+    artefacts = SectionArtefacts(run)
+    table, figure = artefacts.table, artefacts.figure
+    tables, figures = artefacts.tables, artefacts.figures
 
     log.info("features: scoring the units of %s", ctx.config.model)
     main = feature_scores(ctx, options=opts, model_name=ctx.config.model)

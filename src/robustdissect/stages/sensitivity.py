@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..models import default_conv_layers
 from ..models.layers import hook_description, reused_layers
 from ..pipeline import STAGES, AnalysisUnavailable, Context, section
+from ..runs import SectionArtefacts
 
 log = logging.getLogger(__name__)
 
@@ -132,22 +133,15 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         out = ctx.attack(_pgd(eps_value, opts, seed), x, y, index, model=model_)
         return ctx.sensitivity(out, x, layers_ or hooked, opts.reduction, model=model_, batch_size=opts.batch_size)
 
-    tables: list[dict[str, Any]] = []
-    figures: list[dict[str, str]] = []
+    artefacts = SectionArtefacts(run)
+    table, figure = artefacts.table, artefacts.figure
+    tables, figures = artefacts.tables, artefacts.figures
     summary: dict[str, Any] = {
         "images": len(y),
         "attack": f"PGD-L∞ ε={eps:g}, k={opts.steps}",
         "hook": f"conv ({hook_description(model, conv_layers[0])})",
     }
     data: dict[str, Any] = {"options": asdict(opts)}
-
-    def table(name: str, rows: list[dict[str, Any]], title: str, show: bool = False) -> None:
-        run.write_table(name, rows)
-        tables.append({"file": f"tables/{name}.csv", "title": title, "show": show})
-
-    def figure(name: str, fig: Any, caption: str) -> None:
-        run.save_figure(name, fig)
-        figures.append({"file": f"figures/{name}.png", "caption": caption})
 
     # E6: σ of every neuron at every conv layer, and at the ReLU hook points
     log.info("sensitivity: σ under PGD on %d images", len(y))
