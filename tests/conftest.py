@@ -51,6 +51,44 @@ class TinyNet(nn.Module):
         return self.fc(self.flat(self.pool(self.relu(self.conv(x)))))
 
 
+# A toy model with planted robust and brittle units (METHODS §6.7), shared by the pushback and
+# SNS-bridge tests.
+SIZE = 8
+CHECKER = (torch.arange(SIZE)[:, None] + torch.arange(SIZE)[None, :]) % 2 * 2.0 - 1.0  # ±1
+
+
+class Planted(nn.Module):
+    """Two planted units in layer `feat` (a full-image conv, output (N, 2, 1, 1)): unit 0 = mean of
+    the left half (robust: the classes differ by 0.4 there), unit 1 = the checkerboard coefficient
+    (brittle: the classes differ by ±0.05, inside an ε = 0.1 ball). The head reads both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feat = nn.Conv2d(1, 2, SIZE, bias=False)
+        w = torch.zeros(2, 1, SIZE, SIZE)
+        w[0, 0, :, : SIZE // 2] = 1.0 / (SIZE * SIZE // 2)
+        w[1, 0] = CHECKER / (SIZE * SIZE)
+        with torch.no_grad():
+            self.feat.weight.copy_(w)
+        self.head = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[-5.0, -40.0], [5.0, 40.0]]))
+            self.head.bias.copy_(torch.tensor([2.5, -2.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.feat(x).flatten(1))  # type: ignore[no-any-return]
+
+
+def planted_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.full((n, 1, SIZE, SIZE), 0.5)
+    x[:, 0, :, : SIZE // 2] = (0.3 + 0.4 * y.float())[:, None, None]
+    x = x + 0.05 * (2 * y.float() - 1)[:, None, None, None] * CHECKER
+    x = x + 0.01 * torch.randn(x.shape, generator=g)
+    return x.clamp(0, 1), y
+
+
 def interrupt_at(objective: Any, epoch: int) -> Any:
     """Make `objective` raise KeyboardInterrupt when `epoch` starts: a kill between two epochs."""
     original = objective.on_epoch_start

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from conftest import CHECKER, SIZE, Planted, planted_data
 
 from robustdissect.analysis.features import FeatureOptions, score_features
 from robustdissect.analysis.pushback import (
@@ -24,41 +24,6 @@ from robustdissect.analysis.pushback import (
     transition_matrix,
 )
 from robustdissect.attacks import PGD
-
-SIZE = 8
-CHECKER = (torch.arange(SIZE)[:, None] + torch.arange(SIZE)[None, :]) % 2 * 2.0 - 1.0  # ±1
-
-
-class Planted(nn.Module):
-    """Two planted units in layer `feat` (a full-image conv, output (N, 2, 1, 1)): unit 0 = mean of
-    the left half (robust: the classes differ by 0.4 there), unit 1 = the checkerboard coefficient
-    (brittle: the classes differ by ±0.05, inside an ε = 0.1 ball). The head reads both."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.feat = nn.Conv2d(1, 2, SIZE, bias=False)
-        w = torch.zeros(2, 1, SIZE, SIZE)
-        w[0, 0, :, : SIZE // 2] = 1.0 / (SIZE * SIZE // 2)
-        w[1, 0] = CHECKER / (SIZE * SIZE)
-        with torch.no_grad():
-            self.feat.weight.copy_(w)
-        self.head = nn.Linear(2, 2)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.tensor([[-5.0, -40.0], [5.0, 40.0]]))
-            self.head.bias.copy_(torch.tensor([2.5, -2.5]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.feat(x).flatten(1))  # type: ignore[no-any-return]
-
-
-def planted_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 2
-    x = torch.full((n, 1, SIZE, SIZE), 0.5)
-    x[:, 0, :, : SIZE // 2] = (0.3 + 0.4 * y.float())[:, None, None]
-    x = x + 0.05 * (2 * y.float() - 1)[:, None, None, None] * CHECKER
-    x = x + 0.01 * torch.randn(x.shape, generator=g)
-    return x.clamp(0, 1), y
 
 
 def test_planted_units_fall_in_their_quadrants_and_the_dbp_criterion_holds() -> None:
@@ -142,9 +107,10 @@ def test_reliance_shift_and_transition_matrix_known_answers() -> None:
 
 def test_stage_shows_the_shipped_results_without_recomputing(tmp_path: Path, fmnist: Any) -> None:
     from robustdissect.config import RunConfig
+    from robustdissect.models import shipped_checkpoints
     from robustdissect.pipeline import run_pipeline
     from robustdissect.runs import read_table
-    from robustdissect.stages.pushback import shipped_pushback
+    from robustdissect.stages.pushback import COMPARE, shipped_pushback
 
     shipped = shipped_pushback()
     assert shipped is not None, "results/pushback-fmnist.json is not shipped"
@@ -159,3 +125,127 @@ def test_stage_shows_the_shipped_results_without_recomputing(tmp_path: Path, fmn
     assert len(rows) == 5 and all(float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"]) for r in rows)
     assert "shipped results" in res["text"]
     assert not list((run / "evidence").glob("adv/*"))  # nothing attacked
+    # reliance shift with both importances and bootstrap intervals, for vanilla, PAT and SNS at least
+    rel = {r["model"]: r for r in read_table(run / "tables" / "pushback_reliance.csv")}
+    assert {"fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-sns"} <= set(rel)
+    for r in rel.values():
+        for imp in ("phi", "ablation"):
+            assert float(r[f"rs_{imp}_lo"]) <= float(r[f"rs_{imp}"]) <= float(r[f"rs_{imp}_hi"]), (r["model"], imp)
+    assert float(rel["fmnist-smallcnn-pat"]["rs_phi_diff_lo"]) > 0  # paired difference to vanilla
+    # transitions only for fine-tuned models, from the model each was fine-tuned from
+    trans = shipped["transitions"]
+    assert trans["fmnist-smallcnn-sns-from-vanilla"]["from"] == "fmnist-smallcnn-vanilla"
+    assert all(t["from"] != "fmnist-smallcnn-vanilla" or n != "fmnist-smallcnn-pat-ft" for n, t in trans.items())
+    assert all(sum(map(sum, t["matrix"])) == 224 for t in trans.values())
+    assert (run / "figures" / "pushback_transitions.png").is_file()
+    # a compared model that is not shipped is named in a warning, not silently dropped
+    missing = [m for m in COMPARE if m not in shipped_checkpoints() and m not in rel]
+    assert all(any(m in w for w in res["warnings"]) for m in missing)
+
+
+# -- reliance shift with both importances (§6.6) ---------------------------------------------
+
+
+def test_ablation_importance_matches_the_unit_ablation_of_concepts(fmnist: Any, shipped_vanilla: Any) -> None:
+    from robustdissect.analysis.concepts import unit_ablation
+    from robustdissect.analysis.pushback import ablation_predictions, ba_drop_importance
+
+    x, y = fmnist.test.x[:60], fmnist.test.y[:60]
+    preds = ablation_predictions(shipped_vanilla, x, ["conv6"], [64])
+    assert preds.shape == (65, 60)
+    imp = ba_drop_importance(preds, y, 10)
+    ref = unit_ablation(shipped_vanilla, x, y, "conv6", num_classes=10)
+    assert torch.allclose(imp, ref.drop.nanmean(1).clamp_min(0), atol=1e-12)
+    assert bool((imp >= 0).all()) and float(imp.max()) > 0
+
+
+def test_ba_drop_by_hand_and_bootstrap_weights() -> None:
+    from robustdissect.analysis.pushback import ba_drop_importance
+
+    y = torch.tensor([0, 0, 1, 1])
+    base = torch.tensor([0, 0, 1, 1])  # perfect: BA = 1 for both classes
+    u0 = torch.tensor([1, 0, 1, 1])  # one class-0 image lost: BA_0 = (1/2 + 1)/2, BA_1 = (1 + 1/2)/2
+    u1 = torch.tensor([0, 0, 1, 1])  # no change
+    imp = ba_drop_importance(torch.stack([base, u0, u1]), y, 2)
+    assert imp.tolist() == pytest.approx([0.25, 0.0])
+    # weights: image 0 counted twice, image 1 dropped → unit 0 loses both copies of image 0
+    w = torch.tensor([[2.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    boot = ba_drop_importance(torch.stack([base, u0, u1]), y, 2, w)
+    assert boot[0].tolist() == pytest.approx([0.5, 0.0]) and boot[1].tolist() == pytest.approx([0.25, 0.0])
+
+
+def test_reliance_bootstrap_points_intervals_and_paired_differences() -> None:
+    from robustdissect.analysis.pushback import reliance_bootstrap, reliance_rows
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 120, 3
+    y = torch.arange(n) % k
+    phi = torch.rand(n, 4, generator=g) * torch.tensor([3.0, 1.0, 0.0, 0.0])  # units 2, 3 carry nothing
+    base = y.clone()
+    preds = torch.stack([base, (y + 1) % k, base, base, torch.where(y == 0, 1, y)])  # unit 0: all lost, unit 3: class 0
+    quads = ["RU", "NRU", "RL", "NL"]
+    est = reliance_bootstrap(phi, preds, y, quads, k, resamples=300, seed=1)
+    assert est["rs_phi"] == pytest.approx(float(phi[:, 0].mean() / phi.mean(0).sum()))
+    # ablation (40 images per class): unit 0 shifts every label, BA_c = (0 + 40/80)/2 = 0.25, drop 0.75;
+    # unit 3 sends class 0 to 1: BA_0 = (0 + 1)/2 (drop 0.5), BA_1 = (1 + 40/80)/2 (drop 0.25), BA_2 kept
+    imp0, imp3 = 0.75, (0.5 + 0.25 + 0.0) / 3
+    assert est["rs_ablation"] == pytest.approx(imp0 / (imp0 + imp3))
+    assert est["boot_phi"].shape == (300,) and est["boot_ablation"].shape == (300,)
+    twin = reliance_bootstrap(phi, preds, y, quads, k, resamples=300, seed=1)
+    rows = reliance_rows([("a", est), ("b", twin)])
+    for imp in ("phi", "ablation"):
+        assert rows[0][f"rs_{imp}_lo"] <= rows[0][f"rs_{imp}"] <= rows[0][f"rs_{imp}_hi"]
+        assert math.isnan(rows[0][f"rs_{imp}_diff"])
+        assert rows[1][f"rs_{imp}_diff"] == 0 and rows[1][f"rs_{imp}_diff_lo"] == rows[1][f"rs_{imp}_diff_hi"] == 0
+    none = reliance_bootstrap(phi, preds, y, quads, k, resamples=0)
+    assert len(none["boot_phi"]) == 0 and math.isnan(reliance_rows([("a", none)])[0]["rs_phi_lo"])
+
+
+def test_stage_recomputes_the_reliance_shift_with_intervals_and_fine_tuning_transitions(
+    tmp_path: Path, fmnist: Any
+) -> None:
+    from robustdissect.config import RunConfig
+    from robustdissect.pipeline import run_pipeline
+    from robustdissect.runs import read_table
+
+    opts = {"compute": "reliance", "feature_n": 24, "bootstrap": 50,
+            "compare": ["fmnist-smallcnn-pat", "fmnist-smallcnn-pat-ft", "fmnist-smallcnn-no-such-model"],
+            "transitions": ["fmnist-smallcnn-pat-ft", "fmnist-smallcnn-pat"]}  # fmt: skip
+    cfg = RunConfig(model="fmnist-smallcnn-vanilla", n=24, quick=True, stages={"overview": {}, "pushback": opts})
+    run = run_pipeline(cfg, tmp_path / "run")
+    res = json.loads((run / "results.json").read_text())["stages"]["pushback"]
+    rows = {r["model"]: r for r in read_table(run / "tables" / "pushback_reliance.csv")}
+    assert list(rows) == ["fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat", "fmnist-smallcnn-pat-ft"]
+    for r in rows.values():
+        assert int(r["n"]) == 24 and int(r["bootstrap"]) == 50
+        for imp in ("phi", "ablation"):
+            assert 0 <= float(r[f"rs_{imp}_lo"]) <= float(r[f"rs_{imp}"]) <= float(r[f"rs_{imp}_hi"]) <= 1
+    assert float(rows["fmnist-smallcnn-pat"]["rs_phi_diff"]) == pytest.approx(
+        float(rows["fmnist-smallcnn-pat"]["rs_phi"]) - float(rows["fmnist-smallcnn-vanilla"]["rs_phi"]), abs=1e-5
+    )
+    trans = res["pushback"]["transitions"]
+    # pat-ft was fine-tuned from PAT: its transitions start at PAT, not at the run's vanilla model;
+    # PAT was trained from scratch: no transition
+    assert list(trans) == ["fmnist-smallcnn-pat-ft"]
+    assert trans["fmnist-smallcnn-pat-ft"]["from"] == "fmnist-smallcnn-pat"
+    assert sum(map(sum, trans["fmnist-smallcnn-pat-ft"]["matrix"])) == 224
+    warnings = " ".join(res["warnings"])
+    assert "fmnist-smallcnn-no-such-model" in warnings
+    assert "no transition matrix for fmnist-smallcnn-pat: it was trained from scratch" in warnings
+    assert "reliance shift and transitions computed in this run" in res["text"]
+
+
+def test_models_trained_on_built_sets_count_as_compared_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import robustdissect.stages.pushback as pb
+
+    classes = ["a", "b"]
+    card = {"dataset": "robust-data:runs/robust-data/bp.safetensors", "classes": classes}
+    monkeypatch.setattr(pb, "shipped_checkpoints", lambda: ["fake-data-bp"])
+    monkeypatch.setattr(pb, "resolve_model", lambda name: (Planted(), dict(card)))
+    ctx: Any = SimpleNamespace(data=SimpleNamespace(name="toy", classes=classes))
+    got = pb._load_compared("fake-data-bp", ctx)
+    assert not isinstance(got, str) and got[1]["dataset"].startswith("robust-data:")
+    ctx.data.classes = ["x", "y"]  # another label set: not comparable
+    assert isinstance(pb._load_compared("fake-data-bp", ctx), str)

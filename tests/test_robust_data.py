@@ -147,3 +147,77 @@ def test_selective_variant_matches_the_robust_units_only() -> None:
     before = (f_r(z0) - f_r(x)).norm(dim=1)
     after = (f_r(out) - f_r(x)).norm(dim=1)
     assert bool((after < 0.2 * before).all())
+
+
+def _shard_worker(rank: int, world: int, port: int, out: str, done: str) -> None:
+    """One torchrun-like rank: RANK / WORLD_SIZE / MASTER_* in the environment, `build` creates the
+    gloo group itself; the batches this rank computed go to `done`.RANK."""
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    model, x, y = _tiny()
+    s = RobustDataSettings("r", n=10, batch=3, steps=5, eta=0.1)
+    calls: list[int] = []
+    build(out, x, y, representation_batch_fn(model, x, s, layer="3", capture="input"), s, on_batch=calls.append)
+    Path(f"{done}.{rank}").write_text(" ".join(map(str, calls)))
+
+
+def test_sharded_build_equals_the_single_process_build(tmp_path: Path) -> None:
+    """Two processes (gloo, CPU) share the batches round-robin; rank 0 assembles the same tensors."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.set_num_threads(1)
+    model, x, y = _tiny()
+    s = RobustDataSettings("r", n=10, batch=3, steps=5, eta=0.1)
+    single = build(tmp_path / "one", x, y, representation_batch_fn(model, x, s, layer="3", capture="input"), s)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_shard_worker, args=(2, port, str(tmp_path / "two"), str(tmp_path / "done")), nprocs=2, join=True)
+    assert (tmp_path / "done.0").read_text() == "0 2" and (tmp_path / "done.1").read_text() == "1 3"
+    t1, t2 = load_file(str(single)), load_file(str(tmp_path / "two.safetensors"))
+    assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert not (tmp_path / "two.safetensors.partial").exists()
+    assert (tmp_path / "two.json").is_file()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gamma_at_most_rho_on_random_features_and_attacks(seed: int) -> None:
+    """§3.1 / §3.6: the clean point is in every attack's set, so inf_δ y·f(x+δ) ≤ y·f(x) pointwise and
+    γ ≤ ρ for every feature — here the channels of a random conv net under random attack settings."""
+    from conftest import TinyNet
+
+    from robustdissect.analysis.features import (
+        FeatureOptions,
+        balanced_usefulness,
+        robust_usefulness,
+        score_features,
+    )
+    from robustdissect.attacks import FGSM, PGD
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = TinyNet().eval()
+    x, x_ref = torch.rand(48, 1, 8, 8, generator=g), torch.rand(64, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (48,), generator=g)
+    eps = float(torch.empty(2).uniform_(0.01, 0.3, generator=g)[0])
+    steps = int(torch.randint(1, 8, (1,), generator=g))
+    attacks = [PGD(eps, steps=steps, step_rule="madry", seed=seed), FGSM(eps / 2, seed=seed)]
+    opts = FeatureOptions(eps=eps, feature_steps=steps, restarts=1, candidates_per_bin=2, depth_bins=1, top_m=1,
+                          permutations=10, bootstrap=0)  # fmt: skip
+    fs = score_features(net, x, y, x_ref, ["conv"], opts, model_attacks=attacks, num_classes=3, seed=seed)
+    assert bool((fs.f_low <= fs.f_clean + 1e-6).all()) and bool((fs.f_high >= fs.f_clean - 1e-6).all())
+    assert bool((fs.scores.gamma <= fs.scores.rho + 1e-6).all())
+    # the same on arbitrary feature tables: any f_low ≤ f ≤ f_high gives γ ≤ ρ at every class
+    f = torch.randn(40, 7, generator=g)
+    low = f - torch.rand(40, 7, generator=g)
+    high = f + torch.rand(40, 7, generator=g)
+    yy = torch.randint(0, 4, (40,), generator=g)
+    rho = balanced_usefulness(f, yy, 4)  # (U, K)
+    for c in range(4):
+        cls = torch.full((7,), c)
+        assert bool((robust_usefulness(low, high, yy, cls) <= rho[:, c] + 1e-6).all())

@@ -157,3 +157,117 @@ def test_sns_dyn_resume_matches_uninterrupted(tmp_path: Path, fmnist: Dataset) -
     wf, wr = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
     assert resumed.card["objective"]["frozen"] and resumed.card["objective"]["variant"] == "dyn"
+
+
+# -- the SNS bridge (METHODS §6.5): Ω = the brittle units ---------------------------------------
+
+PLANTED_UNITS = {"feature_steps": 20, "candidates_per_bin": 1, "depth_bins": 1, "top_m": 1}
+
+
+def _bridge(model: nn.Module, train: Split, **kwargs: Any) -> SNS:
+    args: dict[str, Any] = {"eps": 0.1, "steps": 3, "variant": "brittle", "reference": "initial", "layers": ["feat"],
+                            "units_n": 200, "units_reference_n": 400, "units_options": PLANTED_UNITS,
+                            "freeze": False, **kwargs}  # fmt: skip
+    obj = SNS(**args)
+    obj.setup(model, train, CPU)
+    obj.on_epoch_start(model, 0)
+    return obj
+
+
+def _reference_l_sns(model: nn.Module, omega: dict[str, list[int]], x: torch.Tensor, x2: torch.Tensor) -> float:
+    """Σ_{k∈Ω} ‖F_k(x) − F_k(x′)‖₁ / dim(F_k), averaged over the pairs, written out unit by unit."""
+    modules = dict(model.named_modules())
+    total = 0.0
+    for i in range(len(x)):
+        for path, units in omega.items():
+            maps: list[torch.Tensor] = []
+            h = modules[path].register_forward_hook(lambda _m, _i, out, maps=maps: maps.append(out.detach()))
+            with torch.no_grad():
+                model(x[i : i + 1])
+                model(x2[i : i + 1])
+            h.remove()
+            for k in units:
+                a, b = maps[0][0, k], maps[1][0, k]
+                total += float((a - b).abs().sum()) / a.numel()
+    return total / len(x)
+
+
+def test_bridge_omega_is_the_planted_brittle_unit_and_is_in_the_card() -> None:
+    from conftest import Planted, planted_data
+
+    torch.manual_seed(0)
+    model = Planted().eval()
+    train = Split(*planted_data(600, seed=1))
+    obj = _bridge(model, train)
+    assert {p: v.tolist() for p, v in obj.omega.items()} == {"feat": [1]}  # unit 1 brittle, unit 0 robust
+    card = obj.describe()
+    assert card["variant"] == "brittle" and card["omega"] == {"feat": [1]} and card["layers"] == ["feat"]
+    assert card["units"]["brittle"] == 1 and card["units"]["robust"] == 1
+    assert card["units"]["probe"] == "200 training images" and card["units"]["reference_images"] == 400
+    # the same probe and seed give the same Ω
+    assert _bridge(Planted().eval(), train).describe()["omega"] == card["omega"]
+
+
+def test_bridge_loss_is_zero_for_x_prime_equal_x_positive_otherwise_and_matches_a_reference() -> None:
+    from conftest import Planted, planted_data
+
+    torch.manual_seed(0)
+    model = Planted().eval()
+    train = Split(*planted_data(600, seed=1))
+    obj = _bridge(model, train)
+    x, y = train.x[:16], train.y[:16]
+    obj.pgd = lambda _m, xx, _y: xx.clone()  # type: ignore[method-assign]  # x' = x
+    assert obj(model, x, y).extra["sns"] == 0.0
+    x2 = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+    obj.pgd = lambda _m, _xx, _y: x2  # type: ignore[method-assign]
+    out = obj(model, x, y)
+    ref = _reference_l_sns(model, {"feat": [1]}, x, x2)
+    assert ref > 0 and out.extra["sns"] == pytest.approx(ref, rel=1e-5)
+    logits = model(torch.cat([x, x2]))
+    base = 0.5 * torch.nn.functional.cross_entropy(logits[:16], y) + 0.5 * torch.nn.functional.cross_entropy(
+        logits[16:], y
+    )
+    assert float(out.loss.detach()) == pytest.approx(float(base.detach()) + 5.0 * ref, rel=1e-5)
+
+
+def test_bridge_on_spatial_maps_matches_the_reference(split: Split, shipped_vanilla: nn.Module) -> None:
+    """On the shipped vanilla smallcnn (maps of 28×28 down to 7×7, so the /dim(F_k) matters) with Ω
+    from its own dissection, the objective's L_sns equals the unit-by-unit reference."""
+    import copy
+
+    model = copy.deepcopy(shipped_vanilla).eval()
+    obj = SNS(steps=2, variant="brittle", reference="initial", units_n=32, units_reference_n=32, freeze=False)
+    obj.setup(model, split, CPU)
+    obj.on_epoch_start(model, 0)
+    assert obj.omega and all(len(v) for v in obj.omega.values())
+    omega = {p: v.tolist() for p, v in obj.omega.items()}
+    assert obj.describe()["omega"] == {n: omega[p] for n, p in zip(obj.layers, obj.paths, strict=True)}
+    x, y = split.x[:4], split.y[:4]
+    x2 = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
+    obj.pgd = lambda _m, _xx, _y: x2  # type: ignore[method-assign]
+    out = obj(model, x, y)
+    assert out.extra["sns"] == pytest.approx(_reference_l_sns(model, omega, x, x2), rel=1e-4)
+
+
+def test_bridge_smoke_training_records_omega_in_the_card(tmp_path: Path, fmnist: Dataset) -> None:
+    args = {"steps": 2, "variant": "brittle", "reference": "initial", "units_n": 32, "units_reference_n": 32,
+            "freeze": False}  # fmt: skip
+    cfg = TrainConfig(model_args={"width": 16, "pooling": "max"}, init="fmnist-smallcnn-vanilla", n=64, epochs=1,
+                      batch_size=32, lr=0.01, objective="sns", objective_args=args)  # fmt: skip
+    res = train(cfg, tmp_path / "bridge", data=fmnist)
+    obj = res.card["objective"]
+    assert obj["variant"] == "brittle" and obj["omega"]
+    assert obj["units"]["brittle"] == sum(map(len, obj["omega"].values()))
+    assert set(obj["omega"]) <= {f"conv{i}" for i in range(1, 7)} and obj["frozen"] == []
+    assert all(u == sorted(u) for u in obj["omega"].values())
+
+
+def test_bridge_preset_is_a_short_fine_tuning_of_the_vanilla_model() -> None:
+    from robustdissect.resources import read_train_config
+
+    cfg = read_train_config("fmnist-smallcnn-bridge")
+    assert cfg["init"] == "fmnist-smallcnn-vanilla" and cfg["objective"] == "sns"
+    args = cfg["objective_args"]
+    assert args["variant"] == "brittle" and args["lam"] == 5.0 and args["steps"] == 7 and args["eps"] == 0.1
+    assert cfg["epochs"] * cfg["n"] <= 3 * 20_000  # a few minutes on 2 cores
+    TrainConfig(**cfg)  # valid

@@ -555,14 +555,16 @@ def robust_data(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Build a robust / non-robust / random-target / deterministic-target / back-perturbed dataset
-    (rerunning the same command resumes an interrupted build); train on it with
-    --data robust-data:OUT."""
+    (rerunning the same command resumes an interrupted build; under `torchrun --standalone
+    --nproc_per_node W -- robustdissect robust-data ...` the W processes share the batches — the
+    `--` keeps torchrun from reading --n as its own option); train on it with --data robust-data:OUT."""
     from .data.robust_data import build_dataset
 
     _setup_logging(verbose)
     path = build_dataset(kind, n, out, model=model, dataset=data or "fashion-mnist", data_dir=data_dir, seed=seed,
                          batch=batch, steps=steps, progress=True)  # fmt: skip
-    typer.echo(f"wrote {path} and {path.with_suffix('.json')}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the ranks share the batches; rank 0 writes OUT
+        typer.echo(f"wrote {path} and {path.with_suffix('.json')}")
 
 
 @app.command()

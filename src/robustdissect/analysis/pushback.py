@@ -20,8 +20,12 @@ D_bp success criterion (§6.5): on the back-perturbed set, |ρ_k| < τ_ρ for k 
 k ∈ R keeps ≥ 80% of its value on D (ρ_k = max_c ρ^bal_{k,c}, f standardised with the reference
 statistics of D).
 
-Reliance shift (§6.6): RS = Σ_{k∈R} imp_k / Σ_k imp_k with imp_k = mean |φ_k| (gradient ×
-activation of the feature dissection).
+Reliance shift (§6.6): RS = Σ_{k∈R} imp_k / Σ_k imp_k with two importances: imp_k = mean |φ_k|
+(gradient × activation of the feature dissection) and imp_k = the ablation drop of §4.2 — zero
+unit k's whole channel, imp_k = max(0, mean over classes c of BA_c(model) − BA_c(model without k)),
+BA_c the balanced accuracy of the one-vs-rest decision "argmax = c" (a unit whose removal helps
+gets 0). Both come with percentile bootstrap intervals over the images (`reliance_bootstrap`); with
+the same seed and images every model draws the same resamples, so differences are paired.
 """
 
 from __future__ import annotations
@@ -299,6 +303,110 @@ def reliance_shift(importance: Tensor, quadrants: Sequence[str]) -> float:
         return math.nan
     mask = torch.tensor([q == "RU" for q in quadrants])
     return float(importance[mask].sum()) / total
+
+
+def ablation_predictions(
+    model: nn.Module, x: Tensor, layers: Sequence[str], channels: Sequence[int], batch_size: int = 250
+) -> Tensor:
+    """Predictions (U + 1, N) int64 on images x (N, C, H, W): row 0 the model as it is, row 1 + u
+    with unit u (the units of `layers`, `channels` each, concatenated) zeroed over its whole
+    feature map (`probe.zero_channels`, the §4.2 ablation of `concepts.unit_ablation`). U + 1
+    forward passes over x."""
+    from ..probe import zero_channels
+    from .concepts import _predict_with
+
+    rows = [_predict_with(model, x, [], batch_size)]
+    for layer, c in zip(layers, channels, strict=True):
+        rows += [_predict_with(model, x, [zero_channels(layer, [u])], batch_size) for u in range(c)]
+    return torch.stack(rows)
+
+
+def ba_drop_importance(preds: Tensor, y: Tensor, num_classes: int, weights: Tensor | None = None) -> Tensor:
+    """imp_k = max(0, mean_c BA_c(row 0) − BA_c(row 1 + k)) from ablation predictions (U + 1, N) and
+    labels y (N,); with `weights` (B, N) (bootstrap counts) one importance vector per row: (B, U),
+    else (U,). BA_c = (recall_c + TNR_c) / 2 of "argmax = c" (as `concepts.balanced_accuracy`);
+    classes absent from a resample are left out of the mean."""
+    w = torch.ones(1, preds.shape[1], dtype=torch.float64) if weights is None else weights.double()
+    p = torch.nn.functional.one_hot(preds.long(), num_classes).double()  # (U+1, N, K)
+    t = torch.nn.functional.one_hot(y.long(), num_classes).double()  # (N, K)
+    pos = w @ t  # (B, K)
+    neg = w.sum(1, keepdim=True) - pos
+    tp = torch.einsum("bn,unk->buk", w, p * t[None])
+    pp = torch.einsum("bn,unk->buk", w, p)
+    tn = neg[:, None, :] - (pp - tp)
+    ba = 0.5 * (tp / pos[:, None, :] + tn / neg[:, None, :])  # (B, U+1, K), NaN for an absent class
+    drop = (ba[:, :1, :] - ba[:, 1:, :]).nanmean(2).clamp_min(0.0)
+    return drop[0] if weights is None else drop
+
+
+def reliance_bootstrap(
+    phi: Tensor,
+    preds: Tensor,
+    y: Tensor,
+    quadrants: Sequence[str],
+    num_classes: int,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """RS with imp = mean |φ| (φ (N, U)) and imp = ablation BA drop (predictions (U + 1, N), labels
+    y (N,)) for the units' `quadrants` (R = "RU"): point estimates `rs_phi`, `rs_ablation` and the
+    bootstrap replicates `boot_phi`, `boot_ablation` (resamples,) over the N images (seeded, so
+    paired across models scored on the same images)."""
+    n = int(y.shape[0])
+    if phi.shape[0] != n or preds.shape[1] != n or phi.shape[1] != len(quadrants) or preds.shape[0] != phi.shape[1] + 1:
+        raise UserError(f"reliance: shapes do not agree (phi {tuple(phi.shape)}, predictions {tuple(preds.shape)}, "
+                        f"{n} labels, {len(quadrants)} units)")  # fmt: skip
+    robust = torch.tensor([q == "RU" for q in quadrants])
+    imp_phi = phi.abs().double()
+
+    def rs(imp: Tensor) -> Tensor:  # (B, U) -> (B,)
+        total = imp.sum(1)
+        return torch.where(total > 0, imp[:, robust].sum(1) / total.clamp_min(1e-300), torch.full_like(total, math.nan))
+
+    out: dict[str, Any] = {
+        "rs_phi": float(rs(imp_phi.mean(0, keepdim=True))[0]),
+        "rs_ablation": float(rs(ba_drop_importance(preds, y, num_classes)[None])[0]),
+        "boot_phi": torch.zeros(0, dtype=torch.float64),
+        "boot_ablation": torch.zeros(0, dtype=torch.float64),
+    }
+    if resamples:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(0, n, (resamples, n), generator=g)
+        ones = torch.ones(resamples, n, dtype=torch.float64)
+        w = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, ones)  # (B, N) counts
+        out["boot_phi"] = rs((w @ imp_phi) / n)
+        out["boot_ablation"] = torch.cat([rs(ba_drop_importance(preds, y, num_classes, w[s : s + 100]))
+                                          for s in range(0, resamples, 100)])  # fmt: skip
+    return out
+
+
+def reliance_rows(estimates: Sequence[tuple[str, dict[str, Any]]], level: float = 0.95) -> list[dict[str, Any]]:
+    """One row per model: RS (both importances) with percentile intervals and the paired
+    difference to the first model with its interval (NaN without replicates)."""
+    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
+
+    def ci(v: Tensor) -> tuple[float, float]:
+        v = v[torch.isfinite(v)]
+        if not len(v):
+            return math.nan, math.nan
+        return float(torch.quantile(v, lo_q)), float(torch.quantile(v, hi_q))
+
+    rows = []
+    first = estimates[0][1] if estimates else {}
+    for i, (name, est) in enumerate(estimates):
+        row: dict[str, Any] = {"model": name}
+        for imp in ("phi", "ablation"):
+            boot = est[f"boot_{imp}"]
+            lo, hi = ci(boot)
+            row.update({f"rs_{imp}": est[f"rs_{imp}"], f"rs_{imp}_lo": lo, f"rs_{imp}_hi": hi})
+            if i and len(boot) and len(boot) == len(first[f"boot_{imp}"]):
+                dlo, dhi = ci(boot - first[f"boot_{imp}"])
+                row.update({f"rs_{imp}_diff": est[f"rs_{imp}"] - first[f"rs_{imp}"], f"rs_{imp}_diff_lo": dlo,
+                            f"rs_{imp}_diff_hi": dhi})  # fmt: skip
+            else:
+                row.update(dict.fromkeys((f"rs_{imp}_diff", f"rs_{imp}_diff_lo", f"rs_{imp}_diff_hi"), math.nan))
+        rows.append(row)
+    return rows
 
 
 def reliance_shift_of(scores: FeatureScores) -> dict[str, float]:

@@ -14,7 +14,11 @@ selective D̂_R on robust units, D̂_rand, D̂_det and the back-perturbed D_bp.
 
 Building is batched and resumable: each batch is written to `OUT.partial/batch-XXXXX.safetensors`,
 every random draw of a batch comes from a generator seeded by (seed, batch index), so a resumed
-build yields a file identical to an uninterrupted one. The result is `OUT` (safetensors: x (N, C,
+build yields a file identical to an uninterrupted one. Under `torchrun --nproc_per_node W` (RANK /
+WORLD_SIZE in the environment; a gloo group is created unless one exists) rank r builds the
+missing batches b with b mod W = r into the shared OUT.partial/, and rank 0 assembles OUT once all
+are written: the same tensors as one process, since no batch depends on another (bitwise as long
+as every process computes with the same number of intra-op threads). The result is `OUT` (safetensors: x (N, C,
 H, W) float32, y (N,) int64, source (N,) int64 = index of the source image) with a JSON card
 `OUT.json` (kind, settings, seed, source model hash, dataset). `--data robust-data:OUT` trains on
 it: the train split is the built set, val and test are the source dataset's.
@@ -29,6 +33,7 @@ import math
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +195,42 @@ def build(
     on_batch: Callable[[int], None] | None = None,
 ) -> Path:
     """Build OUT from images x (N, C, H, W), labels y (N,) batch by batch; resumes from the
-    batches already in OUT.partial/ (written with the same settings). Returns OUT."""
+    batches already in OUT.partial/ (written with the same settings). Under torchrun every rank
+    calls this with the same arguments and builds its share of the batches (module docstring).
+    Returns OUT."""
+    from ..training import distributed as ddp
+
+    info = ddp.dist_env()
+    created = False
+    if info.active and not torch.distributed.is_initialized():
+        # the ranks wait for each other only at the start and at the end of the build: no timeout
+        # short of a day, since one rank may still be on its last batch of a long build
+        torch.distributed.init_process_group("gloo", rank=info.rank, world_size=info.world,
+                                             timeout=timedelta(days=1))  # fmt: skip
+        created = True
+    try:
+        return _build(out, x, y, batch_fn, settings, card, progress, on_batch, info.rank, info.world)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _build(
+    out: str | Path,
+    x: Tensor,
+    y: Tensor,
+    batch_fn: BatchFn,
+    settings: RobustDataSettings,
+    card: dict[str, Any] | None,
+    progress: bool,
+    on_batch: Callable[[int], None] | None,
+    rank: int,
+    world: int,
+) -> Path:
+    def barrier() -> None:
+        if world > 1:
+            torch.distributed.barrier()
+
     out = Path(out)
     if out.suffix != ".safetensors":
         out = out.with_suffix(".safetensors")
@@ -198,19 +238,21 @@ def build(
     n = min(settings.n, int(x.shape[0]))
     meta = {"settings": asdict(settings), **(card or {})}
     stamp = partial / "settings.json"
-    if partial.exists():
-        if not stamp.is_file() or json.loads(stamp.read_text()) != json.loads(json.dumps(meta, default=str)):
-            raise UserError(f"{partial} holds a build with other settings; remove it or use the same settings")
-    else:
+    if rank == 0 and not partial.exists():
         partial.mkdir(parents=True)
         stamp.write_text(json.dumps(meta, default=str, indent=1, sort_keys=True))
+    barrier()  # the other ranks read the stamp rank 0 wrote
+    if not stamp.is_file() or json.loads(stamp.read_text()) != json.loads(json.dumps(meta, default=str)):
+        raise UserError(f"{partial} holds a build with other settings; remove it or use the same settings")
     starts = list(range(0, n, settings.batch))
+    mine = [(b, s) for b, s in enumerate(starts) if b % world == rank]
     bar: Any = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(starts), desc=f"robust-data {settings.kind}", unit="batch")
-    for b, s in enumerate(starts):
+        desc = f"robust-data {settings.kind}" + (f" (rank 0 of {world})" if world > 1 else "")
+        bar = tqdm(total=len(mine), desc=desc, unit="batch")
+    for b, s in mine:
         path = _batch_path(partial, b)
         if not path.is_file():
             gen = torch.Generator().manual_seed(settings.seed * BATCH_SALT + b)
@@ -226,7 +268,22 @@ def build(
             bar.update(1)
     if bar is not None:
         bar.close()
-    parts = [load_file(str(_batch_path(partial, b))) for b in range(len(starts))]
+    barrier()  # every rank's batches are on disk
+    if rank != 0:
+        barrier()  # rank 0 has written OUT
+        return out
+    try:
+        _assemble(out, partial, len(starts), settings, meta, n)
+    finally:
+        barrier()
+    return out
+
+
+def _assemble(
+    out: Path, partial: Path, batches: int, settings: RobustDataSettings, meta: dict[str, Any], n: int
+) -> None:
+    """OUT from the batch files, its card beside it; removes OUT.partial/."""
+    parts = [load_file(str(_batch_path(partial, b))) for b in range(batches)]
     tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in ("x", "y", "source")}
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"kind": settings.kind, "seed": str(settings.seed)})
@@ -235,7 +292,6 @@ def build(
     card_path = out.with_suffix(".json")
     card_path.write_text(json.dumps({**meta, "n": n, "sha256": digest}, default=str, indent=1, sort_keys=True))
     shutil.rmtree(partial)
-    return out
 
 
 def load_robust_data(path: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]:

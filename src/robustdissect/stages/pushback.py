@@ -5,7 +5,17 @@ models, and the Ilyas-style table when models trained on the built datasets are 
 
 The default run's budget shows the shipped results (`results/pushback-fmnist.json`, computed by
 this stage under `--full` on the shipped vanilla smallcnn) instead of recomputing them; `--full`
-(or `compute: true`) computes everything for the run's own model.
+(or `compute: true`) computes everything for the run's own model; `compute: reliance` recomputes
+only the reliance shift and the transitions (the part that changes when a model is added) and shows
+the shipped purification and D_bp results beside them.
+
+Reliance shift RS (§6.6) with both importances, imp = mean |φ| and imp = ablation BA drop, each
+with a bootstrap interval over the analysed images and the paired difference to the run's model,
+for the run's model and every model of `compare` that is shipped (PAT, SNS, the fine-tuned SNS and
+PAT, the SNS bridge, the models trained on D_bp and D̂_R); an absent one is skipped with a
+warning. A transition matrix (units moving between quadrants) needs unit k to be the same channel
+in both models, so it is drawn only for a model of `transitions` fine-tuned (its card's `init`)
+from the run's model or from another analysed model, from that model to it.
 """
 
 from __future__ import annotations
@@ -22,10 +32,12 @@ from matplotlib.figure import Figure
 from ..analysis.features import QUADRANTS, QUICK_FEATURES, FeatureOptions, feature_scores, model_level_attacks
 from ..analysis.pushback import (
     UnitSets,
+    ablation_predictions,
     back_perturb,
     dbp_criterion,
     evaluate_purification,
-    reliance_shift_of,
+    reliance_bootstrap,
+    reliance_rows,
     transition_matrix,
 )
 from ..attacks import PGD
@@ -36,11 +48,16 @@ from ..models import shipped_checkpoints
 from ..models.resolve import resolve_model
 from ..pipeline import STAGES, AnalysisUnavailable, Context, section
 from ..resources import resource
-from .training import _load
+from .training import _load, retrain_hint
 
 log = logging.getLogger(__name__)
 
 SHIPPED = ("results", "pushback-fmnist.json")
+# models whose reliance shift is shown beside the run's model, when shipped
+COMPARE = ["fmnist-smallcnn-pat", "fmnist-smallcnn-sns", "fmnist-smallcnn-sns-from-vanilla", "fmnist-smallcnn-pat-ft",
+           "fmnist-smallcnn-bridge", "fmnist-smallcnn-data-bp", "fmnist-smallcnn-data-r"]  # fmt: skip
+# fine-tuned models (same units as their init): transition matrices from the init model
+TRANSITIONS = ["fmnist-smallcnn-sns-from-vanilla", "fmnist-smallcnn-pat-ft", "fmnist-smallcnn-bridge"]
 # models trained on the built datasets (§3.4 analogue); shown when shipped
 DATA_MODELS = {"D_bp": "fmnist-smallcnn-data-bp", "D_R": "fmnist-smallcnn-data-r", "D_NR": "fmnist-smallcnn-data-nr",
                "D_rand": "fmnist-smallcnn-data-rand", "D_det": "fmnist-smallcnn-data-det"}  # fmt: skip
@@ -55,9 +72,12 @@ class PushbackOptions:
     `features` stage's options when it is part of the run); purify_n: images of the purification
     table; eps: the attacker's ℓ∞ budget; adaptive_steps: BPDA PGD steps (α = 2.5ε/k, random
     start); keep: the share of ρ that R units must keep; compare: models whose reliance shift is
-    shown; transitions: fine-tuned models (same units as the run's model) for the transition matrix."""
+    shown (skipped with a warning when not shipped); transitions: fine-tuned models whose units
+    are compared with their init model's; bootstrap: resamples of the images for the RS intervals;
+    data_n: the first data_n of the run's images for the table of models trained on built datasets
+    (None: all; the default run's profile: 200, the PGD on each shipped model is its main cost)."""
 
-    compute: bool = True
+    compute: bool | str = True
     eps_bp: float | str = 0.1
     steps: int = 50
     alpha: float = 0.01
@@ -67,12 +87,19 @@ class PushbackOptions:
     eps: float | str = 0.1
     adaptive_steps: int = 5
     keep: float = 0.8
-    compare: list[str] = field(
-        default_factory=lambda: ["fmnist-smallcnn-pat", "fmnist-smallcnn-sns", "fmnist-smallcnn-sns-from-vanilla"]
-    )
-    transitions: list[str] = field(default_factory=lambda: ["fmnist-smallcnn-sns-from-vanilla"])
+    compare: list[str] = field(default_factory=lambda: list(COMPARE))
+    transitions: list[str] = field(default_factory=lambda: list(TRANSITIONS))
+    bootstrap: int = 1000
+    data_n: int | None = None
 
     def __post_init__(self) -> None:
+        if self.compute not in (True, False, "reliance"):
+            raise UserError(f"pushback: compute must be true, false or 'reliance', got {self.compute!r}")
+        if self.data_n is not None and (not isinstance(self.data_n, int) or isinstance(self.data_n, bool)
+                                        or self.data_n < 1):  # fmt: skip
+            raise UserError(f"pushback: data_n must be an integer >= 1 or null, got {self.data_n!r}")
+        if not isinstance(self.bootstrap, int) or isinstance(self.bootstrap, bool) or self.bootstrap < 0:
+            raise UserError(f"pushback: bootstrap must be an integer >= 0, got {self.bootstrap!r}")
         for name in ("steps", "feature_n", "purify_n", "adaptive_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -83,7 +110,7 @@ class PushbackOptions:
             raise UserError("pushback: alpha must be > 0 and lambda_r >= 0")
 
 
-QUICK_PUSHBACK: dict[str, Any] = {"compute": False}
+QUICK_PUSHBACK: dict[str, Any] = {"compute": False, "data_n": 200}
 
 
 def _feature_options(ctx: Context, n: int) -> FeatureOptions:
@@ -121,18 +148,7 @@ def compute_pushback(ctx: Context, opts: PushbackOptions) -> dict[str, Any]:
     pur = ctx.store.memo("pushback-purification", parts,
                          lambda: evaluate_purification(ctx.model, xp, yp, x_adv, adaptive, sets, **bp))  # fmt: skip
 
-    reliance = [{"model": ctx.config.model, **reliance_shift_of(fs), "B": len(sets.brittle), "R": len(sets.robust)}]
-    transitions: dict[str, list[list[int]]] = {}
-    for name in opts.compare:
-        got = _load(name, ctx.data.name)
-        if isinstance(got, str):
-            log.warning(got)
-            continue
-        other = feature_scores(ctx, model=got[0], options=fopts, model_name=name)
-        reliance.append({"model": name, **reliance_shift_of(other),
-                         "B": other.scores.quadrant.count("NRU"), "R": other.scores.quadrant.count("RU")})  # fmt: skip
-        if name in opts.transitions and other.channels == fs.channels:
-            transitions[name] = transition_matrix(fs.scores.quadrant, other.scores.quadrant).tolist()
+    reliance, transitions, warnings = compute_reliance(ctx, opts, fopts, fs)
     return {
         "model": ctx.config.model,
         "model_hash": ctx.store.model_hash(ctx.model),
@@ -148,7 +164,86 @@ def compute_pushback(ctx: Context, opts: PushbackOptions) -> dict[str, Any]:
                       "B": len(sets.brittle), "R": len(sets.robust)},
         "reliance": reliance,
         "transitions": transitions,
+        "reliance_warnings": warnings,
     }
+
+
+def _load_compared(name: str, ctx: Context) -> tuple[torch.nn.Module, dict[str, Any]] | str:
+    """A compared checkpoint and its card, or why it is skipped. A model trained on a built set
+    (card dataset `robust-data:PATH`) counts when its classes are the run's: it is evaluated on the
+    run's (original) images."""
+    if name in shipped_checkpoints():
+        try:
+            net, card = resolve_model(name)
+        except UserError:
+            return _load(name, ctx.data.name)
+        built = str(card.get("dataset", "")).startswith("robust-data:")
+        if built and list(card.get("classes", [])) == list(ctx.data.classes):
+            return net.eval(), card
+    return _load(name, ctx.data.name)
+
+
+def _ablation(ctx: Context, model: torch.nn.Module, fs: Any) -> torch.Tensor:
+    """Ablation predictions (U + 1, N) of `model` on the dissection's images, once per run."""
+    n = fs.f_clean.shape[0]
+    parts = {"model": ctx.store.model_hash(model), "images": ctx.images_id, "n": n, "layers": fs.layers}
+    return ctx.store.memo("pushback-ablation", parts,
+                          lambda: ablation_predictions(model, ctx.split.x[:n], fs.layers, fs.channels))  # fmt: skip
+
+
+def compute_reliance(
+    ctx: Context, opts: PushbackOptions, fopts: FeatureOptions, fs: Any
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[str]]:
+    """Reliance rows (RS with both importances, intervals, paired differences to the run's model,
+    |B|, |R|, quadrant shares) for the run's model and each shipped model of `compare`; the
+    transition matrices of the fine-tuned models of `transitions`; warnings for what is skipped."""
+    k = len(ctx.data.classes)
+    y = fs.y
+    warnings: list[str] = []
+    analysed: dict[str, tuple[Any, dict[str, Any]]] = {ctx.config.model: (fs, {})}
+    estimates: list[tuple[str, dict[str, Any]]] = []
+
+    def estimate(name: str, model: torch.nn.Module, scores: Any) -> None:
+        est = reliance_bootstrap(scores.phi, _ablation(ctx, model, scores), y, scores.scores.quadrant, k,
+                                 opts.bootstrap, ctx.config.seed)  # fmt: skip
+        estimates.append((name, est))
+
+    estimate(ctx.config.model, ctx.model, fs)
+    for name in opts.compare:
+        if name == ctx.config.model:
+            continue
+        got = _load_compared(name, ctx)
+        if isinstance(got, str):
+            warnings.append(f"reliance shift: {got}")
+            continue
+        net, card = got
+        other = feature_scores(ctx, model=net, options=fopts, model_name=name)
+        analysed[name] = (other, card)
+        estimate(name, net, other)
+    rows = reliance_rows(estimates)
+    for row in rows:
+        scores = analysed[row["model"]][0]
+        quads = scores.scores.quadrant
+        row.update({"B": quads.count("NRU"), "R": quads.count("RU"), **scores.shares(), "n": int(y.shape[0]),
+                    "bootstrap": opts.bootstrap})  # fmt: skip
+    transitions: dict[str, dict[str, Any]] = {}
+    for name in opts.transitions:
+        if name not in analysed or name == ctx.config.model:
+            continue
+        scores, card = analysed[name]
+        init = (card.get("train_config") or {}).get("init")
+        if init not in analysed:
+            why = f"fine-tuned from {init}, which is not analysed here" if init else "trained from scratch"
+            warnings.append(f"no transition matrix for {name}: it was {why} (unit k is the same unit only in a "
+                            "model fine-tuned from the other)")  # fmt: skip
+            continue
+        before = analysed[init][0]
+        if before.channels != scores.channels or before.layers != scores.layers:
+            warnings.append(f"no transition matrix for {name}: its units differ from {init}'s")
+            continue
+        matrix = transition_matrix(before.scores.quadrant, scores.scores.quadrant)
+        transitions[name] = {"from": init, "matrix": matrix.tolist()}
+    return rows, transitions, warnings
 
 
 def shipped_pushback() -> dict[str, Any] | None:
@@ -159,12 +254,12 @@ def shipped_pushback() -> dict[str, Any] | None:
     return payload
 
 
-def _data_models(ctx: Context) -> list[dict[str, Any]]:
-    """Clean and PGD accuracy (Wilson intervals) on the run's images of the models trained on the
-    built datasets, when shipped (the §3.4 table on Fashion-MNIST)."""
+def _data_models(ctx: Context, n: int | None = None) -> list[dict[str, Any]]:
+    """Clean and PGD accuracy (Wilson intervals) on the first n of the run's images (None: all) of
+    the models trained on the built datasets, when shipped (the §3.4 table on Fashion-MNIST)."""
     rows = []
     attack = model_level_attacks(ctx, 0.1)[0]
-    x, y = ctx.split.x, ctx.split.y
+    x, y = ctx.split.x[:n], ctx.split.y[:n]
     index = torch.arange(len(y))
     for data, name in DATA_MODELS.items():
         if name not in shipped_checkpoints():
@@ -177,14 +272,17 @@ def _data_models(ctx: Context) -> list[dict[str, Any]]:
         lo, hi = wilson_interval(clean, len(y))
         rlo, rhi = wilson_interval(rob, len(y))
         rows.append({"training set": data, "model": name, "clean": clean / len(y), "clean_lo": lo, "clean_hi": hi,
-                     "pgd": rob / len(y), "pgd_lo": rlo, "pgd_hi": rhi})  # fmt: skip
+                     "pgd": rob / len(y), "pgd_lo": rlo, "pgd_hi": rhi, "n": len(y)})  # fmt: skip
     return rows
 
 
-def transition_figure(matrices: dict[str, list[list[int]]], source: str) -> Figure:
-    """Heat maps of unit counts moving between quadrants (rows: `source`, columns: each model)."""
+def transition_figure(matrices: dict[str, Any], source: str) -> Figure:
+    """Heat maps of unit counts moving between quadrants (rows: the model fine-tuned from, columns:
+    the fine-tuned model); a value is {"from": NAME, "matrix": 4×4} (or a bare 4×4 from `source`)."""
     fig = Figure(figsize=(4.2 * len(matrices), 3.8))
-    for i, (name, m) in enumerate(matrices.items()):
+    for i, (name, entry) in enumerate(matrices.items()):
+        m = entry["matrix"] if isinstance(entry, dict) else entry
+        origin = entry["from"] if isinstance(entry, dict) else source
         ax = fig.add_subplot(1, len(matrices), i + 1)
         ax.imshow(m, cmap="Blues")
         for r in range(4):
@@ -193,7 +291,7 @@ def transition_figure(matrices: dict[str, list[list[int]]], source: str) -> Figu
         ax.set_xticks(range(4), QUADRANTS)
         ax.set_yticks(range(4), QUADRANTS)
         ax.set_xlabel(name, fontsize=8)
-        ax.set_ylabel(source, fontsize=8)
+        ax.set_ylabel(origin, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -204,7 +302,7 @@ def pushback_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
     opts: PushbackOptions = stage_options(PushbackOptions, options, "pushback")
     warnings: list[str] = []
-    if opts.compute:
+    if opts.compute is True:
         payload = compute_pushback(ctx, opts)
         origin = "computed in this run"
     else:
@@ -215,36 +313,77 @@ def pushback_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         origin = f"shipped results for {payload['model']} (computed with --full; not recomputed in this run)"
         if payload.get("model_hash") != ctx.store.model_hash(ctx.model):
             warnings.append(f"the shipped pushback results are for {payload['model']}, not the run's model")
+        if opts.compute == "reliance":
+            fopts = _feature_options(ctx, opts.feature_n)
+            fs = feature_scores(ctx, options=fopts)
+            reliance, transitions, rel_warnings = compute_reliance(ctx, opts, fopts, fs)
+            payload = {**payload, "reliance": reliance, "transitions": transitions, "reliance_warnings": rel_warnings,
+                       "model_hash": ctx.store.model_hash(ctx.model), "model": ctx.config.model}  # fmt: skip
+            origin = (f"reliance shift and transitions computed in this run; purification and D_bp criterion: "
+                      f"{origin}")  # fmt: skip
+        else:  # say what the shipped results lack now, not what they lacked when computed
+            have = {r["model"] for r in payload["reliance"]}
+            absent = [m for m in opts.compare if m not in have and m != payload["model"]]
+            late = [m for m in absent if m in shipped_checkpoints()]
+            if late:
+                warnings.append(f"{', '.join(late)} {'is' if len(late) == 1 else 'are'} shipped but not in the shipped "
+                                "pushback results; recompute them with the stage option compute: reliance "
+                                "(scripts/ship_pushback.py --reliance)")  # fmt: skip
+            warnings += [f"reliance shift: checkpoint '{m}' is not shipped; skipped (train it with: {retrain_hint(m)})"
+                         for m in absent if m not in late]  # fmt: skip
+            payload = {**payload, "reliance_warnings": [w for w in payload.get("reliance_warnings", [])
+                                                        if w.startswith("no transition")]}  # fmt: skip
+    warnings += list(payload.get("reliance_warnings", []))
     tables = []
     ctx.run.write_table("pushback_purification", payload["purification"])
     tables.append({"file": "tables/pushback_purification.csv", "title": "Purification (Wilson 95% intervals)",
                    "show": True})  # fmt: skip
     ctx.run.write_table("pushback_reliance", payload["reliance"])
+    n_rel = payload["reliance"][0].get("n", "the analysed")
     tables.append({"file": "tables/pushback_reliance.csv",
-                   "title": "Reliance shift RS (imp = mean |phi|) and quadrant shares", "show": True})  # fmt: skip
+                   "title": f"Reliance shift RS = share of importance on robust & useful units, imp = mean |phi| "
+                            f"and imp = ablation BA drop; 95% bootstrap intervals over {n_rel} images; diff = "
+                            f"paired difference to {payload['model']}; quadrant shares", "show": True})  # fmt: skip
     figures = []
     if payload.get("transitions"):
         ctx.run.save_figure("pushback_transitions", transition_figure(payload["transitions"], payload["model"]))
         figures.append({"file": "figures/pushback_transitions.png",
-                        "caption": "Units moving between quadrants, run's model to fine-tuned models"})  # fmt: skip
-    data_rows = _data_models(ctx)
+                        "caption": "Units moving between quadrants from the model each one was fine-tuned from "
+                                   "(rows) to the fine-tuned model (columns)"})  # fmt: skip
+    data_rows = _data_models(ctx, opts.data_n)
     if data_rows:
         ctx.run.write_table("pushback_datasets", data_rows)
-        tables.append({"file": "tables/pushback_datasets.csv", "title": "Models trained on built datasets",
-                       "show": True})  # fmt: skip
+        tables.append({"file": "tables/pushback_datasets.csv", "title": f"Models trained on built datasets: clean "
+                       f"and {data_rows[0]['n']} images under PGD (Wilson 95% intervals)", "show": True})  # fmt: skip
     else:
         warnings.append("no model trained on D_bp / D_R / D_NR / D_rand / D_det is shipped; build the sets with "
                         "`robustdissect robust-data` and train on --data robust-data:PATH")  # fmt: skip
     crit = payload["criterion"]
-    rel = {r["model"]: r["rs_phi"] for r in payload["reliance"]}
     text = (f"{origin}. Purification verdict: {payload['verdict']}. {crit['summary']}. "
-            f"Reliance shift RS: " + ", ".join(f"{m} {v:.3f}" for m, v in rel.items()) + ".")  # fmt: skip
+            "Reliance shift RS (mean |phi|; ablation BA drop): "
+            + "; ".join(_rs_text(r) for r in payload["reliance"]) + ".")  # fmt: skip
     pur = {r["setting"]: r["accuracy"] for r in payload["purification"]}
     summary = {"verdict": payload["verdict"], "dbp_criterion_holds": crit["holds"],
                "share_brittle_neutralised": crit["share_b_ok"], "share_robust_kept": crit["share_r_ok"],
-               **{f"acc: {k}": v for k, v in pur.items()}, **{f"RS {m}": v for m, v in rel.items()}}  # fmt: skip
+               **{f"acc: {k}": v for k, v in pur.items()},
+               **{f"RS {r['model']}": r["rs_phi"] for r in payload["reliance"]},
+               **{f"RS ablation {r['model']}": r["rs_ablation"] for r in payload["reliance"]
+                  if "rs_ablation" in r}}  # fmt: skip
     return section("Pushing back: purification, D_bp and reliance shift", text=text, summary=summary, tables=tables,
                    figures=figures, warnings=warnings, pushback=payload)  # fmt: skip
+
+
+def _rs_text(row: dict[str, Any]) -> str:
+    """'model 0.49 [0.45, 0.53]; 0.40 [...]' from a reliance row (either importance may be absent)."""
+    parts = []
+    for imp in ("phi", "ablation"):
+        v = row.get(f"rs_{imp}")
+        if v is None:
+            continue
+        lo, hi = row.get(f"rs_{imp}_lo"), row.get(f"rs_{imp}_hi")
+        finite = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+        parts.append(f"{v:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if finite else ""))
+    return f"{row['model']} " + " / ".join(parts)
 
 
 pushback_stage.options_class = PushbackOptions  # type: ignore[attr-defined]

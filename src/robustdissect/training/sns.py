@@ -19,7 +19,14 @@ ReLU output (`relu`).
 - `dyn`:  as `sen` for the first epoch, then reselected at the start of every later epoch on
           `dyn_n` (200) random training images against the current model;
 - `rand`: a seeded random `fraction` of the channels of each layer;
-- `all`:  every channel of S.
+- `all`:  every channel of S;
+- `brittle`: the SNS bridge of METHODS §6.5, L_adv + λ·Σ_{k∈B} ‖F_k(x) − F_k(x')‖₁ / dim(F_k) (Eq. 12
+          with Ω = B): the brittle units (quadrant NRU, "non-robust & useful") of the reference
+          model, found once by the feature dissection (`analysis.features`, the default run's
+          budgets) on a fixed seeded probe of `units_n` training images with `units_reference_n`
+          other training images for the standardisation. S = the layers holding a brittle unit,
+          among `layers` (default: every conv layer at the hook point); `fraction` is unused.
+          The card records Ω (layer -> unit ids) and how it was found (`units`).
 
 Tensor shapes: x, x' (B, C, H, W) in [0, 1]; y (B,); layer outputs (B, C_l, H_l, W_l) or (B, C_l).
 """
@@ -48,7 +55,7 @@ from .robust import PAT
 
 __all__ = ["SNS", "VARIANTS", "frozen_prefix", "parse_layers", "sns_loss"]
 
-VARIANTS = ("sen", "dyn", "rand", "all")
+VARIANTS = ("sen", "dyn", "rand", "all", "brittle")
 BASE_LOSSES = ("adv", "clean")
 _TOP = re.compile(r"^top[-_ ]?(\d+)$")
 
@@ -136,13 +143,16 @@ def sns_loss(features: dict[str, torch.Tensor], omega: dict[str, torch.Tensor], 
     return total
 
 
-@OBJECTIVES.register("sns", "Sensitive Neuron Stabilizing: L_adv + lambda * L_sns on the sensitive neurons of S")
+@OBJECTIVES.register("sns", "Sensitive Neuron Stabilizing: L_adv + lambda * L_sns on the sensitive neurons of S "
+                     "(variant brittle: the SNS bridge, Omega = the brittle units)")  # fmt: skip
 class SNS(PAT):
-    """SNS (see the module docstring). Options: layers (names, or k / "topk"), variant (sen, dyn,
-    rand, all), lam (λ, 5.0), hook (conv | relu), fraction (0.1), reference (checkpoint name/path or
-    "initial"), select_n (training images for `sen`, None = all), dyn_n (200), freeze (True),
-    base_loss ("adv": the PAT loss of `mix`; "clean": CE on clean images only), plus PAT's eps,
-    steps, alpha, step_rule, random_start, mix, seed."""
+    """SNS (see the module docstring). Options: layers (names, or k / "topk"; default "top3", for
+    `brittle` every conv layer), variant (sen, dyn, rand, all, brittle), lam (λ, 5.0), hook (conv |
+    relu), fraction (0.1), reference (checkpoint name/path or "initial"), select_n (training images
+    for `sen`, None = all), dyn_n (200), freeze (True), base_loss ("adv": the PAT loss of `mix`;
+    "clean": CE on clean images only), units_n (200) / units_reference_n (2000) / units_options
+    (FeatureOptions overrides) for `brittle`, plus PAT's eps, steps, alpha, step_rule,
+    random_start, mix, seed."""
 
     name = "sns"
 
@@ -151,7 +161,7 @@ class SNS(PAT):
         eps: float = 0.1,
         steps: int = 10,
         lam: float = 5.0,
-        layers: str | int | Sequence[str] = "top3",
+        layers: str | int | Sequence[str] | None = None,
         variant: str = "sen",
         hook: str = "conv",
         fraction: float = 0.1,
@@ -160,6 +170,9 @@ class SNS(PAT):
         dyn_n: int = 200,
         freeze: bool = True,
         base_loss: str = "adv",
+        units_n: int = 200,
+        units_reference_n: int = 2000,
+        units_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(eps=eps, steps=steps, **kwargs)
@@ -169,8 +182,13 @@ class SNS(PAT):
             raise UserError(f"base_loss must be one of {', '.join(BASE_LOSSES)}, got {base_loss!r}")
         if not 0 < fraction <= 1:
             raise UserError(f"fraction must be in (0, 1], got {fraction}")
+        for name, v in (("units_n", units_n), ("units_reference_n", units_reference_n)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+                raise UserError(f"{name} must be an integer >= 2, got {v!r}")
         self.lam = float(lam)
-        self.layers_spec = layers if isinstance(layers, str | int) else list(layers)
+        self.layers_spec: str | int | list[str] | None = (
+            layers if layers is None or isinstance(layers, str | int) else list(layers)
+        )
         self.variant = variant
         self.hook = hook
         self.fraction = float(fraction)
@@ -179,6 +197,10 @@ class SNS(PAT):
         self.dyn_n = int(dyn_n)
         self.freeze = bool(freeze)
         self.base_loss = base_loss
+        self.units_n = units_n
+        self.units_reference_n = units_reference_n
+        self.units_options = dict(units_options or {})
+        self.units: dict[str, Any] = {}  # how Ω was found (variant brittle)
         self.layers: list[str] = []
         self.paths: list[str] = []
         self.frozen: list[str] = []
@@ -190,7 +212,12 @@ class SNS(PAT):
     def setup(self, model: nn.Module, train: Split, device: torch.device) -> None:
         """Resolve S, freeze the layers below it and select Ω (called once before training)."""
         self._train = train
-        self.layers = parse_layers(model, self.layers_spec, self.hook)
+        brittle: dict[str, list[int]] = {}
+        if self.variant == "brittle":
+            brittle = self._brittle(self._reference(model), train, device)
+            self.layers = list(brittle)
+        else:
+            self.layers = parse_layers(model, "top3" if self.layers_spec is None else self.layers_spec, self.hook)
         self.paths = [resolve_layer(model, n) for n in self.layers]
         modules = dict(model.named_modules())
         self.frozen = frozen_prefix(model, self.layers) if self.freeze else []
@@ -205,6 +232,9 @@ class SNS(PAT):
         channels = self._channels(model, train.x[:1].to(device))
         if self.variant == "all":
             self.omega = {p: torch.arange(c, device=device) for p, c in channels.items()}
+        elif self.variant == "brittle":
+            self.omega = {p: torch.tensor(brittle[n], dtype=torch.long, device=device)
+                          for n, p in zip(self.layers, self.paths, strict=True)}  # fmt: skip
         elif self.variant == "rand":
             g = torch.Generator().manual_seed(self.seed)
             self.omega = {
@@ -233,6 +263,46 @@ class SNS(PAT):
                 resolve_layer(ref, n)
             ref = ref.to(next(model.parameters()).device)
         return ref.eval()
+
+    def _brittle(self, ref: nn.Module, train: Split, device: torch.device) -> dict[str, list[int]]:
+        """Ω = B: layer -> sorted channel ids of the brittle (NRU) units of `ref`, by the feature
+        dissection on the first `units_n` images of a seeded permutation of the training split
+        (labels y), standardised on the next `units_reference_n` (all of them, if none are left)."""
+        from ..analysis.features import QUICK_FEATURES, FeatureOptions, score_features
+        from ..analysis.pushback import UnitSets
+
+        g = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(len(train), generator=g)
+        probe, rest = perm[: self.units_n], perm[self.units_n : self.units_n + self.units_reference_n]
+        if len(rest) == 0:
+            rest = perm[: self.units_reference_n]
+        x, y = train.x[probe].to(device), train.y[probe].to(device)
+        if self.layers_spec is None:
+            layers = default_conv_layers(ref, self.hook, x[:1])
+        else:
+            layers = parse_layers(ref, self.layers_spec, self.hook)
+        with torch.no_grad(), frozen(ref):
+            k = int(ref(x[:1]).shape[1])
+        opts = FeatureOptions(**{**QUICK_FEATURES, "n": None, "bootstrap": 0, "reference_n": len(rest),
+                                 **self.units_options})  # fmt: skip
+        with frozen(ref):
+            fs = score_features(ref, x, y, train.x[rest].to(device), layers, opts, num_classes=k, seed=self.seed,
+                                model_name=str(self.reference))  # fmt: skip
+        sets = UnitSets.from_scores(fs)
+        layer_of, unit = fs.layer_of, fs.unit
+        found: dict[str, list[int]] = {}
+        for i in sets.brittle.tolist():
+            found.setdefault(layers[int(layer_of[i])], []).append(int(unit[i]))
+        if not found:
+            raise UserError(f"the reference model {self.reference} has no brittle (NRU) unit in {', '.join(layers)}; "
+                            "the SNS bridge has nothing to stabilise")  # fmt: skip
+        self.units = {
+            "set": "brittle (NRU) units of the reference model", "probe": f"{len(probe)} training images",
+            "reference_images": len(rest), "analysed_layers": layers, "tau_rho": fs.scores.tau_rho,
+            "brittle": len(sets.brittle), "robust": len(sets.robust), "analysed_units": len(fs.scores.quadrant),
+            "options": {k: v for k, v in fs.options.items() if k != "compare"},
+        }  # fmt: skip
+        return {n: sorted(found[n]) for n in layers if n in found}
 
     def _select(
         self, ref: nn.Module, train: Split, n: int | None, seed: int, device: torch.device
@@ -296,6 +366,7 @@ class SNS(PAT):
             "dyn_n": self.dyn_n,
             "frozen": list(self.frozen),
             "base_loss": self.base_loss,
+            **({"units": self.units} if self.variant == "brittle" else {}),
             "omega": {
                 n: self.omega[p].tolist() for n, p in zip(self.layers, self.paths, strict=True) if p in self.omega
             },
