@@ -59,8 +59,14 @@ COMPARE = ["fmnist-smallcnn-pat", "fmnist-smallcnn-sns", "fmnist-smallcnn-sns-fr
 # fine-tuned models (same units as their init): transition matrices from the init model
 TRANSITIONS = ["fmnist-smallcnn-sns-from-vanilla", "fmnist-smallcnn-pat-ft", "fmnist-smallcnn-bridge"]
 # models trained on the built datasets (§3.4 analogue); shown when shipped
-DATA_MODELS = {"D_bp": "fmnist-smallcnn-data-bp", "D_R": "fmnist-smallcnn-data-r", "D_NR": "fmnist-smallcnn-data-nr",
-               "D_rand": "fmnist-smallcnn-data-rand", "D_det": "fmnist-smallcnn-data-det"}  # fmt: skip
+DATA_MODELS = {
+    "D (the same 2,000 original images)": "fmnist-smallcnn-data-d",
+    "D_bp": "fmnist-smallcnn-data-bp",
+    "D_R": "fmnist-smallcnn-data-r",
+    "D_NR": "fmnist-smallcnn-data-nr",
+    "D_rand": "fmnist-smallcnn-data-rand",
+    "D_det": "fmnist-smallcnn-data-det",
+}
 
 
 @dataclass(frozen=True)
