@@ -35,6 +35,7 @@ from ..evaluation import attack_evidence
 from ..models import default_conv_layers
 from ..modelutil import predict
 from ..pipeline import STAGES, AnalysisUnavailable, Context, section, stage_settings
+from ..runs import SectionArtefacts
 
 log = logging.getLogger(__name__)
 
@@ -152,16 +153,9 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     opts: ConceptsOptions = stage_options(ConceptsOptions, options, "concepts")
     run, model, seed = ctx.run, ctx.model, ctx.config.seed
     warnings: list[str] = []
-    tables: list[dict[str, Any]] = []
-    figures: list[dict[str, str]] = []
-
-    def table(name: str, rows: list[dict[str, Any]], title: str, show: bool = False) -> None:
-        run.write_table(name, rows)
-        tables.append({"file": f"tables/{name}.csv", "title": title, "show": show})
-
-    def figure(name: str, fig: Any, caption: str) -> None:
-        run.save_figure(name, fig)
-        figures.append({"file": f"figures/{name}.png", "caption": caption})
+    artefacts = SectionArtefacts(run)
+    table, figure = artefacts.table, artefacts.figure
+    tables, figures = artefacts.tables, artefacts.figures
 
     cset = _concept_set(ctx, opts)
     if tuple(cset.images.shape[1:]) != tuple(ctx.data.image_shape):
