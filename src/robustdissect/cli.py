@@ -180,6 +180,10 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="run directory to crea
 NOpt = Annotated[int | None, typer.Option("--n", min=1, help="number of test images")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", min=0)]
 QuickOpt = Annotated[bool, typer.Option("--quick", help="reduced settings for a first look")]
+ConvLayersOpt = Annotated[
+    str | None, typer.Option("--layers", help="comma-separated layer names (default: every conv)")
+]
+CompareOpt = Annotated[str | None, typer.Option("--models", help="other checkpoints to compare, comma-separated")]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="replace an existing run directory (only one robustdissect made)")
 ]
@@ -265,9 +269,7 @@ def sensitivity(
     weights: WeightsOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
-    layers: Annotated[
-        str | None, typer.Option("--layers", help="comma-separated layer names (default: every conv)")
-    ] = None,
+    layers: ConvLayersOpt = None,
     attack: Annotated[str, typer.Option("--attack", help="attack for the dual pairs (pgd-linf)")] = "pgd-linf",
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget, e.g. 0.1 or 8/255")] = "0.1",
     steps: Annotated[int, typer.Option("--steps", min=1, max=100_000, help="PGD steps (alpha = eps/sqrt(k))")] = 10,
@@ -317,9 +319,7 @@ def features(
     weights: WeightsOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
-    layers: Annotated[
-        str | None, typer.Option("--layers", help="comma-separated layer names (default: every conv)")
-    ] = None,
+    layers: ConvLayersOpt = None,
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget of the attack set, e.g. 0.1 or 8/255")] = "0.1",
     steps: Annotated[
         int | None, typer.Option("--steps", min=1, max=100_000, help="feature-targeted PGD steps (50)")
@@ -330,9 +330,7 @@ def features(
     candidates: Annotated[
         int | None, typer.Option("--candidates", min=0, max=100_000, help="feature-attacked units per depth bin (10)")
     ] = None,
-    models: Annotated[
-        str | None, typer.Option("--models", help="other checkpoints to compare, comma-separated")
-    ] = None,
+    models: CompareOpt = None,
     n: NOpt = 1000,
     seed: SeedOpt = None,
     quick: QuickOpt = False,
@@ -362,9 +360,7 @@ def concepts(
     weights: WeightsOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
-    layers: Annotated[
-        str | None, typer.Option("--layers", help="comma-separated layer names (default: every conv)")
-    ] = None,
+    layers: ConvLayersOpt = None,
     concept_n: Annotated[int, typer.Option("--concept-n", min=1, help="generated concept images")] = 2000,
     quantile: Annotated[
         float, typer.Option("--quantile", min=0.0001, max=0.5, help="top share per unit (0.005; PNAS 0.01)")
@@ -374,9 +370,7 @@ def concepts(
         str | None, typer.Option("--broden", help="a Broden directory instead of the generated concept set")
     ] = None,
     join: Annotated[bool, typer.Option("--join/--no-join", help="attack x concept with the feature quadrants")] = True,
-    models: Annotated[
-        str | None, typer.Option("--models", help="other checkpoints to compare, comma-separated")
-    ] = None,
+    models: CompareOpt = None,
     n: NOpt = 1000,
     seed: SeedOpt = None,
     quick: QuickOpt = False,
