@@ -20,6 +20,18 @@ For unit k of a layer, over a `ConceptSet`:
 Two streaming passes over the set (thresholds, then IoU), memory independent of the number of
 images: the null is accumulated batch by batch, each permutation a product of within-batch
 shuffles (the set comes in a seeded random order, so every batch mixes every kind of image).
+Each layer's maps are handled inside its forward hook and dropped (no copies), and a pass stops
+the forward at the last dissected layer. The work beside the two forward passes, each step
+giving exactly the plain computation's numbers (`tests/test_concepts_reference.py`):
+
+- T_k (streaming): the sketch bins exactly only the top 2·quantile of each unit's values, where
+  T_k lies; the rest is compared and counted (`StreamingQuantile(tail=...)`, same T_k).
+- M_k: only maps whose maximum reaches T_k, and in them only pixels next to a row-resampled value
+  that reaches it, are resampled (a bilinear value is a convex combination of its sources);
+  pixels within float rounding of T_k are taken from `F.interpolate` itself.
+- Tallies: the active pixels of all units of all layers are listed once per batch; every pixel's
+  labels in all planes are one code, so the intersections are one bincount over (unit, code), and
+  each shuffle of the null the same bincount with the codes read from the shuffled images.
 
 Also here: `concept_fragility` (§6.6: per concept and category, mean(1 − r) of its units and
 their share in the dangerous quadrant, Fisher enrichment tests), `grad_cam` (captum's
@@ -28,9 +40,11 @@ LayerGradCam) and the §4.2 unit ablation (`unit_ablation`, `remove_units`, bala
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -42,7 +56,7 @@ from ..data.concepts import ConceptSet
 from ..errors import UserError
 from ..modelutil import eval_mode, model_device
 from ..probe import RunningTopK, record
-from ..probe.quantiles import StreamingQuantile
+from ..probe.quantiles import StreamingQuantile, flat_nonzero
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +79,9 @@ __all__ = [
 
 NULL_REQUIRED_AT = 7  # maps of at most 7×7 make IoU coarse: the null is mandatory there
 EXACT_LIMIT = 16_000_000  # torch.quantile's input limit per unit
-_CHUNK = 10  # permutations tallied together (memory: 10 × active pixels)
+NULL_CHUNK = 5  # shuffles tallied together (memory: 5 × the batch's label codes and active pixels)
+Size = tuple[int, int]
+TAIL_FACTOR = 2  # the streaming sketch bins exactly the top TAIL_FACTOR·quantile of each unit's values
 
 
 @dataclass(frozen=True)
@@ -183,21 +199,243 @@ def _maps(model: nn.Module, layers: Sequence[str], x: torch.Tensor, batch_size: 
         for s in range(0, x.shape[0], batch_size):
             rec.reset()
             model(x[s : s + batch_size].to(device))
-            out = {}
-            for name in layers:
-                a = rec.outputs[name].float()
-                if a.ndim == 2:
-                    a = a[:, :, None, None]
-                if a.ndim != 4:
-                    raise UserError(f"layer '{name}' outputs {tuple(a.shape)}; dissection needs (N, C, H, W) maps")
-                out[name] = a
-            yield s, out
+            yield s, {name: _as_map(name, rec.outputs[name]) for name in layers}
+
+
+def _as_map(name: str, a: torch.Tensor) -> torch.Tensor:
+    a = a.float()
+    if a.ndim == 2:
+        a = a[:, :, None, None]
+    if a.ndim != 4:
+        raise UserError(f"layer '{name}' outputs {tuple(a.shape)}; dissection needs (N, C, H, W) maps")
+    return a
+
+
+class _Stop(Exception):
+    """Raised by the last hook of a batch: the rest of the forward pass is not needed."""
+
+
+def _stream(
+    model: nn.Module, layers: Sequence[str], x: torch.Tensor, batch_size: int,
+    on_map: Callable[[int, str, torch.Tensor], None], on_batch: Callable[[int, int], None] | None = None,
+) -> None:  # fmt: skip
+    """One pass over x in batches: `on_map(start, layer, a)` runs inside each layer's forward hook
+    with its (B, U, h, w) float map (valid only during the call: nothing is copied or kept, so a
+    later in-place op cannot alter what it sees, and memory stays that of a plain forward), then
+    `on_batch(start, B)` after the batch. After the first batch (a whole forward pass, which
+    `record` checks for reused modules), each batch stops once every layer has been seen."""
+    device = model_device(model)
+    names = list(layers)
+    seen: set[str] = set()
+    start, stop = 0, False
+
+    def hook(name: str, t: torch.Tensor) -> None:
+        seen.add(name)
+        on_map(start, name, _as_map(name, t))
+        if stop and len(seen) == len(names):
+            raise _Stop
+
+    with eval_mode(model), torch.no_grad(), record(model, names, hook, keep=False):
+        for start in range(0, x.shape[0], batch_size):
+            seen.clear()
+            xb = x[start : start + batch_size]
+            with contextlib.suppress(_Stop):
+                model(xb.to(device))
+            missing = [n for n in names if n not in seen]
+            if missing:
+                raise UserError(f"layer '{missing[0]}' did not run in the model's forward pass")
+            stop = True
+            if on_batch is not None:
+                on_batch(start, int(xb.shape[0]))
 
 
 def _upsample(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(a.shape[2:]) == size:
         return a
     return F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+
+
+def _taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two source indices (i0, i1) and weights (w0, w1) of each of n_out outputs of bilinear
+    resampling from n_in samples (`F.interpolate`, align_corners=False), in float64."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    w1 = (src - i0.double()).clamp(0, 1)
+    return i0, i1, 1 - w1, w1
+
+
+@functools.lru_cache(maxsize=32)
+def _resampling(h: int, w: int, hh: int, ww: int) -> tuple[torch.Tensor, ...]:
+    """For bilinear resampling of (h, w) maps to (hh, ww): the column matrix (w, ww) float32, the
+    rows' taps (y0, y1 long; wy0, wy1 float32, each (hh,)), and per raw row i the output rows
+    whose upper tap it is (`upper`, (h, R) padded with -1) and whose distinct lower tap it is
+    (`lower`: y1 = i != y0)."""
+    y0, y1, wy0, wy1 = _taps(h, hh)
+    x0, x1, wx0, wx1 = _taps(w, ww)
+    wx = torch.zeros(w, ww, dtype=torch.float64)
+    wx.index_put_((x0, torch.arange(ww)), wx0, accumulate=True)
+    wx.index_put_((x1, torch.arange(ww)), wx1, accumulate=True)
+    rows = torch.arange(hh)
+
+    def table(sel: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.full((h, max(1, *(len(r) for r in sel))), -1, dtype=torch.long)
+        for i, r in enumerate(sel):
+            out[i, : len(r)] = r
+        return out
+
+    upper = table([rows[y0 == i] for i in range(h)])
+    lower = table([rows[(y1 == i) & (y0 != i)] for i in range(h)])
+    return wx.float(), y0, y1, wy0.float(), wy1.float(), upper, lower
+
+
+# F.interpolate's float32 value and the fast one below each lie within a few float32 ulps of the
+# map's largest |value| from the exact bilinear value; pixels whose fast value lies within this
+# share of it from T_k are settled by F.interpolate itself
+_MARGIN = 2.0**-16
+
+
+def _active_pixels(a: torch.Tensor, t: torch.Tensor, size: tuple[int, int]) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]:  # fmt: skip
+    """The pixels of M_k(x) = upsample(A_k(x)) > T_k for one batch of one layer: a (B, U, h, w),
+    t (U,) float32 -> (image, unit, pixel) int64, pixel = y·W + x at the mask size (H, W).
+
+    Exactly the pixels where `F.interpolate(a, size, bilinear) > t`, without upsampling every
+    map: a bilinear value is a convex combination of source values, so only maps whose maximum
+    reaches T_k, and in them only output pixels next to a row-resampled value that reaches it,
+    can be active. Rows are resampled by one matrix product, the candidates' values by their two
+    row taps; a pixel whose value lies within `_MARGIN`·max|map| of T_k, where float rounding
+    could decide, is taken from `F.interpolate` of its map instead."""
+    b, u, h, w = a.shape
+    hh, ww = size
+    map_max = a.amax((2, 3))  # (B, U)
+    if (h, w) == (hh, ww):
+        hot = flat_nonzero(map_max > t[None, :])  # maps b·U + u
+        hot_u = hot % u
+        at = flat_nonzero(a.view(b * u, h * w).index_select(0, hot) > t.index_select(0, hot_u)[:, None])
+        im = torch.div(at, h * w, rounding_mode="floor")
+        return torch.div(hot.index_select(0, im), u, rounding_mode="floor"), hot_u.index_select(0, im), at % (h * w)
+    map_min = a.amin((2, 3))
+    if not bool((map_max - map_min).isfinite().all()):
+        hb, hu = (map_max > t[None, :]).nonzero(as_tuple=True)  # the plain way: upsample the hot maps
+        up = _upsample(a[hb, hu][:, None], size)[:, 0]
+        im, iy, ix = (up > t[hu][:, None, None]).nonzero(as_tuple=True)
+        return hb[im], hu[im], iy * ww + ix
+    margin = _MARGIN * torch.maximum(map_max.abs(), map_min.abs())  # (B, U)
+    hot = flat_nonzero(map_max > t[None, :] - margin)
+    hu = hot % u
+    maps = a.reshape(b * u, h, w).index_select(0, hot)  # (M, h, w)
+    th, mg = t.index_select(0, hu), margin.view(-1).index_select(0, hot)  # (M,)
+    wx, y0, y1, wy0, wy1, upper, lower = (v.to(a.device) for v in _resampling(h, w, hh, ww))
+    horiz = (maps.reshape(-1, w) @ wx).view(-1)  # (M·h·W): every raw row resampled
+    # an output pixel is a convex combination of the resampled rows above and below it: only
+    # those next to a resampled-row pixel that reaches T_k − margin are candidates, listed once:
+    # from their upper row, or from their lower row where the upper one is not hot
+    hot_px = horiz.view(-1, h * ww) > (th - mg)[:, None]
+    f = flat_nonzero(hot_px)
+    hm, hi, hx = torch.div(f, h * ww, rounding_mode="floor"), torch.div(f, ww, rounding_mode="floor") % h, f % ww
+    ya, yb = upper.index_select(0, hi), lower.index_select(0, hi)  # (n, R) output rows, -1: none
+    upper_of_b = y0.index_select(0, yb.clamp_min(0).view(-1)).view(yb.shape)  # the upper row of each
+    above = hot_px.view(-1).index_select(0, ((hm[:, None] * h + upper_of_b) * ww + hx[:, None]).view(-1))
+    above = above.view(yb.shape)
+    ka, kb = flat_nonzero(ya >= 0), flat_nonzero((yb >= 0) & ~above)
+    ra, rb = torch.div(ka, ya.shape[1], rounding_mode="floor"), torch.div(kb, yb.shape[1], rounding_mode="floor")
+    cm = torch.cat([hm.index_select(0, ra), hm.index_select(0, rb)])
+    cy = torch.cat([ya.view(-1).index_select(0, ka), yb.view(-1).index_select(0, kb)])
+    cx = torch.cat([hx.index_select(0, ra), hx.index_select(0, rb)])
+    at = cm * (h * ww) + cx
+    d = horiz.index_select(0, at + y0.index_select(0, cy) * ww).mul_(wy0.index_select(0, cy))
+    d.add_(horiz.index_select(0, at + y1.index_select(0, cy) * ww).mul_(wy1.index_select(0, cy)))
+    d.sub_(th.index_select(0, cm))  # value − T_k at the candidates
+    m = mg.index_select(0, cm)
+    sure = flat_nonzero(d > m)
+    mi, iy, ix = cm.index_select(0, sure), cy.index_select(0, sure), cx.index_select(0, sure)
+    unsure = d.abs_() <= m
+    if bool(unsure.any()):
+        redo = torch.unique(cm[unsure])
+        up = _upsample(maps.index_select(0, redo)[:, None], size)[:, 0]
+        em, ey, ex = (up > th[redo][:, None, None]).nonzero(as_tuple=True)
+        keep = ~torch.isin(mi, redo)
+        mi, iy, ix = torch.cat([mi[keep], redo[em]]), torch.cat([iy[keep], ey]), torch.cat([ix[keep], ex])
+    return torch.div(hot.index_select(0, mi), u, rounding_mode="floor"), hu.index_select(0, mi), iy * ww + ix
+
+
+class _Labels:
+    """A concept set's label planes recoded for tallies, streamed batch by batch.
+
+    Every pixel gets one code per group: where the set has few distinct combinations of labels
+    across its planes (the generated sets), one group whose code stands for all of a pixel's
+    labels at once (one lookup per pixel instead of one per plane); otherwise one group per
+    plane, code = label + 1. `concepts` (n_codes, K) float64 counts each concept in each code,
+    `categories` (n_codes, G) whether a code carries a label of each category."""
+
+    KEYS = 1 << 22  # largest table of label combinations
+
+    def __init__(self, cs: ConceptSet, batch_size: int) -> None:
+        k, n = len(cs.concepts), len(cs)
+        self.cs = cs
+        present = torch.zeros(len(cs.planes), k + 1, dtype=torch.bool)
+        for s in range(0, n, batch_size):
+            for i, p in enumerate(cs.planes):
+                present[i] |= torch.bincount(p[s : s + batch_size].reshape(-1) + 1, minlength=k + 1).bool()
+        radix = [int(r) + 1 for r in present[:, 1:].sum(1)]
+        self.luts: list[torch.Tensor] | None = None
+        self.n_codes = k + 1
+        concepts = torch.cat([torch.zeros(1, k, dtype=torch.float64), torch.eye(k, dtype=torch.float64)])
+        if math.prod(radix) <= self.KEYS:
+            ids = [present[i, 1:].nonzero().squeeze(1) for i in range(len(cs.planes))]
+            luts, stride = [], 1
+            for i, r in enumerate(radix):
+                local = torch.zeros(k + 1, dtype=torch.long)
+                local[ids[i] + 1] = torch.arange(1, len(ids[i]) + 1) * stride
+                luts.append(local)
+                stride *= r
+            seen = torch.zeros(stride, dtype=torch.bool)
+            for s in range(0, n, batch_size):
+                seen |= torch.bincount(self._keys(luts, slice(s, s + batch_size)), minlength=stride).bool()
+            keys = seen.nonzero().squeeze(1)
+            if len(keys) <= len(cs.planes) * (k + 1):
+                self.luts = luts
+                self.code_of = torch.full((stride,), -1, dtype=torch.long)
+                self.code_of[keys] = torch.arange(len(keys))
+                self.n_codes = len(keys)
+                concepts = torch.zeros(len(keys), k, dtype=torch.float64)
+                stride = 1
+                for i, r in enumerate(radix):
+                    local = (keys // stride) % r
+                    has = local > 0
+                    ones = torch.ones(int(has.sum()), dtype=torch.float64)
+                    concepts.index_put_((has.nonzero().squeeze(1), ids[i][local[has] - 1]), ones, accumulate=True)
+                    stride *= r
+        self.concepts = concepts
+        cat = F.one_hot(torch.tensor(cs.concept_category, dtype=torch.long), len(cs.categories)).double()
+        self.categories = (concepts @ cat) > 0
+        self.small = torch.int16 if self.n_codes < 2**15 else torch.int32
+
+    def _keys(self, luts: Sequence[torch.Tensor], part: slice) -> torch.Tensor:
+        key = luts[0].index_select(0, self.cs.planes[0][part].reshape(-1) + 1)
+        for lut, p in zip(luts[1:], self.cs.planes[1:], strict=True):
+            key += lut.index_select(0, p[part].reshape(-1) + 1)
+        return key
+
+    def codes(self, part: slice) -> list[torch.Tensor]:
+        """The codes of the images of `part`: one (B·H·W,) int64 tensor per group."""
+        if self.luts is not None:
+            return [self.code_of.index_select(0, self._keys(self.luts, part))]
+        return [p[part].reshape(-1) + 1 for p in self.cs.planes]
+
+    def histograms(self, codes: Sequence[torch.Tensor], b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(annotated (B, G) bool: image i carries a label of category g (`ConceptSet.annotated`);
+        (n_codes,) int64 pixels of each code over the batch)."""
+        ann = torch.zeros(b, self.categories.shape[1], dtype=torch.bool)
+        hist = torch.zeros(self.n_codes, dtype=torch.int64)
+        offset = (torch.arange(b) * self.n_codes)[:, None]
+        for c in codes:
+            per_image = torch.bincount((c.view(b, -1) + offset).view(-1), minlength=b * self.n_codes).view(b, -1)
+            ann |= ((per_image > 0).float() @ self.categories.float()) > 0
+            hist += per_image.sum(0)
+        return ann, hist
 
 
 def dissect(
@@ -227,103 +465,35 @@ def dissect(
         raise UserError("permutations must be >= 0 and null_percentile in (0, 1)")
     if not layers:
         raise UserError("no layers to dissect")
-    x = concepts.images
-    size = (int(x.shape[2]), int(x.shape[3]))
-    hw = size[0] * size[1]
-    layers = list(dict.fromkeys(layers))
-    k_concepts = len(concepts.concepts)
-    cat_index = torch.tensor(concepts.concept_category, dtype=torch.long)
     if not concepts.planes:
         raise UserError("the concept set has no labels")
-    area = torch.zeros(k_concepts, dtype=torch.float64)  # |L_c|, summed batch by batch in pass 2
+    layers = list(dict.fromkeys(layers))
+    cat_index = torch.tensor(concepts.concept_category, dtype=torch.long)
 
     # pass 1: thresholds and top images
-    quant: dict[str, StreamingQuantile] = {name: StreamingQuantile(bins) for name in layers}
-    exact: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    top: dict[str, RunningTopK] = {name: RunningTopK(top_k) for name in layers}
-    map_size: dict[str, tuple[int, int]] = {}
-    for s, maps in _maps(model, layers, x, batch_size):
-        for name, a in maps.items():
-            map_size[name] = (int(a.shape[2]), int(a.shape[3]))
-            top[name].update(a.amax((2, 3)), s)
-            v = _upsample(a, size) if quantile_on == "upsampled" else a
-            flat = v.transpose(0, 1).reshape(v.shape[1], -1)
-            if threshold == "exact":
-                exact[name].append(flat.cpu())
-            else:
-                quant[name].update(flat)
+    thresholds, errors, top, map_size = _thresholds(
+        model, concepts, layers, quantile, threshold, quantile_on, bins, top_k, batch_size
+    )
     small = [n for n, m in map_size.items() if min(m) <= NULL_REQUIRED_AT]
     if permutations == 0 and small:
         raise UserError(
             f"layers {', '.join(small)} have maps of at most {NULL_REQUIRED_AT}x{NULL_REQUIRED_AT}: "
             "their IoU needs the permutation null (permutations > 0)"
         )
-    thresholds: dict[str, torch.Tensor] = {}
-    errors: dict[str, torch.Tensor] = {}
-    for name in layers:
-        if threshold == "exact":
-            values = torch.cat(exact.pop(name), 1).double()
-            if values.shape[1] > EXACT_LIMIT:
-                raise UserError(
-                    f"exact thresholds of {name} need {values.shape[1]} values per unit (limit {EXACT_LIMIT}); "
-                    "use threshold='streaming'"
-                )
-            thresholds[name] = torch.quantile(values, 1.0 - quantile, dim=1)
-            errors[name] = torch.zeros_like(thresholds[name])
-        else:
-            thresholds[name] = quant[name].quantile(1.0 - quantile)
-            errors[name] = quant[name].width.clone()
 
     # pass 2: intersections and activation counts, observed and under the null
-    gen = torch.Generator().manual_seed(seed)
-    n_cat = len(concepts.categories)
-    inter = {n: torch.zeros(0, dtype=torch.float64) for n in layers}
-    act = {n: torch.zeros(0, dtype=torch.float64) for n in layers}
-    inter_null = {n: torch.zeros(0, dtype=torch.float64) for n in layers}
-    act_null = {n: torch.zeros(0, dtype=torch.float64) for n in layers}
-    for s, maps in _maps(model, layers, x, batch_size):
-        b = next(iter(maps.values())).shape[0]
-        part = slice(s, s + b)
-        ann = concepts.annotated(part).double()  # (B, G)
-        area += concepts.areas(part)
-        # (n_planes, B·H·W) int32 labels: half the memory traffic of int64 in the gathers below
-        lab = torch.stack([p[part].reshape(-1) for p in concepts.planes]).to(torch.int32)
-        perms = torch.argsort(torch.rand(permutations, b, generator=gen), dim=1) if permutations else None
-        for name, a in maps.items():
-            u = a.shape[1]
-            if inter[name].numel() == 0:
-                inter[name] = torch.zeros(u, k_concepts, dtype=torch.float64)
-                act[name] = torch.zeros(u, n_cat, dtype=torch.float64)
-                inter_null[name] = torch.zeros(permutations, u, k_concepts, dtype=torch.float64)
-                act_null[name] = torch.zeros(permutations, u, n_cat, dtype=torch.float64)
-            t = thresholds[name].to(a.device, torch.float32)
-            # bilinear values are convex combinations of the raw map, so only maps whose raw
-            # maximum exceeds T_k can have active pixels: upsample those alone
-            hot_b, hot_u = (a.amax((2, 3)) > t[None, :]).nonzero(as_tuple=True)
-            maps_hot = _upsample(a[hot_b, hot_u][:, None], size)[:, 0]  # (M, H, W)
-            im, iy, ix = (maps_hot > t[hot_u][:, None, None]).cpu().nonzero(as_tuple=True)
-            ib, iu = hot_b.cpu()[im], hot_u.cpu()[im]
-            pix = iy * size[1] + ix
-            cnt = torch.bincount(ib * u + iu, minlength=b * u).view(b, u).double()  # (B, U) active pixels
-            act[name] += cnt.t() @ ann
-            iu32 = iu.to(torch.int32)
-            inter[name] += _tally(iu32, _gather(lab, ib * hw + pix), u, k_concepts)
-            if perms is not None:
-                act_null[name] += torch.einsum("bu,pbg->pug", cnt, ann[perms])
-                for chunk in range(0, permutations, _CHUNK):
-                    # (n_planes, P', nnz): the labels each active pixel meets when the masks are shuffled
-                    where = perms[chunk : chunk + _CHUNK][:, ib] * hw + pix
-                    inter_null[name][chunk : chunk + _CHUNK] += _tally(iu32, _gather(lab, where), u, k_concepts)
+    counts = _tally(model, concepts, layers, thresholds, permutations, batch_size, seed)
 
     out_layers: dict[str, LayerDissection] = {}
     units: list[UnitConcept] = []
     for name in layers:
-        iou = iou_from_counts(inter[name], act[name], area, cat_index)
+        part = counts.units[name]
+        iou = iou_from_counts(counts.inter[part], counts.act[part], counts.area, cat_index)
         if permutations:
-            null = iou_from_counts(inter_null[name], act_null[name], area, cat_index)  # (P, U, K)
-            null_q = torch.quantile(null, null_percentile, dim=0)
+            null = iou_from_counts(counts.null_inter(part), counts.act_null[:, part], counts.area, cat_index)
+            null_q = _upper_quantile(null, null_percentile)  # (P, U, K) -> (U, K)
             null_top = null.amax(2)  # (P, U): the unit's best IoU over all concepts under each shuffle
-            null_max = torch.quantile(null_top, null_percentile, dim=0)
+            null_max = _upper_quantile(null_top, null_percentile)
             p_max = (1 + (null_top >= iou.amax(1)).sum(0).double()) / (1 + permutations)
         else:
             null_q = torch.zeros_like(iou)
@@ -346,26 +516,178 @@ def dissect(
     )  # fmt: skip
 
 
-def _gather(planes: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """planes (n_planes, M) at flat positions `where` (any shape) -> (n_planes, *where.shape);
-    `take` per plane is the fastest gather on the CPU here."""
-    return torch.stack([p.take(where) for p in planes])
+def _upper_quantile(x: torch.Tensor, q: float, dim: int = 0) -> torch.Tensor:
+    """`torch.quantile(x, q, dim=dim)` (linear interpolation) bit for bit, from the top
+    n − ⌊q·(n − 1)⌋ values along `dim` instead of a full sort (2 of 100 at q = 0.99, 0.5% of the
+    values at q = 0.995)."""
+    n = x.shape[dim]
+    if n == 0 or bool(x.isnan().any()):
+        return torch.quantile(x, q, dim=dim)
+    rank = torch.tensor(q, dtype=x.dtype) * (n - 1)
+    below = int(rank.long())
+    above = int(rank.ceil().long())
+    if n - below <= 2:  # the two largest values (with multiplicity) by reductions, no sort
+        first = x.amax(dim, keepdim=True)
+        second = torch.where(x < first, x, -math.inf).amax(dim)
+        second = torch.where((x == first).sum(dim) > 1, first.squeeze(dim), second)
+        top = [first.squeeze(dim), second if n > 1 else first.squeeze(dim)]
+    else:
+        top = list(torch.topk(x, n - below, dim=dim).values.movedim(dim, 0))  # top[j]: the (n − 1 − j)-th smallest
+    return top[n - 1 - below].clone().lerp_(top[n - 1 - above], rank - below)
 
 
-def _tally(units: torch.Tensor, labels: torch.Tensor, u: int, k: int) -> torch.Tensor:
-    """Counts of (unit, concept) over active pixels. units: (nnz,) int32; labels: (n_planes, nnz)
-    -> (U, K), or (n_planes, P, nnz) under P permutations -> (P, U, K); label -1 (none) falls in a
-    dropped extra column."""
-    perm = labels.ndim == 3
-    p = labels.shape[1] if perm else 1
-    width = u * (k + 1)
-    if p * width >= 2**31:
-        raise UserError(f"{u} units x {k} concepts x {p} permutations exceed the counter range; use fewer")
-    base = units * (k + 1) + 1
-    if perm:
-        base = base + (torch.arange(p, dtype=torch.int32) * width).unsqueeze(1)
-    counts = torch.bincount((base + labels).flatten(), minlength=p * width).double()
-    return counts.view(p, u, k + 1)[..., 1:] if perm else counts.view(u, k + 1)[:, 1:]
+def _thresholds(
+    model: nn.Module, concepts: ConceptSet, layers: list[str], quantile: float, threshold: str,
+    quantile_on: str, bins: int, top_k: int, batch_size: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, RunningTopK], dict[str, Size]]:  # fmt: skip
+    """Pass 1: T_k (float64) and its error bound per layer, the top images, the map sizes.
+
+    The streaming sketch bins exactly only the top TAIL_FACTOR·quantile of each unit's values
+    (`StreamingQuantile(tail=...)`), which gives the full sketch's T_k; should T_k fall below that
+    part after all (a set whose order drifts), that layer's values are streamed once more into a
+    full sketch."""
+    x = concepts.images
+    size = (int(x.shape[2]), int(x.shape[3]))
+    tail = TAIL_FACTOR * quantile if TAIL_FACTOR * quantile < 0.5 else None
+    quant = {name: StreamingQuantile(bins, tail=tail) for name in layers}
+    exact: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    top: dict[str, RunningTopK] = {name: RunningTopK(top_k) for name in layers}
+    map_size: dict[str, Size] = {}
+
+    def values(a: torch.Tensor) -> torch.Tensor:
+        return _upsample(a, size) if quantile_on == "upsampled" else a
+
+    def on_map(s: int, name: str, a: torch.Tensor) -> None:
+        map_size[name] = (int(a.shape[2]), int(a.shape[3]))
+        peak = a.amax((2, 3))
+        top[name].update(peak, s)
+        v = values(a)
+        if threshold == "exact":
+            exact[name].append(v.transpose(0, 1).reshape(v.shape[1], -1).cpu())
+        else:
+            quant[name].update_maps(v, map_max=peak if v is a else None)
+
+    _stream(model, layers, x, batch_size, on_map)
+    if threshold == "streaming":
+        again = [name for name in layers if not bool(quant[name].covers(1.0 - quantile).all())]
+        if again:
+            log.info("dissect: T_k of %s lies below the streamed tail; streaming those layers again", ", ".join(again))
+            quant.update({name: StreamingQuantile(bins) for name in again})
+            _stream(model, again, x, batch_size, lambda _s, name, a: quant[name].update_maps(values(a)))
+    thresholds: dict[str, torch.Tensor] = {}
+    errors: dict[str, torch.Tensor] = {}
+    for name in layers:
+        if threshold == "exact":
+            vals = torch.cat(exact.pop(name), 1).double()
+            if vals.shape[1] > EXACT_LIMIT:
+                raise UserError(
+                    f"exact thresholds of {name} need {vals.shape[1]} values per unit (limit {EXACT_LIMIT}); "
+                    "use threshold='streaming'"
+                )
+            thresholds[name] = _upper_quantile(vals, 1.0 - quantile, dim=1)  # = torch.quantile
+            errors[name] = torch.zeros_like(thresholds[name])
+        else:
+            thresholds[name] = quant[name].quantile(1.0 - quantile)
+            errors[name] = quant[name].width.clone()
+    return thresholds, errors, top, map_size
+
+
+@dataclass
+class _Counts:
+    """Pass 2's tallies over every layer's units, concatenated in layer order (`units`: each
+    layer's slice): inter (U, K), act (U, G), area (K,), act_null (P, U, G); the null's
+    intersections are kept per label code and turned into (P, U', K) per slice by `null_inter`."""
+
+    units: dict[str, slice]
+    inter: torch.Tensor
+    act: torch.Tensor
+    area: torch.Tensor
+    act_null: torch.Tensor
+    inter_null_codes: torch.Tensor  # (P, U, n_codes) int64
+    to_concepts: torch.Tensor  # (n_codes, K) float64
+
+    def null_inter(self, part: slice) -> torch.Tensor:
+        n = self.inter_null_codes[:, part]
+        return (n.reshape(-1, n.shape[2]).double() @ self.to_concepts).view(n.shape[0], n.shape[1], -1)
+
+
+def _tally(
+    model: nn.Module, concepts: ConceptSet, layers: list[str], thresholds: Mapping[str, torch.Tensor],
+    permutations: int, batch_size: int, seed: int,
+) -> _Counts:  # fmt: skip
+    """Pass 2, every layer at once. Per batch the active pixels of every unit are listed once as
+    (image, unit, pixel); the observed intersections are one bincount over (unit, label code) and
+    the null's, for each shuffle p, the same bincount with the codes read from image perms[p, i]
+    instead of image i (the permuted images' codes gathered row by row, NULL_CHUNK shuffles at a
+    time). Activation counts under the null are one matrix product over all shuffles."""
+    x = concepts.images
+    size = (int(x.shape[2]), int(x.shape[3]))
+    hw = size[0] * size[1]
+    labels = _Labels(concepts, batch_size)
+    n_codes, n_cat = labels.n_codes, len(concepts.categories)
+    gen = torch.Generator().manual_seed(seed)
+    units: dict[str, slice] = {}
+    inter = inter_null = torch.zeros(0, dtype=torch.int64)
+    act = act_null = torch.zeros(0, dtype=torch.float64)
+    code_pixels = torch.zeros(n_codes, dtype=torch.int64)
+    t32 = {name: thresholds[name].to(torch.float32) for name in layers}
+    found: dict[str, tuple[int, list[torch.Tensor]]] = {}  # layer: (units, [image, unit, pixel])
+
+    def on_map(_s: int, name: str, a: torch.Tensor) -> None:
+        found[name] = (int(a.shape[1]), [v.cpu() for v in _active_pixels(a, t32[name].to(a.device), size)])
+
+    def on_batch(s: int, b: int) -> None:
+        nonlocal inter, inter_null, act, act_null
+        codes = labels.codes(slice(s, s + b))
+        ann, hist = labels.histograms(codes, b)
+        code_pixels.add_(hist)
+        perms = torch.argsort(torch.rand(permutations, b, generator=gen), dim=1) if permutations else None
+        img, unit, pix, n_units = [], [], [], 0
+        for name in layers:  # every layer's units in one index, in layer order
+            k, (i, u, p) = found.pop(name)
+            units[name] = slice(n_units, n_units + k)
+            img.append(i)
+            unit.append(u + n_units)
+            pix.append(p)
+            n_units += k
+        if inter.numel() == 0:
+            inter = torch.zeros(n_units, n_codes, dtype=torch.int64)
+            act = torch.zeros(n_units, n_cat, dtype=torch.float64)
+            inter_null = torch.zeros(permutations, n_units, n_codes, dtype=torch.int64)
+            act_null = torch.zeros(permutations, n_units, n_cat, dtype=torch.float64)
+        e_img, e_unit = torch.cat(img), torch.cat(unit)
+        pos = e_img * hw + torch.cat(pix)
+        # (B, U) active pixels per map; float32 sums of at most B·H·W < 2^24 counts are exact
+        cnt = torch.bincount(e_img * n_units + e_unit, minlength=b * n_units).view(b, n_units)
+        cnt_f = cnt.float() if b * hw < 2**24 else cnt.double()
+        ann_f = ann.to(cnt_f.dtype)
+        act += (cnt_f.t() @ ann_f).double()
+        for c in codes:
+            inter.view(-1).add_(torch.bincount(e_unit * n_codes + c.index_select(0, pos), minlength=n_units * n_codes))
+        if perms is None:
+            return
+        # act_null[p, u, g] = Σ_i cnt[i, u] · ann[perms[p, i], g]: one product for all shuffles
+        moved_ann = ann_f[perms].transpose(1, 2).reshape(-1, b)  # (P·G, B)
+        act_null += (moved_ann @ cnt_f).view(permutations, n_cat, n_units).transpose(1, 2).double()
+        chunk = min(NULL_CHUNK, permutations)
+        wide = chunk * b * hw >= 2**31 or chunk * n_units * n_codes >= 2**31
+        index = torch.int64 if wide else torch.int32
+        where = (pos[None, :] + (torch.arange(chunk) * (b * hw))[:, None]).to(index)
+        base = ((torch.arange(chunk)[:, None] * n_units + e_unit[None, :]) * n_codes).to(index)
+        for c in codes:
+            rows = c.to(labels.small).view(b, hw)
+            for p0 in range(0, permutations, chunk):
+                pc = min(chunk, permutations - p0)
+                moved = rows.index_select(0, perms[p0 : p0 + pc].reshape(-1)).view(-1)  # row r: image perms[p, r]
+                idx = base[:pc] + moved.index_select(0, where[:pc].view(-1)).view(pc, -1)
+                inter_null[p0 : p0 + pc].view(-1).add_(torch.bincount(idx.view(-1), minlength=pc * n_units * n_codes))
+
+    _stream(model, layers, x, batch_size, on_map, on_batch)
+    to_concepts = labels.concepts
+    return _Counts(
+        units=units, inter=inter.double() @ to_concepts, act=act, area=code_pixels.double() @ to_concepts,
+        act_null=act_null, inter_null_codes=inter_null, to_concepts=to_concepts,
+    )  # fmt: skip
 
 
 def _label_units(ld: LayerDissection, concepts: ConceptSet, iou_threshold: float) -> list[UnitConcept]:
