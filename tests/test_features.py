@@ -288,17 +288,7 @@ def test_feature_scores_is_computed_once_per_run(tmp_path: Path, fmnist) -> None
     assert ctx.store.misses["adv"] == 2  # model-level PGD and FGSM, stored once
 
 
-def test_cli_refuses_bad_input_before_any_work(tmp_path: Path, capsys) -> None:
-    from robustdissect.cli import main
-
-    def cli(args: list[str]) -> tuple[int, str]:
-        try:
-            main(args)
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
-        return code, capsys.readouterr().err
-
+def test_cli_refuses_bad_input_before_any_work(tmp_path: Path, cli) -> None:
     for i, (args, needle, before_work) in enumerate(
         (
             (["--models", "no-such-checkpoint"], "no-such-checkpoint", True),
@@ -307,7 +297,7 @@ def test_cli_refuses_bad_input_before_any_work(tmp_path: Path, capsys) -> None:
         )
     ):
         out = tmp_path / f"run{i}"
-        code, err = cli(["features", "--n", "20", "--out", str(out), *args])
+        code, _, err = cli(["features", "--n", "20", "--out", str(out), *args])
         lines = [ln for ln in err.strip().splitlines() if ln.startswith("robustdissect: error:")]
         assert code == 2 and len(lines) == 1 and needle in lines[0], err
         assert not out.exists()

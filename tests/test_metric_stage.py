@@ -109,18 +109,6 @@ def test_read_study_refuses_a_missing_study(tmp_path: Path) -> None:
         read_study(tmp_path)
 
 
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from robustdissect.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -130,19 +118,17 @@ def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
         (["landscape", "--norm", "l1"], "norm must be one of"),
     ],
 )
-def test_cli_mistakes_are_one_line_and_leave_nothing(
-    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_mistakes_are_one_line_and_leave_nothing(args: list[str], message: str, tmp_path: Path, cli) -> None:
     out_dir = tmp_path / "out"
-    code, _out, err = _cli([*args, "--n", "10", "--out", str(out_dir)], capsys)
+    code, _out, err = cli([*args, "--n", "10", "--out", str(out_dir)])
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out_dir.exists()
 
 
-def test_cli_metric_prints_psi_and_seconds(tmp_path: Path, capsys: pytest.CaptureFixture[str], fmnist: Any) -> None:
-    code, out, err = _cli(["metric", "--model", "fmnist-smallcnn4-w8-vanilla", "--n", "30", "--steps", "3",
-                           "--evaluate", "--out", str(tmp_path / "m")], capsys)  # fmt: skip
+def test_cli_metric_prints_psi_and_seconds(tmp_path: Path, cli, fmnist: Any) -> None:
+    code, out, err = cli(["metric", "--model", "fmnist-smallcnn4-w8-vanilla", "--n", "30", "--steps", "3",
+                           "--evaluate", "--out", str(tmp_path / "m")])  # fmt: skip
     assert code == 0, err
     line = next(s for s in out.splitlines() if s.strip().startswith("Ψ fmnist-smallcnn4-w8-vanilla"))
     assert " in " in line and line.rstrip().endswith(" s")
