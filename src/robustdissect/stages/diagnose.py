@@ -64,12 +64,13 @@ class DiagnoseOptions:
     tv: float = 1e-3
     tv_beta: float = 2.0
     decoder_n: int = 5000
-    decoder_epochs: int = 5
-    lambda_img: float = 1.0
-    lambda_feat: float = 1.0
-    lambda_cls: float = 0.1
-    lambda_adv: float = 0.01
-    gan: bool = False
+    # the decoder's settings default to DecoderSettings' own (one source for them)
+    decoder_epochs: int = DecoderSettings.epochs
+    lambda_img: float = DecoderSettings.lambda_img
+    lambda_feat: float = DecoderSettings.lambda_feat
+    lambda_cls: float = DecoderSettings.lambda_cls
+    lambda_adv: float = DecoderSettings.lambda_adv
+    gan: bool = DecoderSettings.gan
     judge: str | None = None
     resamples: int = 1000
     show: int = 4
