@@ -186,44 +186,18 @@ def record(
             h.remove()
 
 
-def call_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """How often each named submodule runs in one forward pass of the first image of x
-    (N, C, H, W), in eval mode without grad: {module path: calls} in `named_modules()` order,
-    0 for modules the pass does not call (e.g. a ModuleList container)."""
+def _module_calls(model: nn.Module, x: torch.Tensor, what: str) -> list[str]:
+    """The module paths called in one forward pass of the first image of x (N, C, H, W), in call
+    order with repeats (eval mode, no grad). `what` names the caller's purpose in the error."""
     if x.ndim == 0 or x.shape[0] == 0:
-        raise UserError(f"call counts need at least one input image, got shape {tuple(x.shape)}")
-    modules = [(path, m) for path, m in model.named_modules() if path]
-    counts = dict.fromkeys((path for path, _ in modules), 0)
-
-    def make_counter(path: str) -> Callable[[nn.Module, object], None]:
-        def count(_module: nn.Module, _inputs: object) -> None:
-            counts[path] += 1
-
-        return count
-
-    handles = [m.register_forward_pre_hook(make_counter(path)) for path, m in modules]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(x[:1].to(model_device(model)))
-    finally:
-        for h in handles:
-            h.remove()
-    return counts
-
-
-def forward_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """{module path: position of its first call} in one forward pass of the first image of x
-    (N, C, H, W) (eval mode, no grad); modules the pass does not call are left out. This is the
-    depth of a layer, whatever order `named_modules()` lists it in."""
-    if x.ndim == 0 or x.shape[0] == 0:
-        raise UserError(f"the forward order needs at least one input image, got shape {tuple(x.shape)}")
-    order: dict[str, int] = {}
+        raise UserError(f"{what} needs at least one input image, got shape {tuple(x.shape)}")
+    calls: list[str] = []
 
     def make_hook(path: str) -> Callable[[nn.Module, object], None]:
-        def first(_module: nn.Module, _inputs: object) -> None:
-            order.setdefault(path, len(order))
+        def called(_module: nn.Module, _inputs: object) -> None:
+            calls.append(path)
 
-        return first
+        return called
 
     handles = [m.register_forward_pre_hook(make_hook(path)) for path, m in model.named_modules() if path]
     try:
@@ -232,6 +206,26 @@ def forward_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     finally:
         for h in handles:
             h.remove()
+    return calls
+
+
+def call_counts(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """How often each named submodule runs in one forward pass of the first image of x
+    (N, C, H, W), in eval mode without grad: {module path: calls} in `named_modules()` order,
+    0 for modules the pass does not call (e.g. a ModuleList container)."""
+    counts = dict.fromkeys((path for path, _ in model.named_modules() if path), 0)
+    for path in _module_calls(model, x, "counting module calls"):
+        counts[path] += 1
+    return counts
+
+
+def forward_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """{module path: position of its first call} in one forward pass of the first image of x
+    (N, C, H, W) (eval mode, no grad); modules the pass does not call are left out. This is the
+    depth of a layer, whatever order `named_modules()` lists it in."""
+    order: dict[str, int] = {}
+    for path in _module_calls(model, x, "the forward order"):
+        order.setdefault(path, len(order))
     return order
 
 
