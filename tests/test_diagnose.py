@@ -450,9 +450,7 @@ def test_diagnose_stage_end_to_end(tmp_path: Path, fmnist: Any) -> None:
     from robustdissect.pipeline import run_pipeline
     from robustdissect.runs import read_table
 
-    study = Path(__file__).resolve().parents[1] / "docs" / "results" / "ig1"
-    stages = {"overview": {}, "diagnose": {"n": 12, "inversion_steps": 5, "resamples": 20, "show": 2, "steps": 5,
-                                           "study": str(study)}}  # fmt: skip
+    stages = {"overview": {}, "diagnose": {"n": 12, "inversion_steps": 5, "resamples": 20, "show": 2, "steps": 5}}
     cfg = RunConfig(model="fmnist-smallcnn-vanilla", n=12, quick=False, stages=stages)
     run = run_pipeline(cfg, tmp_path / "run")
     res = json.loads((run / "results.json").read_text())
@@ -466,7 +464,7 @@ def test_diagnose_stage_end_to_end(tmp_path: Path, fmnist: Any) -> None:
     for f in ("diagnose_layers", "diagnose_strips"):
         assert (run / "figures" / f"{f}.png").is_file()
     assert "Layer diagnosis" in (run / "report.html").read_text()
-    # the committed IG-1 study is shown: max - avg per training, eps and metric
+    # the IG-1 study shipped in the package is shown: avg - max per training, eps and metric
     diffs = read_table(run / "tables" / "diagnose_ig1_differences.csv")
     assert {(r["training"], float(r["eps"])) for r in diffs} == {("standard", 0.1), ("standard", 0.2),
                                                                  ("pgd-at", 0.1), ("pgd-at", 0.2)}  # fmt: skip
@@ -479,6 +477,7 @@ def test_diagnose_stage_end_to_end(tmp_path: Path, fmnist: Any) -> None:
         (["diagnose", "--inverter", "gan"], "inverter must be one of"),
         (["diagnose", "--layers", "pool9"], "pool9"),
         (["diagnose", "--judge", "fmnist-smallcnn-pta"], "fmnist-smallcnn-pta"),
+        (["diagnose", "--study", "no-such-folder"], "no IG-1 study in no-such-folder"),
     ],
 )
 def test_cli_mistakes_are_one_line_and_leave_nothing(

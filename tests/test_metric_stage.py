@@ -114,6 +114,7 @@ def test_read_study_refuses_a_missing_study(tmp_path: Path) -> None:
     [
         (["metric", "--calibration", "softmax"], "calibration must be one of"),
         (["metric", "--models", "fmnist-smallcnn-pta"], "fmnist-smallcnn-pta"),
+        (["metric", "--study", "no-such-folder"], "no YU-1 study in no-such-folder"),
         (["landscape", "--grid", "10"], "grid must be an odd integer"),
         (["landscape", "--norm", "l1"], "norm must be one of"),
     ],

@@ -85,3 +85,17 @@ def test_cli_train_takes_a_preset_name(tmp_path: Path, cli, monkeypatch: pytest.
     assert not (tmp_path / "o").exists()
     code, _, err = cli(["train", "--config", "fmnist-smallcnn-vanila", "--out", "o"])
     assert code == 2 and "unknown training preset 'fmnist-smallcnn-vanila'" in err, err
+
+
+def test_shipped_studies_are_the_studies_in_docs() -> None:
+    """The package ships copies of the finished studies (scripts/ship_studies.py): they must not
+    drift from docs/results, where the study commands write."""
+    import json
+    import runpy
+
+    ship = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "ship_studies.py"))
+    assert set(ship["STUDIES"]) == {"ig1-fmnist.json", "yu1-fmnist.json"}
+    for name, source in ship["STUDIES"].items():
+        shipped = resources.shipped_result(name)
+        assert shipped == json.loads(source.read_text()), f"{name} differs from {source}: run scripts/ship_studies.py"
+    assert resources.shipped_result("no-such-study.json") is None

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "src" / "robustdissect" / "configs" / "train"
 WEIGHTS = REPO / "src" / "robustdissect" / "weights"
 TEMPLATES = REPO / "src" / "robustdissect" / "report" / "templates"
+RESULTS = REPO / "src" / "robustdissect" / "results"
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ def test_wheel_holds_every_resource(installed: Installed) -> None:
         *(f"robustdissect/configs/train/{p.name}" for p in PRESETS.glob("*.yaml")),
         *(f"robustdissect/weights/{p.name}" for p in WEIGHTS.iterdir() if p.suffix in (".json", ".safetensors")),
         *(f"robustdissect/report/templates/{p.name}" for p in TEMPLATES.glob("*.j2")),
+        *(f"robustdissect/results/{p.name}" for p in RESULTS.glob("*.json")),
         "robustdissect/py.typed",
     }
     assert len(expected) > 30
@@ -161,6 +163,8 @@ def test_checkpoint_preset_and_report_template_load_from_the_wheel(installed: In
             "weights": str(resources.resource("weights")),
             "preset": resources.read_train_config("fmnist-smallcnn-pat"),
             "report": str(render_report(run)),
+            "studies": sorted(resources.shipped_result(n)["settings"] is not None
+                              for n in ("ig1-fmnist.json", "yu1-fmnist.json")),
         }}))
         """
     )
@@ -172,6 +176,7 @@ def test_checkpoint_preset_and_report_template_load_from_the_wheel(installed: In
     assert got["card"] == "fmnist-smallcnn-vanilla"
     assert Path(got["weights"]).is_relative_to(installed.site), got["weights"]
     assert got["preset"] == yaml.safe_load((PRESETS / "fmnist-smallcnn-pat.yaml").read_text())
+    assert got["studies"] == [True, True]  # the metric and diagnose stages find their studies
     report = Path(got["report"])
     assert report == run / "report.html"
     assert "<title>robustdissect report: fmnist-smallcnn-vanilla on fashion-mnist</title>" in report.read_text()

@@ -1,4 +1,5 @@
-"""Files shipped inside the package: training presets, checkpoints with cards, report templates.
+"""Files shipped inside the package: training presets, checkpoints with cards, report templates and
+the results of the finished studies (`results/`).
 
 Everything is read through `importlib.resources`, so the files are found the same way in a
 checkout, an editable install and a wheel install.
@@ -6,6 +7,7 @@ checkout, an editable install and a wheel install.
 
 from __future__ import annotations
 
+import json
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -18,6 +20,7 @@ from .errors import UserError, unknown_name
 PRESETS = ("configs", "train")
 WEIGHTS = ("weights",)
 TEMPLATES = ("report", "templates")
+RESULTS = ("results",)
 
 
 def resource(*parts: str) -> Traversable:
@@ -87,3 +90,14 @@ def template(name: str) -> str:
     if not node.is_file():
         raise FileNotFoundError(f"robustdissect is installed without its report template {name}")
     return node.read_text(encoding="utf-8")
+
+
+def shipped_result(name: str) -> dict[str, Any] | None:
+    """The JSON result shipped as `results/NAME` (a finished study or stage result), or None."""
+    node = resource(*RESULTS, name)
+    if not node.is_file():
+        return None
+    data = json.loads(node.read_text())
+    if not isinstance(data, dict):
+        raise UserError(f"the shipped result {name} is not a JSON object")
+    return data

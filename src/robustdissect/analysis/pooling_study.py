@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ..attacks import PGD
+from ..errors import UserError
 from ..evaluation import wilson_interval
 from ..modelutil import eval_mode
 from ..runs import atomic_write_text
@@ -362,8 +363,15 @@ def describe_settings(settings: Mapping[str, Any]) -> str:
             "bootstrap resamples")  # fmt: skip
 
 
-def read_study(folder: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((folder / "study.json").read_text())
+def read_study(folder: str | Path) -> dict[str, Any]:
+    """The study written by `main` into `folder` (its study.json)."""
+    path = Path(folder) / "study.json"
+    if not path.is_file():
+        raise UserError(f"no IG-1 study in {folder} (missing study.json); run python -m "
+                        "robustdissect.analysis.pooling_study")  # fmt: skip
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or "models" not in data or "differences" not in data:
+        raise UserError(f"{path} is not an IG-1 study")
     return data
 
 

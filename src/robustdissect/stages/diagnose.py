@@ -5,7 +5,6 @@ when one has been run (`python -m robustdissect.analysis.pooling_study`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -29,13 +28,15 @@ from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack
 from ..pipeline import STAGES, AnalysisUnavailable, Context, section, stage_settings
+from ..resources import shipped_result
 from .training import _load
 
 log = logging.getLogger(__name__)
 
 PAT = "fmnist-smallcnn-pat"
 PAT_OTHER = "fmnist-smallcnn-trades"  # the judge when the analysed model is PAT itself
-CHECKOUT_STUDY = Path(__file__).resolve().parents[3] / "docs" / "results" / "ig1"
+# docs/results/ig1/study.json, shipped in the package by scripts/ship_studies.py
+SHIPPED_STUDY = "ig1-fmnist.json"
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class DiagnoseOptions:
     --resume); judge: a checkpoint read as the independent judge (None: fmnist-smallcnn-pat,
     or TRADES when the model is PAT; "self": the analysed model); resamples: bootstrap over
     images; show: adversarial examples drawn as strips; study: IG-1 folder to show (None:
-    docs/results/ig1 of the checkout when present)."""
+    the study shipped in the package, results/ig1-fmnist.json)."""
 
     n: int = 100
     layers: list[str] | None = None
@@ -125,22 +126,22 @@ def _judge(ctx: Context, option: str | None) -> tuple[nn.Module, str, list[str]]
     return got[0].to(ctx.device), Path(wanted).stem, []
 
 
-def study_folder(option: str | None) -> Path | None:
-    if option is not None:
-        return Path(option)
-    return CHECKOUT_STUDY if (CHECKOUT_STUDY / "study.json").is_file() else None
+def load_study(option: str | None) -> dict[str, Any] | None:
+    """The IG-1 study in the folder `option`, or (None) the one shipped in the package, if any."""
+    from ..analysis.pooling_study import read_study
+
+    return read_study(option) if option is not None else shipped_result(SHIPPED_STUDY)
 
 
-def _study_block(ctx: Context, option: str | None, tables: list[dict[str, Any]], figures: list[dict[str, str]],
-                 warnings: list[str]) -> dict[str, Any] | None:  # fmt: skip
+def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[str, Any]],
+                 figures: list[dict[str, str]], warnings: list[str]) -> dict[str, Any] | None:  # fmt: skip
+    """Tables and the figure of the IG-1 study `study` (None: a warning); its summary, or None."""
     from ..analysis.plots_diagnose import pooling_comparison
 
-    folder = study_folder(option)
-    if folder is None or not (folder / "study.json").is_file():
+    if study is None:
         warnings.append("no IG-1 pooling study to show: run python -m robustdissect.analysis.pooling_study "
                         "--out docs/results/ig1 and set diagnose.study to that folder")  # fmt: skip
         return None
-    study = json.loads((folder / "study.json").read_text())
     nested = ("layers", "settings", "train_config")
     models = [{**{k: v for k, v in r.items() if k not in nested}, "stale": "; ".join(r.get("stale") or [])}
               for r in study["models"]]  # fmt: skip
@@ -180,6 +181,7 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     from ..analysis.sensitivity import mean_ratio_sensitive, neuron_sensitivity
 
     opts: DiagnoseOptions = stage_options(DiagnoseOptions, options, "diagnose")
+    ig1 = load_study(opts.study)  # a wrong folder fails before any work
     split = ctx.split
     n = min(opts.n, len(split))
     warnings: list[str] = []
@@ -255,7 +257,7 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
          "caption": "Explanations E_0 … E_L of the clean image (upper row) and of its adversarial version (lower "
                     "row); titles: the judge's class, red = the adversarial class"},
     ]  # fmt: skip
-    study = _study_block(ctx, opts.study, tables, figures, warnings)
+    study = _study_block(ctx, ig1, tables, figures, warnings)
     v = [r["V"] for r in rows]
     no_flip = 1.0 - sum(v) if vul.y.numel() else math.nan
     top_v = max(rows, key=lambda r: r["V"])["layer"] if vul.y.numel() else "none"

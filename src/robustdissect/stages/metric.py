@@ -19,13 +19,14 @@ from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..evaluation import wilson_interval
 from ..pipeline import STAGES, Context, section
+from ..resources import shipped_result
 from .training import _load
 
 log = logging.getLogger(__name__)
 
 PAT = "fmnist-smallcnn-pat"
-# docs/results/yu1 of a source checkout (src/robustdissect/stages/metric.py -> repository root)
-CHECKOUT_STUDY = Path(__file__).resolve().parents[3] / "docs" / "results" / "yu1"
+# docs/results/yu1/yu1.json, shipped in the package by scripts/ship_studies.py
+SHIPPED_STUDY = "yu1-fmnist.json"
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class MetricOptions:
     `logit_scale`) or "none"; compare: other checkpoints (None: PAT when the run's model is a
     shipped Fashion-MNIST smallcnn); evaluation: also time a PGD-`eval_steps` robust-accuracy
     evaluation (α = 2.5ε/k, random start, `eval_restarts`) of the same images; study: folder of a
-    YU-1 study to show (None: docs/results/yu1 of the checkout when present)."""
+    YU-1 study to show (None: the study shipped in the package, results/yu1-fmnist.json)."""
 
     eps: float | str = 0.1
     steps: int = DEFAULT_STEPS
@@ -124,25 +125,22 @@ def _timed_evaluation(ctx: Context, model: nn.Module, x: torch.Tensor, y: torch.
             "eval_seconds": seconds if computed else math.nan}  # fmt: skip
 
 
-def study_folder(option: str | None) -> Path | None:
-    """The YU-1 study folder to show, or None."""
-    if option is not None:
-        return Path(option)
-    return CHECKOUT_STUDY if (CHECKOUT_STUDY / "yu1.json").is_file() else None
-
-
-def _study_block(ctx: Context, option: str | None, tables: list[dict[str, Any]], figures: list[dict[str, str]],
-                 warnings: list[str]) -> dict[str, Any] | None:  # fmt: skip
-    """Tables and the scatter of a finished YU-1 study; its summary, or None."""
+def load_study(option: str | None) -> dict[str, Any] | None:
+    """The YU-1 study in the folder `option`, or (None) the one shipped in the package, if any."""
     from ..analysis.metric_study import read_study
+
+    return read_study(option) if option is not None else shipped_result(SHIPPED_STUDY)
+
+
+def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[str, Any]],
+                 figures: list[dict[str, str]], warnings: list[str]) -> dict[str, Any] | None:  # fmt: skip
+    """Tables and the scatter of the YU-1 study `study` (None: a warning); its summary, or None."""
     from ..analysis.plots_metric import study_scatter
 
-    folder = study_folder(option)
-    if folder is None:
+    if study is None:
         warnings.append("no YU-1 study to show: run python -m robustdissect.analysis.metric_study --out "
                         "docs/results/yu1 and set metric.study to that folder")  # fmt: skip
         return None
-    study = read_study(folder)
     rows = study["rows"]
     keep = ["model", "arch", "width", "objective", "clean", "psi_mean", "psi_p90",
             *[c for c in study.get("psi_columns", []) if c != "psi_mean"], "psi_seconds", "psi_k20_seconds",
@@ -177,6 +175,7 @@ def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     from ..analysis.plots_metric import psi_histograms
 
     opts: MetricOptions = stage_options(MetricOptions, options, "metric")
+    yu1 = load_study(opts.study)  # a wrong folder fails before any work
     split = ctx.split
     n = len(split) if opts.n is None else min(opts.n, len(split))
     x, y = split.x[:n], split.y[:n]
@@ -201,7 +200,7 @@ def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     tables: list[dict[str, Any]] = [{"file": "tables/metric_psi.csv", "show": True, "title": title}]
     ctx.run.save_figure("metric_psi_hist", psi_histograms(psis))
     figures: list[dict[str, str]] = [{"file": "figures/metric_psi_hist.png", "caption": "ψ(x) per image and model"}]
-    study = _study_block(ctx, opts.study, tables, figures, warnings)
+    study = _study_block(ctx, yu1, tables, figures, warnings)
     summary: dict[str, Any] = {}
     for row in rows:
         name = row["model"]

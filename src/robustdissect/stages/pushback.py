@@ -20,7 +20,6 @@ from the run's model or from another analysed model, from that model to it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -47,12 +46,12 @@ from ..evaluation import wilson_interval
 from ..models import shipped_checkpoints
 from ..models.resolve import resolve_model
 from ..pipeline import STAGES, AnalysisUnavailable, Context, section
-from ..resources import resource
+from ..resources import shipped_result
 from .training import _load, retrain_hint
 
 log = logging.getLogger(__name__)
 
-SHIPPED = ("results", "pushback-fmnist.json")
+SHIPPED = "pushback-fmnist.json"
 # models whose reliance shift is shown beside the run's model, when shipped
 COMPARE = ["fmnist-smallcnn-pat", "fmnist-smallcnn-sns", "fmnist-smallcnn-sns-from-vanilla", "fmnist-smallcnn-pat-ft",
            "fmnist-smallcnn-bridge", "fmnist-smallcnn-data-bp", "fmnist-smallcnn-data-r"]  # fmt: skip
@@ -253,11 +252,7 @@ def compute_reliance(
 
 
 def shipped_pushback() -> dict[str, Any] | None:
-    node = resource(*SHIPPED)
-    if not node.is_file():
-        return None
-    payload: dict[str, Any] = json.loads(node.read_text())
-    return payload
+    return shipped_result(SHIPPED)
 
 
 def _data_models(ctx: Context, n: int | None = None) -> list[dict[str, Any]]:
