@@ -5,12 +5,14 @@ flip layer and the correlation on cases with known answers, and the stage end to
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robustdissect.analysis import pooling_study as ps
@@ -29,6 +31,7 @@ from robustdissect.analysis.diagnose import (
     layer_correlations,
     train_decoder,
 )
+from robustdissect.errors import UserError
 
 
 def test_mean_of_a_2x2_gaussian_block_reconstructs_with_mse_075() -> None:
@@ -107,6 +110,52 @@ def _tiny() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                          nn.Linear(4 * 4 * 4, 3)).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_decoder_losses_are_the_methods_squared_norms(reduction: str) -> None:
+    """One batch, one step: the recorded losses are those of the freshly initialised G_l, so they can
+    be recomputed: ‖G(h) − x‖²₂ and ‖h_l(G(h)) − h‖²₂ per image, averaged ("sum", METHODS §1.2), or
+    the per-element MSE and the latent error relative to mean h² ("mean")."""
+    from robustdissect.analysis.diagnose import Decoder, _layer_seed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3)).eval()  # fmt: skip
+    x = torch.rand(6, 1, 8, 8)
+    s = DecoderSettings(epochs=1, batch_size=6, seed=2, reduction=reduction)
+    _dec, losses = train_decoder(model, "2", x, s)
+    with torch.no_grad():
+        h = model[:3](x)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_layer_seed(2, "2"))
+        fresh = Decoder(h.shape[1:], x.shape[1:], s.width).train()
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(_layer_seed(2, "2")))
+    with torch.no_grad():
+        xb, hb = x[order], h[order]
+        rec = fresh(hb)
+        hr = model[:3](rec)
+        if reduction == "sum":
+            img, feat = ((rec - xb) ** 2).sum((1, 2, 3)).mean(), ((hr - hb) ** 2).sum((1, 2, 3)).mean()
+        else:
+            img, feat = ((rec - xb) ** 2).mean(), ((hr - hb) ** 2).mean() / (hb**2).mean()
+        cls = F.cross_entropy(model(rec), model(xb).argmax(1))
+    assert losses["img"] == pytest.approx(float(img), rel=1e-5)
+    assert losses["feat"] == pytest.approx(float(feat), rel=1e-5)
+    assert losses["cls"] == pytest.approx(float(cls), rel=1e-5)
+    with pytest.raises(UserError, match="reduction must be sum or mean"):
+        DecoderSettings(reduction="l1")
+
+
+def test_decoders_are_the_default_inverter_and_the_default_run_inverts_by_optimisation() -> None:
+    from robustdissect.config import RunConfig
+    from robustdissect.pipeline import load_stages, stage_settings
+
+    load_stages()
+    assert stage_settings("diagnose", RunConfig(quick=False)).inverter == "decoder"
+    assert stage_settings("diagnose", RunConfig(quick=True)).inverter == "optim"
+    assert stage_settings("diagnose", RunConfig(quick=True, stages={"diagnose": {"inverter": "decoder"}})).inverter \
+        == "decoder"
 
 
 def test_decoders_resume_bit_identically(tmp_path: Path) -> None:
@@ -213,6 +262,7 @@ def test_diagnosis_layers_follow_the_forward_order(fmnist: Any) -> None:
 
 USER_NET = """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -367,6 +417,18 @@ def test_pooling_comparisons_pair_seeds_and_leave_out_what_is_not_like_for_like(
     assert "avg − max" in text and "Not yet available: m-s9" in text and "avg0 is stale" in text
 
 
+def test_pooling_comparisons_leave_out_pairs_whose_flip_share_is_undefined() -> None:
+    rows = [_study_row(f"{p}{s}", p, s, acc) for p, s, acc in
+            [("max", 0, 0.30), ("avg", 0, 0.35), ("max", 1, 0.20), ("avg", 1, 0.26), ("max", 2, 0.22),
+             ("avg", 2, 0.27)]]  # fmt: skip
+    for lr in rows[2]["layers"]:  # max1: no judged adversarial example, so V is undefined
+        lr["V"] = math.nan
+    d = {r["metric"]: r for r in ps.comparisons(rows)[0]}
+    assert d["V_pooling_layers"]["n_pairs"] == 2 and d["V_pooling_layers"]["seeds"] == "0,2"
+    assert np.isfinite(d["V_pooling_layers"]["avg_minus_max"])
+    assert d["pgd_accuracy"]["n_pairs"] == 3  # the other metrics keep the pair
+
+
 def test_the_ig1_family_has_three_like_for_like_seeds_per_variant() -> None:
     from robustdissect.resources import read_train_config, train_presets
 
@@ -450,7 +512,8 @@ def test_diagnose_stage_end_to_end(tmp_path: Path, fmnist: Any) -> None:
     from robustdissect.pipeline import run_pipeline
     from robustdissect.runs import read_table
 
-    stages = {"overview": {}, "diagnose": {"n": 12, "inversion_steps": 5, "resamples": 20, "show": 2, "steps": 5}}
+    stages = {"overview": {}, "diagnose": {"n": 12, "inverter": "optim", "inversion_steps": 5, "resamples": 20,
+                                           "show": 2, "steps": 5}}  # fmt: skip
     cfg = RunConfig(model="fmnist-smallcnn-vanilla", n=12, quick=False, stages=stages)
     run = run_pipeline(cfg, tmp_path / "run")
     res = json.loads((run / "results.json").read_text())

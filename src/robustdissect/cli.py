@@ -486,13 +486,16 @@ def diagnose(
     eps: Annotated[str | None, typer.Option("--eps", help="L-inf PGD budget (default: the evaluate stage's)")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, max=100_000, help="PGD steps")] = None,
     inverter: Annotated[
-        str, typer.Option("--inverter", help="optim (training-free inversion) or decoder (trained G_l)")
-    ] = "optim",
+        str | None,
+        typer.Option("--inverter", help="decoder (trained G_l; default) or optim (training-free inversion)"),
+    ] = None,
     inversion_steps: Annotated[
         int | None, typer.Option("--inversion-steps", min=1, help="Adam steps of the inversion (default 500)")
     ] = None,
-    decoder_n: Annotated[int, typer.Option("--decoder-n", min=1, help="clean training images for G_l")] = 5000,
-    decoder_epochs: Annotated[int, typer.Option("--decoder-epochs", min=1)] = 5,
+    decoder_n: Annotated[
+        int | None, typer.Option("--decoder-n", min=1, help="clean training images for G_l (default 2000)")
+    ] = None,
+    decoder_epochs: Annotated[int | None, typer.Option("--decoder-epochs", min=1, help="default 3")] = None,
     gan: Annotated[bool, typer.Option("--gan", help="add the GAN term to the decoders (GPU runs)")] = False,
     judge: Annotated[
         str | None, typer.Option("--judge", help="checkpoint that reads the explanations (default PAT; 'self')")
@@ -512,10 +515,9 @@ def diagnose(
     from .runs import check_out
 
     check_out(out, overwrite)
-    options: dict[str, Any] = {"inverter": inverter, "decoder_n": decoder_n, "decoder_epochs": decoder_epochs,
-                               "gan": gan}  # fmt: skip
-    if inversion_steps is not None:
-        options["inversion_steps"] = inversion_steps
+    given = {"inverter": inverter, "decoder_n": decoder_n, "decoder_epochs": decoder_epochs,
+             "inversion_steps": inversion_steps}  # fmt: skip
+    options: dict[str, Any] = {"gan": gan, **{k: v for k, v in given.items() if v is not None}}
     if n is not None:
         options["n"] = n
     if layers is not None:

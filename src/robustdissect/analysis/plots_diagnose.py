@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 
@@ -22,6 +23,9 @@ def layer_bars(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
         vals = [float(r[key]) if r.get(key) is not None else math.nan for r in rows]
         ax.bar(range(len(vals)), [0.0 if math.isnan(v) else v for v in vals],
                color=["#c44e52" if n.startswith("pool") else "#4c72b0" for n in names])  # fmt: skip
+        for i, v in enumerate(vals):  # undefined (e.g. A_l after d = 0, V_l with nothing judged): no bar
+            if math.isnan(v):
+                ax.text(i, 0.0, "n/a", ha="center", va="bottom", fontsize=6, color="grey")
         if key == "A":
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xticks(range(len(names)))
@@ -74,10 +78,11 @@ def strips(
 def pooling_comparison(study: Mapping[str, Any]) -> Figure:
     """IG-1: PGD accuracy per pooling, training and ε (bar = mean over the short-schedule seeds, black
     dots = those seeds, open diamonds = the shipped checkpoints), and the per-layer IL and V^soft of
-    max and avg pooling (mean over the short-schedule seeds)."""
+    max and avg pooling (mean over the short-schedule seeds). Stale checkpoints (retrained or
+    trained off their preset) are left out, as in the comparisons."""
     fig = Figure(figsize=(12, 4))
     ax_acc, ax_il, ax_v = fig.subplots(1, 3)
-    every = study["models"]
+    every = [r for r in study["models"] if not r.get("stale")]
     rows = [r for r in every if r.get("group", "short-schedule seeds") == "short-schedule seeds"]
     shipped = [r for r in every if r.get("group", "short-schedule seeds") != "short-schedule seeds"]
     groups = sorted({(r["training"], r["eps"]) for r in every})
@@ -104,7 +109,7 @@ def pooling_comparison(study: Mapping[str, Any]) -> Figure:
                 if not sel:
                     continue
                 layers = [p["layer"] for p in sel[0]["layers"]]
-                mean = [sum(float(r["layers"][i][key_]) for r in sel) / len(sel) for i in range(len(layers))]
+                mean = [float(np.nanmean([float(r["layers"][i][key_]) for r in sel])) for i in range(len(layers))]
                 ax.plot(range(len(layers)), mean, ls=ls, color=color, marker="o", ms=3, label=f"{pooling}, {training}")
                 ax.set_xticks(range(len(layers)))
                 ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)

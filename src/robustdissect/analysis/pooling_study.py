@@ -55,7 +55,15 @@ from ..errors import UserError
 from ..evaluation import wilson_interval
 from ..modelutil import eval_mode
 from ..runs import atomic_write_text
-from .diagnose import InversionSettings, OptimisationInverter, diagnose, diagnosis_layers
+from .diagnose import (
+    DecoderBank,
+    DecoderSettings,
+    InversionSettings,
+    Inverter,
+    OptimisationInverter,
+    diagnose,
+    diagnosis_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +174,10 @@ def row_settings(settings: Mapping[str, Any], eps: float, checkpoint: str, judge
 
 def model_row(
     name: str, model: nn.Module, card: Mapping[str, Any], x: torch.Tensor, y: torch.Tensor, x_mean: torch.Tensor,
-    judge: nn.Module, eps: float, steps: int, alpha: float, diag_n: int, inversion: InversionSettings,
+    judge: nn.Module, eps: float, steps: int, alpha: float, diag_n: int, inverter: Inverter,
     resamples: int, seed: int, settings: Mapping[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
-    """The study's row of one checkpoint at one ε."""
+    """The study's row of one checkpoint at one ε; `inverter` explains the model's layers."""
     t0 = time.perf_counter()
     with eval_mode(model), torch.no_grad():
         clean_correct = torch.cat([model(x[b : b + 500]).argmax(1) == y[b : b + 500] for b in range(0, len(x), 500)])
@@ -177,7 +185,7 @@ def model_row(
     res = PGD(eps, steps=steps, alpha=alpha, random_start=True, seed=seed, batch_size=500)(model, x, y)
     n, c, r = len(y), int(clean_correct.sum()), int(res.correct.sum())
     diag = diagnose(model, x[:diag_n], y[:diag_n], res.x_adv[:diag_n], res.logits[:diag_n].argmax(1), layers,
-                    OptimisationInverter(model, x_mean, inversion), judge, x_mean, resamples=resamples,
+                    inverter, judge, x_mean, resamples=resamples,
                     seed=seed, show=0)  # fmt: skip
     layer_rows = diag.layer_rows()
     return {
@@ -295,15 +303,20 @@ def comparisons(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]]
             if not pairs:
                 continue
             for metric, get in METRICS.items():
-                d = [get(avg) - get(mx) for mx, avg in pairs]
+                # V is undefined (NaN) for a model with no judged adversarial example: that pair is left out
+                kept = [(s, get(avg) - get(mx)) for s, (mx, avg) in zip(used, pairs, strict=True)]
+                kept = [(s, v) for s, v in kept if math.isfinite(v)]
+                if not kept:
+                    continue
+                d = [v for _s, v in kept]
                 mean, lo, hi = t_interval(d)
                 interval = f"t over {len(d)} seed pairs" if len(d) >= 2 else "none"
                 if len(d) == 1 and metric in CI_KEYS:
-                    mx, avg = pairs[0]
+                    mx, avg = by[("max", kept[0][0])], by[("avg", kept[0][0])]
                     lo, hi = newcombe_interval(get(avg), avg[CI_KEYS[metric]], get(mx), mx[CI_KEYS[metric]])
                     interval = f"Newcombe over {avg['n']} test images (one pair)"
                 diffs.append({"comparison": group, "training": training, "eps": eps, "metric": metric,
-                              "seeds": ",".join(str(s) for s in used), "n_pairs": len(d),
+                              "seeds": ",".join(str(s) for s, _v in kept), "n_pairs": len(d),
                               "avg_minus_max": mean, "ci_low": lo, "ci_high": hi, "interval": interval,
                               "per_seed": [float(v) for v in d]})  # fmt: skip
     return diffs, excluded
@@ -355,12 +368,17 @@ def describe_settings(settings: Mapping[str, Any]) -> str:
     """The reconstructed choices a study used, in words (for the report and the closing note)."""
     inv = settings.get("inverter") or {}
     eps = ", ".join(f"{e:g}" for e in settings.get("eps", []))
+    if inv.get("method") == "optim":
+        how = (f"optimisation inversion ({inv.get('steps')} Adam steps, lr {inv.get('lr')}, μ = {inv.get('tv')}, "
+               "from the mean image)")  # fmt: skip
+    else:
+        how = (f"GAN-free decoders G_l trained on {inv.get('train_images')} clean training images ({inv.get('epochs')} "
+               f"epochs, batches of {inv.get('batch_size')}, losses λ_img/λ_feat/λ_cls = {inv.get('lambda_img')}/"
+               f"{inv.get('lambda_feat')}/{inv.get('lambda_cls')}, squared norms: {inv.get('reduction')})")  # fmt: skip
     return (f"L∞ PGD-{settings.get('steps')} at ε = {eps} (α = {settings.get('alpha')}, random start) on the first "
             f"{settings.get('n')} test images; the diagnosis on the first {settings.get('diag_n')} of them, "
-            f"explanations by {'optimisation inversion' if inv.get('method') == 'optim' else inv.get('method')} "
-            f"({inv.get('steps')} Adam steps, lr {inv.get('lr')}, μ = {inv.get('tv')}, from the mean image), "
-            f"read by the judge {settings.get('judge')}; Spearman intervals from {settings.get('resamples')} "
-            "bootstrap resamples")  # fmt: skip
+            f"explanations by {how}, read by the judge {settings.get('judge')}; Spearman intervals from "
+            f"{settings.get('resamples')} bootstrap resamples")  # fmt: skip
 
 
 def read_study(folder: str | Path) -> dict[str, Any]:
@@ -379,12 +397,28 @@ def read_study(folder: str | Path) -> dict[str, Any]:
 # the study
 
 
-def study_settings(a: argparse.Namespace) -> tuple[dict[str, Any], InversionSettings]:
-    inversion = InversionSettings(steps=a.inversion_steps)
+def study_settings(a: argparse.Namespace) -> tuple[dict[str, Any], InversionSettings | DecoderSettings]:
+    """The settings every row records, and the inverter's settings."""
+    inv: InversionSettings | DecoderSettings
+    if a.inverter == "optim":
+        inv = InversionSettings(steps=a.inversion_steps)
+        described: dict[str, Any] = {"method": "optim", **asdict(inv)}
+    else:
+        inv = DecoderSettings(epochs=a.decoder_epochs, batch_size=a.decoder_batch_size, seed=a.seed)
+        described = {"method": "decoder", "train_images": a.decoder_n, **asdict(inv)}
     settings = {"eps": [float(e) for e in a.eps.split(",")], "steps": a.steps, "alpha": a.alpha, "n": a.n,
-                "diag_n": a.diag_n, "inverter": {"method": "optim", **asdict(inversion)}, "resamples": a.resamples,
+                "diag_n": a.diag_n, "inverter": described, "resamples": a.resamples,
                 "judge": a.judge, "seed": a.seed, "random_start": True}  # fmt: skip
-    return settings, inversion
+    return settings, inv
+
+
+def make_inverter(model: nn.Module, name: str, inv: InversionSettings | DecoderSettings, x_train: torch.Tensor,
+                  x_mean: torch.Tensor, folder: Path, model_id: str) -> Inverter:  # fmt: skip
+    """The model's inverter: an optimisation inversion, or decoders kept in FOLDER/NAME (trained once
+    per model and shared by its ε rows; a rerun loads them when their cards match)."""
+    if isinstance(inv, InversionSettings):
+        return OptimisationInverter(model, x_mean, inv)
+    return DecoderBank(model, folder / name, x_train, inv, model_id)
 
 
 def members(only: str | None) -> list[Member]:
@@ -409,7 +443,7 @@ def run_study(a: argparse.Namespace) -> dict[str, Any]:
     from ..models.resolve import resolve_model
     from ..store import model_hash
 
-    settings, inversion = study_settings(a)
+    settings, inv = study_settings(a)
     folder = a.out / "models"
     folder.mkdir(parents=True, exist_ok=True)
     shipped = set(resources.checkpoint_names())
@@ -439,6 +473,7 @@ def run_study(a: argparse.Namespace) -> dict[str, Any]:
             judge, _ = resolve_model(a.judge)
             judge_hash = model_hash(judge)
         got = []
+        inverter: Inverter | None = None
         for eps in settings["eps"]:
             want = row_settings(settings, eps, ckpt, judge_hash)
             hit = next((r for r in stored if r["settings"] == want), None)
@@ -452,14 +487,19 @@ def run_study(a: argparse.Namespace) -> dict[str, Any]:
             if data is None:
                 data = load_dataset("fashion-mnist", None, seed=a.seed)
             x, y = data.test.x[: a.n], data.test.y[: a.n]
+            x_mean = data.train.x.mean(0)
+            if inverter is None:
+                x_train = data.train.subset(min(a.decoder_n, len(data.train)), seed=a.seed).x
+                inverter = make_inverter(model, m.name, inv, x_train, x_mean, a.decoder_dir, ckpt)
             log.info("IG-1: %s at ε = %g", m.name, eps)
-            row = model_row(m.name, model, card, x, y, data.train.x.mean(0), judge, eps, a.steps, a.alpha,
-                            a.diag_n, inversion, a.resamples, a.seed, want)  # fmt: skip
+            row = model_row(m.name, model, card, x, y, x_mean, judge, eps, a.steps, a.alpha, a.diag_n, inverter,
+                            a.resamples, a.seed, want)  # fmt: skip
             stored = [r for r in stored if float(r["eps"]) != float(eps)] + [row]
             write_rows(path, m.name, stored)  # saved at once: an interrupted study resumes here
             got.append(row)
         for r in got:
-            rows.append({**r, **desc, "group": m.group, "stale": stale})
+            # the family's seed pairs the models (a card's training seed need not be that number)
+            rows.append({**r, **desc, "seed": m.seed, "group": m.group, "stale": stale})
     diffs, excluded = comparisons(rows)
     study = {"settings": settings, "family": [asdict(m) for m in family()], "models": rows, "differences": diffs,
              "excluded": excluded, "skipped": skipped, "note": note(diffs, excluded, skipped)}  # fmt: skip
@@ -479,8 +519,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--alpha", type=float, default=0.01)
     p.add_argument("--n", type=int, default=300)
-    p.add_argument("--diag-n", type=int, default=16)
-    p.add_argument("--inversion-steps", type=int, default=40)
+    p.add_argument("--diag-n", type=int, default=100)
+    p.add_argument("--inverter", choices=("decoder", "optim"), default="decoder",
+                   help="GAN-free decoders G_l (METHODS §8.3) or optimisation inversion")  # fmt: skip
+    p.add_argument("--decoder-n", type=int, default=1000, help="clean training images per decoder")
+    p.add_argument("--decoder-epochs", type=int, default=3)
+    p.add_argument("--decoder-batch-size", type=int, default=32)
+    p.add_argument("--decoder-dir", type=Path, default=Path("runs/ig1-decoders"),
+                   help="where the decoders are kept between runs (a cache, not results)")  # fmt: skip
+    p.add_argument("--inversion-steps", type=int, default=40, help="with --inverter optim")
     p.add_argument("--resamples", type=int, default=200)
     p.add_argument("--judge", default=JUDGE)
     p.add_argument("--seed", type=int, default=0)

@@ -47,31 +47,35 @@ class DiagnoseOptions:
     ReLU output and pooling layer in forward order); eps / steps: the L∞ PGD (None: the evaluate
     stage's pgd-linf settings, so its stored examples are reused); attack_all: attack the whole
     analysed split as evaluate does (a store hit when evaluate ran) and take the prefix;
-    inverter: "optim" (Mahendran–Vedaldi inversion, training-free) or "decoder" (G_l trained on
-    `decoder_n` clean training images; checkpoints with cards under RUN/decoders, reused on
-    --resume); judge: a checkpoint read as the independent judge (None: fmnist-smallcnn-pat,
-    or TRADES when the model is PAT; "self": the analysed model); resamples: bootstrap over
-    images; show: adversarial examples drawn as strips; study: IG-1 folder to show (None:
-    the study shipped in the package, results/ig1-fmnist.json)."""
+    inverter: "decoder" (METHODS §1.5's GAN-free G_l, trained on `decoder_n` clean training
+    images with DecoderSettings; checkpoints with cards under RUN/decoders, reused on --resume) or
+    "optim" (Mahendran–Vedaldi inversion, training-free; the default run's choice);
+    decoder_reduction: "sum" (METHODS' squared norms) or "mean" (see DecoderSettings); judge: a
+    checkpoint read as the independent judge (None: fmnist-smallcnn-pat, or TRADES when the model
+    is PAT; "self": the analysed model); resamples: bootstrap over images; show: adversarial
+    examples drawn as strips; study: IG-1 folder to show (None: the study shipped in the package,
+    results/ig1-fmnist.json)."""
 
     n: int = 100
     layers: list[str] | None = None
     eps: float | str | None = None
     steps: int | None = None
     attack_all: bool = True
-    inverter: str = "optim"
+    inverter: str = "decoder"
     inversion_steps: int = 500
     inversion_lr: float = 0.05
     tv: float = 1e-3
     tv_beta: float = 2.0
-    decoder_n: int = 5000
+    decoder_n: int = 2000
     # the decoder's settings default to DecoderSettings' own (one source for them)
     decoder_epochs: int = DecoderSettings.epochs
+    decoder_batch_size: int = DecoderSettings.batch_size
     lambda_img: float = DecoderSettings.lambda_img
     lambda_feat: float = DecoderSettings.lambda_feat
     lambda_cls: float = DecoderSettings.lambda_cls
     lambda_adv: float = DecoderSettings.lambda_adv
     gan: bool = DecoderSettings.gan
+    decoder_reduction: str = DecoderSettings.reduction
     judge: str | None = None
     resamples: int = 1000
     show: int = 4
@@ -80,7 +84,7 @@ class DiagnoseOptions:
     def __post_init__(self) -> None:
         if self.inverter not in INVERTERS:
             raise UserError(f"diagnose: inverter must be one of {', '.join(INVERTERS)}, got {self.inverter!r}")
-        for name in ("n", "inversion_steps", "decoder_n", "decoder_epochs"):
+        for name in ("n", "inversion_steps", "decoder_n", "decoder_epochs", "decoder_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"diagnose: {name} must be an integer >= 1, got {v!r}")
@@ -98,13 +102,16 @@ class DiagnoseOptions:
     def inversion(self) -> InversionSettings:
         return InversionSettings(steps=self.inversion_steps, lr=self.inversion_lr, tv=self.tv, tv_beta=self.tv_beta)
 
-    def decoder(self) -> DecoderSettings:
-        return DecoderSettings(epochs=self.decoder_epochs, lambda_img=self.lambda_img, lambda_feat=self.lambda_feat,
-                               lambda_cls=self.lambda_cls, lambda_adv=self.lambda_adv, gan=self.gan)  # fmt: skip
+    def decoder(self, seed: int = 0) -> DecoderSettings:
+        return DecoderSettings(epochs=self.decoder_epochs, batch_size=self.decoder_batch_size,
+                               lambda_img=self.lambda_img, lambda_feat=self.lambda_feat,
+                               lambda_cls=self.lambda_cls, lambda_adv=self.lambda_adv, gan=self.gan,
+                               reduction=self.decoder_reduction, seed=seed)  # fmt: skip
 
 
-# The default run: 32 images, 40 inversion steps, 200 bootstrap resamples.
-QUICK_DIAGNOSE: dict[str, Any] = {"n": 32, "inversion_steps": 40, "resamples": 200, "show": 3}
+# The default run: 32 images explained by 40-step optimisation inversions (the decoders, trained once
+# per model, do not fit its 20 s share), 200 bootstrap resamples.
+QUICK_DIAGNOSE: dict[str, Any] = {"n": 32, "inverter": "optim", "inversion_steps": 40, "resamples": 200, "show": 3}
 
 
 def _check(model: nn.Module, opts: DiagnoseOptions) -> None:
@@ -207,7 +214,7 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         inverter = OptimisationInverter(ctx.model, x_mean, opts.inversion())
     else:
         x_train = ctx.data.train.subset(min(opts.decoder_n, len(ctx.data.train)), seed=ctx.config.seed).x
-        inverter = DecoderBank(ctx.model, ctx.run.path / "decoders", x_train, opts.decoder(),
+        inverter = DecoderBank(ctx.model, ctx.run.path / "decoders", x_train, opts.decoder(ctx.config.seed),
                                ctx.store.model_hash(ctx.model))  # fmt: skip
     try:
         diag: Diagnosis = ctx.store.memo(
@@ -280,8 +287,9 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     how = (f"optimisation inversion ({opts.inversion_steps} Adam steps, lr {opts.inversion_lr:g}, μ = {opts.tv:g}, "
            f"TV^{opts.tv_beta:g}, from the mean image)" if opts.inverter == "optim" else
-           f"decoders G_l trained on {inv['train_images']} clean images ({opts.decoder_epochs} epochs, "
-           f"λ_img {opts.lambda_img:g}, λ_feat {opts.lambda_feat:g}, λ_cls {opts.lambda_cls:g}, "
+           f"decoders G_l trained on {inv['train_images']} clean images ({opts.decoder_epochs} epochs in batches of "
+           f"{opts.decoder_batch_size}, λ_img {opts.lambda_img:g}, λ_feat {opts.lambda_feat:g}, λ_cls "
+           f"{opts.lambda_cls:g} on squared norms ({opts.decoder_reduction}), "
            f"GAN {'on, λ_adv ' + format(opts.lambda_adv, 'g') if opts.gan else 'off'})")  # fmt: skip
     text = (
         f"{n} images, the {attack.describe().get('steps')}-step L∞ PGD at ε = {parse_eps(ev.eps):g} "
