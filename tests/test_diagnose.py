@@ -534,6 +534,24 @@ def test_diagnose_stage_end_to_end(tmp_path: Path, fmnist: Any) -> None:
     assert (run / "figures" / "diagnose_ig1.png").is_file() and "IG-1" in entry["text"]
 
 
+def test_diagnose_stage_with_decoders_keeps_them_as_checkpoints_with_cards(tmp_path: Path, fmnist: Any) -> None:
+    from robustdissect.config import RunConfig
+    from robustdissect.pipeline import run_pipeline
+
+    stages = {"diagnose": {"n": 8, "inverter": "decoder", "decoder_n": 64, "decoder_epochs": 1, "resamples": 10,
+                           "show": 1, "steps": 3}}  # fmt: skip
+    run = run_pipeline(RunConfig(model="fmnist-smallcnn-vanilla", n=8, quick=False, stages=stages), tmp_path / "run")
+    entry = json.loads((run / "results.json").read_text())["stages"]["diagnose"]
+    layers = [r["layer"] for r in entry["layers"][1:]]
+    assert entry["inverter"]["method"] == "decoder" and entry["inverter"]["reduction"] == "sum"
+    assert sorted(entry["decoders"]["trained"]) == sorted(layers) and entry["decoders"]["loaded"] == []
+    cards = {c.stem: json.loads(c.read_text()) for c in (run / "decoders").glob("*.json")}
+    assert set(cards) == set(layers) and all((run / "decoders" / f"{n}.safetensors").is_file() for n in cards)
+    assert cards["pool1"]["n_train"] == 64 and cards["pool1"]["settings"]["batch_size"] == 32
+    assert "decoders G_l trained on 64 clean images" in entry["text"]
+    assert all(r["R"] >= 0.0 for r in entry["layers"][1:])
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
