@@ -298,8 +298,9 @@ class DecoderSettings:
     over the batch (`reduction` "sum", METHODS' form). `reduction` "mean" takes per-element means
     instead and divides the latent term by mean h², which weighs CE about C·H·W times more against
     the pixel term: G_pool3 of fmnist-smallcnn-vanilla (2,000 images, 3 epochs) reconstructed 300
-    test images with R = 0.69 against 0.61 for "sum" (batches of 128). Adam at `lr`, `epochs` over the images, batches of
-    `batch_size`, seeded by (`seed`, layer name); `width` None: min(128, max(32, C_l))."""
+    test images with R = 0.69 against 0.61 for "sum" (batches of 128). Adam at `lr`, `epochs` over
+    the images, batches of `batch_size`, seeded by (`seed`, layer name); `width` None:
+    min(128, max(32, C_l))."""
 
     epochs: int = 3
     batch_size: int = 32  # more, smaller steps: at pool3, 1,000 images in batches of 32 gave R 0.56, 2,000 in 128s 0.61
