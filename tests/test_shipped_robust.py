@@ -18,10 +18,6 @@ from robustdissect.resources import read_train_config, train_presets
 # The committed presets, in the checkout (the package reads the same files as resources).
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "robustdissect" / "configs" / "train"
 ROBUST = ["fmnist-smallcnn-pat", "fmnist-smallcnn-avg-pat", "fmnist-smallcnn-sns"]
-# Presets changed after their checkpoint was shipped, the retraining queued: the settings the
-# shipped card still has. avg-pat moved to the 20-epoch PAT preset (IG-1 like for like); the IG-1
-# study leaves a stale checkpoint out of its comparisons. Remove the entry once it is retrained.
-AWAITING_RETRAIN: dict[str, dict[str, object]] = {"fmnist-smallcnn-avg-pat": {"epochs": 10}}
 
 
 def test_every_shipped_checkpoint_has_its_config() -> None:
@@ -37,9 +33,7 @@ def test_every_shipped_checkpoint_has_its_config() -> None:
         assert read_train_config(name) == cfg, name
         # Every setting of the committed config is the one the checkpoint was trained with.
         stale = {k: card["train_config"].get(k) for k in cfg if card["train_config"].get(k) != cfg[k]}
-        assert stale == AWAITING_RETRAIN.get(name, {}), (
-            f"{name} now matches its preset: remove it from AWAITING_RETRAIN" if not stale else name
-        )
+        assert stale == {}, (name, stale)
         assert card["objective"]["name"] == cfg.get("objective", "vanilla"), name
 
 
