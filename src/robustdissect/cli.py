@@ -493,7 +493,7 @@ def diagnose(
         int | None, typer.Option("--inversion-steps", min=1, help="Adam steps of the inversion (default 500)")
     ] = None,
     decoder_n: Annotated[
-        int | None, typer.Option("--decoder-n", min=1, help="clean training images for G_l (default 2000)")
+        int | None, typer.Option("--decoder-n", min=1, help="clean training images for G_l (default 1000)")
     ] = None,
     decoder_epochs: Annotated[int | None, typer.Option("--decoder-epochs", min=1, help="default 3")] = None,
     gan: Annotated[bool, typer.Option("--gan", help="add the GAN term to the decoders (GPU runs)")] = False,
