@@ -519,6 +519,9 @@ def test_diagnose_stage_end_to_end(tmp_path: Path, fmnist: Any) -> None:
     res = json.loads((run / "results.json").read_text())
     entry = res["stages"]["diagnose"]
     assert entry["judge"] == "fmnist-smallcnn-pat"
+    # the evaluate stage's attack, early-stopped, so a run that evaluated reuses its examples
+    assert entry["attack"]["early_stop"] is True and entry["attack"]["steps"] == 5
+    assert "each image kept at its first successful step" in entry["text"]
     rows = read_table(run / "tables" / "diagnose_layers.csv")
     assert [r["layer"] for r in rows][:4] == ["input", "relu1", "relu2", "pool1"]
     v = [float(r["V"]) for r in rows]
@@ -550,6 +553,25 @@ def test_diagnose_stage_with_decoders_keeps_them_as_checkpoints_with_cards(tmp_p
     assert cards["pool1"]["n_train"] == 64 and cards["pool1"]["settings"]["batch_size"] == 32
     assert "decoders G_l trained on 64 clean images" in entry["text"]
     assert all(r["R"] >= 0.0 for r in entry["layers"][1:])
+
+
+def test_diagnose_cli_without_early_stop_attacks_to_the_last_step(tmp_path: Path, cli: Any) -> None:
+    from robustdissect.attacks import make_attack
+    from robustdissect.evaluation import EvaluateOptions
+
+    out = tmp_path / "deep"
+    code, _out, err = cli(["diagnose", "--n", "8", "--steps", "4", "--no-early-stop", "--inverter", "optim",
+                           "--inversion-steps", "2", "--out", str(out)])  # fmt: skip
+    assert code == 0, err
+    entry = json.loads((out / "results.json").read_text())["stages"]["diagnose"]
+    assert entry["attack"]["early_stop"] is False and entry["attack"]["steps"] == 4
+    assert "every step run, the highest-loss successful iterate kept" in entry["text"]
+    # the same PGD as the evaluate stage's otherwise: its step rule and budget
+    ev = EvaluateOptions()
+    reference = make_attack("pgd-linf", eps=0.1, steps=4, step_rule=ev.step_rule, early_stop=False).describe()
+    assert {k: entry["attack"][k] for k in ("eps", "alpha", "step_rule", "keep")} == {
+        k: reference[k] for k in ("eps", "alpha", "step_rule", "keep")
+    }
 
 
 @pytest.mark.parametrize(

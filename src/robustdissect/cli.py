@@ -485,6 +485,11 @@ def diagnose(
     ] = None,
     eps: Annotated[str | None, typer.Option("--eps", help="L-inf PGD budget (default: the evaluate stage's)")] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=1, max=100_000, help="PGD steps")] = None,
+    early_stop: Annotated[
+        bool | None,
+        typer.Option("--early-stop/--no-early-stop",
+                     help="stop PGD at each image's first success (default: as the evaluate stage, on)"),
+    ] = None,
     inverter: Annotated[
         str | None,
         typer.Option("--inverter", help="decoder (trained G_l; default) or optim (training-free inversion)"),
@@ -526,6 +531,8 @@ def diagnose(
         options["eps"] = _eps(eps, "--eps", True)
     if steps is not None:
         options["steps"] = steps
+    if early_stop is not None:
+        options["early_stop"] = early_stop
     if judge is not None:
         if judge != "self":
             _check_checkpoint(judge)
