@@ -16,8 +16,8 @@ the comparisons with the reason.
 
 Per model and ε: clean and L∞ PGD-`steps` accuracy (α = `alpha`, random start) on the first `n`
 test images with Wilson intervals; on the first `diag_n` of them the layer diagnosis of
-`analysis.diagnose` (V_l, V_l^soft read by one fixed judge for every model, IL_l by the
-optimisation inversion, A_l). Each row is saved in OUT/models/NAME.json as soon as it is computed,
+`analysis.diagnose` (V_l, V_l^soft read by one fixed judge for every model, IL_l from the
+model's decoders G_l or, with `--inverter optim`, the optimisation inversion, A_l). Each row is saved in OUT/models/NAME.json as soon as it is computed,
 with its settings (including the SHA-256 of the model's and the judge's weights): a rerun reuses a
 row only when its settings are unchanged, so an interrupted study resumes, a retrained checkpoint
 or changed settings are recomputed, and seeds shipped later are added by rerunning the command.
@@ -519,7 +519,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--alpha", type=float, default=0.01)
     p.add_argument("--n", type=int, default=300)
-    p.add_argument("--diag-n", type=int, default=100)
+    p.add_argument("--diag-n", type=int, default=300, help="images diagnosed (a prefix of the --n images)")
     p.add_argument("--inverter", choices=("decoder", "optim"), default="decoder",
                    help="GAN-free decoders G_l (METHODS §8.3) or optimisation inversion")  # fmt: skip
     p.add_argument("--decoder-n", type=int, default=1000, help="clean training images per decoder")
