@@ -17,10 +17,11 @@ the comparisons with the reason.
 Per model and ε: clean and L∞ PGD-`steps` accuracy (α = `alpha`, random start) on the first `n`
 test images with Wilson intervals; on the first `diag_n` of them the layer diagnosis of
 `analysis.diagnose` (V_l, V_l^soft read by one fixed judge for every model, IL_l from the
-model's decoders G_l or, with `--inverter optim`, the optimisation inversion, A_l). Each row is saved in OUT/models/NAME.json as soon as it is computed,
-with its settings (including the SHA-256 of the model's and the judge's weights): a rerun reuses a
-row only when its settings are unchanged, so an interrupted study resumes, a retrained checkpoint
-or changed settings are recomputed, and seeds shipped later are added by rerunning the command.
+model's decoders G_l or, with `--inverter optim`, the optimisation inversion, A_l). Each row is
+saved in OUT/models/NAME.json as soon as it is computed, with its settings (including the SHA-256
+of the model's and the judge's weights): a rerun reuses a row only when its settings are
+unchanged, so an interrupted study resumes, a retrained checkpoint or changed settings are
+recomputed, and seeds shipped later are added by rerunning the command.
 
 Across models, per comparison, training type and ε: the avg − max difference (positive: average
 pooling higher) of clean and PGD accuracy, and of IL, V and V^soft summed over the pooling layers;
