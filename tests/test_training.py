@@ -27,12 +27,19 @@ def test_same_seed_same_weights(tmp_path: Path, fmnist) -> None:
     assert len(a.history) == 2 and a.card["epochs"] == 2
 
 
-def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, fmnist) -> None:
-    full = train(CFG, tmp_path / "full", data=fmnist)
+@pytest.mark.parametrize("kind", ["zoo", "user"])
+def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, fmnist, kind: str) -> None:
+    cfg = CFG
+    if kind == "user":  # the user's file.py:factory model (see test_training_user.py)
+        from test_training_user import write_net
+
+        spec = f"{write_net(tmp_path / 'code')}:make"
+        cfg = TrainConfig(**{**CFG.__dict__, "model": spec, "model_args": {"in_channels": 1}})
+    full = train(cfg, tmp_path / "full", data=fmnist)
     with pytest.raises(KeyboardInterrupt):
-        train(CFG, tmp_path / "cut", objective=interrupt_at(Vanilla(), 1), data=fmnist)
+        train(cfg, tmp_path / "cut", objective=interrupt_at(Vanilla(), 1), data=fmnist)
     assert (tmp_path / "cut" / "state.pt").is_file() and not (tmp_path / "cut" / "model.safetensors").exists()
-    resumed = train(CFG, tmp_path / "cut", resume=True, data=fmnist)
+    resumed = train(cfg, tmp_path / "cut", resume=True, data=fmnist)
     wf, wr = _weights(full.model), _weights(resumed.model)
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
     assert [h["epoch"] for h in resumed.history] == [1, 2]

@@ -7,6 +7,12 @@ same weights as an uninterrupted one.
 Under `torchrun --nproc_per_node N` the same call trains data-parallel (see `training.distributed`):
 each rank takes a disjoint shard of every global batch, gradients are averaged over the global
 batch, and rank 0 alone writes state.pt, the model and its card.
+
+The model is any classifier `models.resolve.resolve_model` accepts: a zoo architecture (built for
+the data's channels, classes and statistics), a checkpoint with its card (fine-tuned), or the
+user's `file.py:factory` / `pkg.module:factory` with `model_args` (and `init`, a plain weights file,
+as its starting weights). The card of a user model records the factory, its arguments and the
+command-line arguments that load the trained weights back (`loads_with`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -27,8 +34,9 @@ from torch import nn
 
 from ..data import DATASETS, Dataset, augment, load_dataset
 from ..errors import UserError, unknown_name
-from ..models import MODELS, build_model, save_checkpoint
-from ..models.resolve import resolve_model
+from ..models import MODELS, save_checkpoint
+from ..models.io import LogitsOnly, shipped_checkpoints
+from ..models.resolve import CHECKPOINT_SUFFIXES, list_models, resolve_model
 from ..modelutil import accuracy
 from ..runs import ERROR_LOG, LOCK, DirLock, atomic_write_bytes, atomic_write_text, check_writable_parent
 from . import distributed as ddp
@@ -39,7 +47,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "smallcnn"
+    model: str = "smallcnn"  # zoo architecture, checkpoint (name or .safetensors with card) or file.py:factory
     model_args: dict[str, Any] = field(default_factory=dict)
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
@@ -55,7 +63,9 @@ class TrainConfig:
     objective_args: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
-    init: str | None = None  # start from this checkpoint (shipped name or .safetensors path): fine-tuning
+    # start from these weights: a checkpoint with its card (shipped name or .safetensors path), or for a
+    # user factory (and a zoo model) a plain weights file (.safetensors without card, .pt, .pth)
+    init: str | None = None
     channels_last: bool = False  # NHWC memory format for model and batches
     amp: str | None = None  # "bf16": bfloat16 autocast for the training forward (inner attacks stay fp32)
     compile: bool | str = False  # torch.compile the model used for the steps; a string names the backend
@@ -83,7 +93,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         if not ok:
             raise UserError(f"{what}, got {value!r}")
 
-    need(isinstance(cfg.model, str) and bool(cfg.model.strip()), "model must be a zoo architecture name", cfg.model)
+    need(isinstance(cfg.model, str) and bool(cfg.model.strip()),
+         "model must be a zoo architecture, a checkpoint or file.py:factory", cfg.model)  # fmt: skip
     need(isinstance(cfg.model_args, dict), "model_args must be a mapping", cfg.model_args)
     need(isinstance(cfg.dataset, str) and bool(cfg.dataset.strip()), "dataset must be a name", cfg.dataset)
     need(cfg.data_dir is None or isinstance(cfg.data_dir, str), "data_dir must be a path or null", cfg.data_dir)
@@ -155,11 +166,69 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def model_kind(spec: str) -> str:
+    """How `resolve_model` reads `spec`: "checkpoint", "zoo" or "user" (file.py:factory)."""
+    if spec in shipped_checkpoints() or spec.endswith(CHECKPOINT_SUFFIXES):
+        return "checkpoint"
+    if spec in MODELS:
+        return "zoo"
+    if ":" in spec:
+        return "user"
+    raise unknown_name("model", spec, list_models())
+
+
+def _init_is_weights(cfg: TrainConfig) -> bool:
+    """Whether `cfg.init` is a plain weights file applied by `resolve_model` (user factories always;
+    zoo models when no card lies beside the file) rather than a checkpoint with its card."""
+    if cfg.init is None:
+        return False
+    kind = model_kind(cfg.model)
+    if kind == "user":
+        return True
+    path = Path(cfg.init)
+    return kind == "zoo" and path.suffix in (".safetensors", ".pt", ".pth") and not path.with_suffix(".json").is_file()
+
+
 def make_model_for(cfg: TrainConfig, data: Dataset) -> nn.Module:
-    mean, std = data.channel_stats()
-    args = {"num_classes": data.num_classes, "in_channels": data.image_shape[0], "mean": mean, "std": std}
-    args.update(cfg.model_args)
-    return build_model(cfg.model, **args)
+    """The model to train, resolved by `resolve_model` for `data` (zoo models built for its channels,
+    classes and statistics; every model checked to give (N, classes) logits on its images), with
+    `cfg.init` loaded. Not in eval mode: the loop sets the mode."""
+    return _resolve(cfg, data)[0]
+
+
+def _resolve(cfg: TrainConfig, data: Dataset) -> tuple[nn.Module, dict[str, Any]]:
+    weights = cfg.init if _init_is_weights(cfg) else None
+    model, card = resolve_model(cfg.model, weights, cfg.model_args, data, require_weights=False)
+    if cfg.init and weights is None:
+        _load_init(model, cfg.init)
+    return model, card
+
+
+def bare_model(model: nn.Module) -> nn.Module:
+    """The user's own module inside the logits adapter `resolve_model` may add (tuple or dict
+    outputs): what is saved, so the weights load back into the factory's model."""
+    return model.inner if isinstance(model, LogitsOnly) else model
+
+
+def _load_back(cfg: TrainConfig, out: Path, resolved: dict[str, Any]) -> dict[str, Any]:
+    """Card entries for the trained model: the model spec, factory arguments and how to load it."""
+    weights = out / "model.safetensors"
+    kind = model_kind(cfg.model)
+    entry: dict[str, Any] = {"model": {"spec": cfg.model, "kind": kind, "factory_args": dict(cfg.model_args),
+                                       "init": cfg.init}}  # fmt: skip
+    if kind != "user":
+        entry["loads_with"] = f"--model {shlex.quote(str(weights))}"
+        return entry
+    target, factory = cfg.model.rsplit(":", 1)
+    if target.endswith(".py"):  # an absolute path: the command works from any folder
+        target = str(Path(target).resolve())
+    args = "".join(f" --model-arg {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in cfg.model_args.items())
+    entry.update(
+        arch=resolved.get("arch", {"name": cfg.model, **cfg.model_args}),
+        user_model=True,
+        loads_with=f"--model {shlex.quote(f'{target}:{factory}')} --weights {shlex.quote(str(weights))}{args}",
+    )
+    return entry
 
 
 
@@ -193,7 +262,7 @@ def train(
         _compile_backend(cfg.compile)  # an unknown backend fails before anything is written
     if data is None:
         DATASETS.get(cfg.dataset.split(":", 1)[0])  # name or name:PATH
-    MODELS.get(cfg.model)
+    model_kind(cfg.model)  # an unknown name fails before anything is written
     if objective is None:
         objective = make_objective(cfg)
     info = ddp.dist_env()
@@ -285,9 +354,7 @@ def _train(
     info: ddp.DistInfo,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)
-    model = make_model_for(cfg, data)
-    if cfg.init:
-        _load_init(model, cfg.init)
+    model, resolved = _resolve(cfg, data)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -409,13 +476,16 @@ def _train(
         "val_accuracy": round(history[-1]["val_acc"], 4) if history else None,
         "train_seconds": round(t_total, 1),
         "classes": list(data.classes),
+        "data_dir": cfg.data_dir,
+        **_load_back(cfg, out, resolved),
     }
     model.eval()
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    saved = bare_model(model)
+    bad = [k for k, v in saved.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UserError(f"training left non-finite weights in {bad[0]}; nothing was saved as a model; lower --lr")
     if info.is_main:
-        save_checkpoint(model, out / "model.safetensors", card)
+        save_checkpoint(saved, out / "model.safetensors", card)
         atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
     if info.active:
         ddp.barrier()
@@ -440,6 +510,10 @@ def make_objective(cfg: TrainConfig) -> Objective:
     take a `seed` get the run's seed unless the arguments name one."""
     factory = OBJECTIVES.get(cfg.objective)
     args = dict(cfg.objective_args)
+    if cfg.objective == "sns" and "reference" not in args and model_kind(cfg.model) == "user":
+        # the shipped reference is a Fashion-MNIST smallcnn: a user model selects its sensitive
+        # neurons on itself as training starts (its `init` weights, when given)
+        args["reference"] = "initial"
     try:
         params = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):

@@ -146,13 +146,13 @@ def sns_loss(features: dict[str, torch.Tensor], omega: dict[str, torch.Tensor], 
 @OBJECTIVES.register("sns", "Sensitive Neuron Stabilizing: L_adv + lambda * L_sns on the sensitive neurons of S "
                      "(variant brittle: the SNS bridge, Omega = the brittle units)")  # fmt: skip
 class SNS(PAT):
-    """SNS (see the module docstring). Options: layers (names, or k / "topk"; default "top3", for
-    `brittle` every conv layer), variant (sen, dyn, rand, all, brittle), lam (λ, 5.0), hook (conv |
-    relu), fraction (0.1), reference (checkpoint name/path or "initial"), select_n (training images
-    for `sen`, None = all), dyn_n (200), freeze (True), base_loss ("adv": the PAT loss of `mix`;
-    "clean": CE on clean images only), units_n (200) / units_reference_n (2000) / units_options
-    (FeatureOptions overrides) for `brittle`, plus PAT's eps, steps, alpha, step_rule,
-    random_start, mix, seed."""
+    """SNS (see the module docstring). Options: layers (names, or k / "topk"; default "top3", or every
+    conv layer of a model with fewer; for `brittle` every conv layer), variant (sen, dyn, rand, all,
+    brittle), lam (λ, 5.0), hook (conv | relu), fraction (0.1), reference (checkpoint name/path or
+    "initial"), select_n (training images for `sen`, None = all), dyn_n (200), freeze (True),
+    base_loss ("adv": the PAT loss of `mix`; "clean": CE on clean images only), units_n (200) /
+    units_reference_n (2000) / units_options (FeatureOptions overrides) for `brittle`, plus PAT's
+    eps, steps, alpha, step_rule, random_start, mix, seed."""
 
     name = "sns"
 
@@ -217,7 +217,8 @@ class SNS(PAT):
             brittle = self._brittle(self._reference(model), train, device)
             self.layers = list(brittle)
         else:
-            self.layers = parse_layers(model, "top3" if self.layers_spec is None else self.layers_spec, self.hook)
+            self.layers = parse_layers(model, self._default_layers(model) if self.layers_spec is None
+                                       else self.layers_spec, self.hook)  # fmt: skip
         self.paths = [resolve_layer(model, n) for n in self.layers]
         modules = dict(model.named_modules())
         self.frozen = frozen_prefix(model, self.layers) if self.freeze else []
@@ -244,6 +245,12 @@ class SNS(PAT):
         else:
             ref = self._reference(model)
             self.omega = self._select(ref, train, self.select_n, self.seed, device)
+
+    def _default_layers(self, model: nn.Module) -> str:
+        """S by default: the top three conv layers at the hook point, or every one of a model with
+        fewer (a small user model)."""
+        count = len(default_conv_layers(model, self.hook))
+        return f"top{min(3, count)}" if count else "top3"
 
     def _freeze_bn(self) -> None:
         for m in self._frozen_bn:
