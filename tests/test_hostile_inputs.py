@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from robustdissect.data.files import MAX_INPUT_ENV
 from robustdissect.errors import UserError
 from robustdissect.runs import LOCK, MARKER
 
@@ -152,6 +155,75 @@ def npz_run(**arrays: np.ndarray) -> Setup:
     return lambda tmp: ["run", "--data", "npz", "--data-dir", str(write_npz(tmp / "d.npz", **arrays)), "--out", "out"]
 
 
+def npy_header(shape: tuple[int, ...], descr: str) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def zip_of(*members: tuple[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """A zip archive of (name, content) members, as numpy.savez would write them."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=method) as zf:
+        for name, content in members:
+            zf.writestr(name, content)
+    return buf.getvalue()
+
+
+def write_npz_bomb(path: Path, images: int = 972_800, side: int = 64) -> Path:
+    """An .npz whose member 'x' declares and really holds (images, 1, side, side) uint8 zeros
+    (3.7 GiB by default) in a file of a few MB: one deflate block of 1024 zero images, made once
+    and repeated (a full flush resets the compressor, so every copy is the same bytes). The zip
+    structures are written by hand, below 4 GiB so no zip64 is needed; CRCs are not checked
+    before the data would be read, so zeros stand in for them."""
+    header = npy_header((images, 1, side, side), "|u1")
+    per_block = 1024
+    assert images % per_block == 0
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    stream = c.compress(header) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(bytes(per_block * side * side)) + c.flush(zlib.Z_FULL_FLUSH)
+    stream += block * (images // per_block) + c.flush()
+    x_size = len(header) + images * side * side
+    assert x_size < 2**32
+    y = npy_bytes(np.zeros(images, dtype=np.uint8))
+    members = [(b"x.npy", stream, x_size, zipfile.ZIP_DEFLATED, 0), (b"y.npy", y, len(y), 0, zlib.crc32(y))]
+    body, central = b"", b""
+    for name, data, size, method, crc in members:
+        local = struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, method, 0, 0, crc, len(data), size, len(name), 0)
+        central += struct.pack(
+            "<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, method, 0, 0, crc, len(data), size, len(name), 0, 0, 0, 0, 0,
+            len(body),
+        ) + name  # fmt: skip
+        body += local + name + data
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), len(body), 0)
+    path.write_bytes(body + central + end)
+    return path
+
+
+def npz_bomb_run(images: int = 972_800, side: int = 64) -> Setup:
+    def setup(tmp: Path) -> list[str]:
+        bomb = write_npz_bomb(tmp / "bomb.npz", images, side)
+        return ["run", "--data", "npz", "--data-dir", str(bomb), "--out", "out"]
+
+    return setup
+
+
+def with_env(setup: Setup, name: str, value: str) -> Setup:
+    """`setup`, run with the environment variable NAME=VALUE (reset by the `work` fixture)."""
+
+    def wrapped(tmp: Path) -> list[str]:
+        os.environ[name] = value
+        return setup(tmp)
+
+    return wrapped
+
+
 def raw_npz_run(data: bytes) -> Setup:
     def setup(tmp: Path) -> list[str]:
         (tmp / "d.npz").write_bytes(data)
@@ -231,6 +303,8 @@ def idx_truncated(tmp: Path) -> list[str]:
 
 
 x_ok, y_ok = good_images()
+X_NPY, Y_NPY = npy_bytes(x_ok), npy_bytes(y_ok)
+HUGE_HEADER = npy_header((10**12, 28, 28), "<f4")
 EVIL_YAML = "!!python/object/apply:os.system ['touch pwned']\n"
 ALIAS_BOMB = "model_args:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"  {c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdef", "bcdefg", strict=True)
@@ -308,6 +382,8 @@ CASES = [
     Case("config-quick-text", run_config("quick: sometimes\n"), "quick must be"),
     Case("config-dataset-number", run_config("dataset: 5\n"), "dataset must be"),
     Case("config-alias-bomb", run_config(ALIAS_BOMB), "more than"),
+    Case("config-too-large", run_config("n: 3\n" + "# padding\n" * 110_000), "larger than 1 MiB"),
+    Case("train-config-too-large", train_config("epochs: 3\n" + "# padding\n" * 110_000), "larger than 1 MiB"),
     Case("config-deeply-nested", run_config("n: " + "[" * 3000 + "]" * 3000 + "\n"), "nested too deeply"),
     # train --config and options
     Case("train-config-invalid-yaml", train_config("epochs: [1\n"), "not valid YAML"),
@@ -329,8 +405,10 @@ CASES = [
     Case("eps-inf", lambda t: ["evaluate", "--eps", "inf", "--out", "o"], "finite"),
     Case("eps-nan", lambda t: ["evaluate", "--eps", "nan", "--out", "o"], "finite"),
     Case("eps-huge", lambda t: ["evaluate", "--eps", "1e9", "--out", "o"], "above 1"),
-    Case("eps-negative", lambda t: ["evaluate", "--eps", "-0.1", "--out", "o"], "non-negative"),
-    Case("eps-zero", lambda t: ["evaluate", "--eps", "0", "--out", "o"], "positive"),
+    Case("eps-negative", lambda t: ["evaluate", "--eps", "-0.1", "--out", "o"], "--eps must be positive"),
+    Case("eps-zero", lambda t: ["evaluate", "--eps", "0", "--out", "o"], "--eps must be positive"),
+    Case("eps-l2-negative", lambda t: ["evaluate", "--eps-l2", "-1", "--out", "o"], "--eps-l2 must be positive"),
+    Case("eps-negative-text", lambda t: ["evaluate", "--eps", "-abc", "--out", "o"], "cannot read"),
     Case("eps-text", lambda t: ["evaluate", "--eps", "abc", "--out", "o"], "cannot read"),
     Case("eps-division-by-zero", lambda t: ["evaluate", "--eps", "1/0", "--out", "o"], "cannot read"),
     Case("eps-l2-inf", lambda t: ["evaluate", "--eps-l2", "inf", "--out", "o"], "--eps-l2"),
@@ -342,8 +420,18 @@ CASES = [
     Case("run-unknown-model", lambda t: ["run", "--model", "no-such-model", "--out", "o"], "no-such-model"),
     Case("run-unknown-dataset", lambda t: ["run", "--data", "imagenet", "--out", "o"], "unknown dataset"),
     # data files
-    Case("npz-empty-file", raw_npz_run(b""), "cannot read"),
-    Case("npz-random-bytes", raw_npz_run(os.urandom(300)), "cannot read"),
+    Case("npz-empty-file", raw_npz_run(b""), "not an .npz archive"),
+    Case("npz-random-bytes", raw_npz_run(os.urandom(300)), "not an .npz archive"),
+    Case("npz-random-bytes-with-zip-magic", raw_npz_run(b"PK\x03\x04" + os.urandom(300)), "not an .npz archive"),
+    Case("npz-single-npy", raw_npz_run(npy_bytes(x_ok)), "single .npy array"),
+    Case("npz-bomb", npz_bomb_run(), "inflates 1027x (3.7 MiB -> 3.7 GiB); refusing a likely zip bomb"),
+    Case("npz-bomb-over-limit", with_env(npz_bomb_run(), MAX_INPUT_ENV, "1G"), "(972800, 1, 64, 64)"),
+    Case("npz-declares-huge-shape", raw_npz_run(zip_of(("x.npy", HUGE_HEADER), ("y.npy", Y_NPY))), "input limit"),
+    Case("npz-truncated-member", raw_npz_run(zip_of(("x.npy", X_NPY[:-40]), ("y.npy", Y_NPY))), "truncated"),
+    Case("npz-member-not-npy", raw_npz_run(zip_of(("x.npy", b"hello"), ("y.npy", Y_NPY))), "not a readable .npy"),
+    Case("npz-bzip2-member", raw_npz_run(zip_of(("x.npy", X_NPY), ("y.npy", Y_NPY), method=12)), "compression method"),
+    Case("npz-limit-env-malformed", with_env(npz_run(x=x_ok, y=y_ok), MAX_INPUT_ENV, "lots"), MAX_INPUT_ENV),
+    Case("npz-over-env-limit", with_env(npz_run(x=x_ok, y=y_ok), MAX_INPUT_ENV, "1K"), "input limit of 1.0 KiB"),
     Case("npz-object-array", npz_run(x=np.array([{"a": 1}] * 20, dtype=object), y=y_ok), "object array"),
     Case("npz-missing-y", npz_run(x=x_ok), "'x' and 'y'"),
     Case("npz-nan", npz_run(x=np.full_like(x_ok, np.nan), y=y_ok), "NaN"),
@@ -389,6 +477,7 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     d = tmp_path / "work"
     d.mkdir()
     monkeypatch.chdir(d)
+    monkeypatch.delenv(MAX_INPUT_ENV, raising=False)  # restored after a case sets it
     yield d
 
 
@@ -491,6 +580,42 @@ def test_unexpected_error_one_line_log_in_partial_and_resumable(
     code, _, err = cli(["run", "--config", "none.yaml", "--out", "r", "--overwrite"])
     assert_one_line(code, err, 2, "does not exist")
     assert (work / "r.partial" / "error.log").is_file()
+
+
+BOMB_PROBE = """
+import resource, sys, time
+from robustdissect.data import load_dataset
+from robustdissect.errors import UserError
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+try:
+    load_dataset("npz", sys.argv[1])
+    print("loaded")
+except UserError as e:
+    print("refused:", e)
+print(time.perf_counter() - t0)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_npz_bomb_is_refused_from_its_headers_fast_and_with_flat_memory(tmp_path: Path) -> None:
+    """3.7 MiB on disk, 3.7 GiB inflated: refused before inflating (loading it would take tens of
+    seconds and the whole 3.7 GiB); the peak memory of the process barely moves."""
+    bomb = write_npz_bomb(tmp_path / "bomb.npz")
+    assert bomb.stat().st_size < 8 * 2**20
+    for limit in (None, "1G"):  # the ratio check, then the declared shape against the limit
+        env = {k: v for k, v in _env().items() if k != MAX_INPUT_ENV}
+        if limit:
+            env[MAX_INPUT_ENV] = limit
+        done = subprocess.run([sys.executable, "-c", BOMB_PROBE, str(bomb)], env=env, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        verdict, seconds, grown = done.stdout.strip().splitlines()
+        assert verdict.startswith("refused:") and ("zip bomb" in verdict or "input limit" in verdict), verdict
+        assert "allow_pickle" not in verdict
+        assert float(seconds) < 5.0  # inflating 3.7 GiB alone takes longer than this
+        assert int(grown) < 64 * 2**20, f"peak memory grew by {int(grown) / 2**20:.0f} MiB"
 
 
 # -- training ----------------------------------------------------------------------------------

@@ -155,14 +155,26 @@ def _count_values(data: Any, limit: int) -> int:
     return count
 
 
+MAX_CONFIG_BYTES = 2**20
+
+
 def load_yaml(path: str | Path, what: str = "config file") -> Any:
     """Parse a YAML file with safe loading; a missing, unreadable, invalid or oversized file is a
     UserError with one line."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} {p} does not exist" if not p.exists() else f"{what} {p} is not a file")
+    too_big = UserError(
+        f"{what} {p} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; a configuration is a few kB, not a data file"
+    )
     try:
-        text = p.read_text(encoding="utf-8")
+        if p.stat().st_size > MAX_CONFIG_BYTES:  # refused before a byte is parsed (PyYAML: ~1 s per MB)
+            raise too_big
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # a file that grows after the check is cut here
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise too_big
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {what} {p}: {e}") from None
     try:

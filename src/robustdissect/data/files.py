@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import warnings
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,23 +115,152 @@ def _hold_out(
 MIN_IMAGES = 10
 
 
-def _npz_array(arrays: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
-    """One array of an .npz, refusing object (pickled) arrays and unreadable members."""
-    try:
-        return np.asarray(arrays[key])
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise UserError(f"{path}: '{key}' is an object array; it would need unpickling, save numbers") from None
-        raise UserError(f"{path}: cannot read '{key}': {e}") from None
-    except MemoryError:
-        raise UserError(f"{path}: '{key}' is too large to load into memory") from None
-    except Exception as e:  # a corrupt member is the user's file problem
-        raise UserError(f"{path}: cannot read '{key}': {' '.join(str(e).split())[:200]}") from None
+# -- archives: every member is size-checked from its headers before a byte of data is inflated --
+DEFAULT_MAX_INPUT_BYTES = 4 * 2**30
+MAX_INPUT_ENV = "ROBUSTDISSECT_MAX_INPUT_BYTES"
+# Image arrays compress a few times (zeros ~1000x); a large member that inflates more than this
+# is refused as a likely zip bomb. Small members (labels, masks) may compress as they like.
+MAX_COMPRESSION_RATIO = 100
+RATIO_CHECK_ABOVE = 64 * 2**20
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-def _npz_split(arrays: np.lib.npyio.NpzFile, xkey: str, ykey: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    x = _npz_array(arrays, xkey, path)
-    y = _npz_array(arrays, ykey, path)
+def max_input_bytes() -> int:
+    """The most memory one input file may need once loaded: DEFAULT_MAX_INPUT_BYTES (4 GiB), or
+    the environment variable ROBUSTDISSECT_MAX_INPUT_BYTES (bytes, or with a K/M/G/T suffix)."""
+    text = os.environ.get(MAX_INPUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_INPUT_BYTES
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        raise UserError(f"{MAX_INPUT_ENV}={text!r}: expected a positive number of bytes, e.g. 4294967296 or 4G")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_input_size(needed: int, what: str) -> None:
+    """Refuse an input that would need more than `max_input_bytes()` of memory."""
+    limit = max_input_bytes()
+    if needed > limit:
+        raise UserError(
+            f"{what} would need {human_bytes(needed)} of memory, over the input limit of {human_bytes(limit)} "
+            f"(raise it with {MAX_INPUT_ENV}=BYTES if the file is trusted)"
+        )
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One .npy member of an archive, as its zip entry and its .npy header declare it."""
+
+    key: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.dtype.itemsize
+
+
+class NpzArchive:
+    """An .npz file read without numpy's loader: members are listed from the zip directory, each
+    one's .npy header is read first, and a member is inflated only once its declared shape,
+    dtype and compression ratio are within bounds. Never unpickles."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with path.open("rb") as f:
+                head = f.read(6)
+            is_zip = zipfile.is_zipfile(path)
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror}") from None
+        if not is_zip:
+            if head == b"\x93NUMPY":
+                raise UserError(f"{path} is a single .npy array, not an .npz archive with arrays 'x' and 'y'")
+            raise UserError(f"{path} is not an .npz archive (a zip of .npy arrays, as numpy.savez writes)")
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
+            raise UserError(f"{path} is not a readable .npz archive: {_short(e)}") from None
+        self._names = {(n[:-4] if n.endswith(".npy") else n): n for n in self._zip.namelist()}
+
+    def __enter__(self) -> NpzArchive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._zip.close()
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(self._names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._names
+
+    def header(self, key: str) -> _Member:
+        """The member's declared shape and dtype, checked against the zip entry's sizes."""
+        name = self._names[key]
+        info = self._zip.getinfo(name)
+        where = f"{self.path}: '{key}'"
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):  # what numpy.savez writes
+            raise UserError(f"{where} uses zip compression method {info.compress_type}; save with numpy.savez")
+        try:
+            with self._zip.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:  # 2.0 and 3.0 share the layout (3.0 allows UTF-8 field names)
+                    shape, _fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                offset = f.tell()
+        except Exception as e:  # not .npy data, a damaged header, a bad zip entry: the user's file
+            raise UserError(f"{where} is not a readable .npy array: {_short(e)}") from None
+        if dtype.hasobject:
+            raise UserError(f"{where} is an object array; it would need unpickling, save numbers")
+        if any(s < 0 for s in shape):
+            raise UserError(f"{where} declares a negative dimension in shape {shape}")
+        member = _Member(key, name, tuple(int(s) for s in shape), dtype)
+        check_input_size(member.nbytes, f"{where} (shape {member.shape}, {dtype})")
+        if info.file_size > RATIO_CHECK_ABOVE and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+            raise UserError(
+                f"{where} inflates {info.file_size / max(info.compress_size, 1):.0f}x "
+                f"({human_bytes(info.compress_size)} -> {human_bytes(info.file_size)}); refusing a likely zip bomb"
+            )
+        if info.file_size < offset + member.nbytes:
+            raise UserError(
+                f"{where} is truncated: its header declares shape {member.shape} of {dtype} "
+                f"({human_bytes(member.nbytes)}), the archive holds {human_bytes(max(info.file_size - offset, 0))}"
+            )
+        return member
+
+    def read(self, member: _Member) -> np.ndarray:
+        """Inflate one member (after `header` checked it)."""
+        try:
+            with self._zip.open(member.name) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except MemoryError:
+            raise UserError(f"{self.path}: '{member.key}' is too large to load into memory") from None
+        except Exception as e:  # a corrupt member (bad CRC, truncated stream) is the user's file problem
+            raise UserError(f"{self.path}: cannot read '{member.key}': {_short(e)}") from None
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _npz_split(x: np.ndarray, y: np.ndarray, xkey: str, ykey: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if x.ndim not in (3, 4):
         raise UserError(f"{path}: '{xkey}' must have shape (N, C, H, W), (N, H, W, C) or (N, H, W), got {x.shape}")
     if x.dtype == np.uint8:
@@ -160,22 +295,22 @@ def npz(data_dir: str | None = None, seed: int = 0) -> Dataset:
     path = Path(data_dir)
     if not path.is_file():
         raise UserError(f"npz file {path} does not exist")
-    try:
-        arrays = np.load(path, allow_pickle=False)
-    except Exception as e:  # empty, truncated, or not a zip archive: the user's file problem
-        raise UserError(f"cannot read {path} as .npz: {' '.join(str(e).split())[:200] or type(e).__name__}") from None
-    if not isinstance(arrays, np.lib.npyio.NpzFile):
-        raise UserError(f"{path} is a single .npy array, not an .npz archive with arrays 'x' and 'y'")
-    with arrays:
+    with NpzArchive(path) as arrays:
         if "x" not in arrays or "y" not in arrays:
-            raise UserError(f"{path} must contain arrays 'x' and 'y', found {sorted(arrays.files)}")
-        x, y = _npz_split(arrays, "x", "y", path)
-        if "x_test" in arrays and "y_test" in arrays:
-            xte, yte = _npz_split(arrays, "x_test", "y_test", path)
-            if xte.shape[1:] != x.shape[1:]:
-                raise UserError(f"{path}: x_test images are {tuple(xte.shape[1:])}, x images {tuple(x.shape[1:])}")
-        else:  # no test split in the file: analyse the file as given (train on it only if you mean to)
-            xte, yte = x, y
+            raise UserError(f"{path} must contain arrays 'x' and 'y', found {arrays.files}")
+        keys = ["x", "y", *(["x_test", "y_test"] if "x_test" in arrays and "y_test" in arrays else [])]
+        members = [arrays.header(k) for k in keys]
+        # the raw arrays, plus the float32 images and int64 labels made from them
+        needed = sum(m.nbytes + m.count * (4 if m.key.startswith("x") else 8) for m in members)
+        check_input_size(needed, f"{path} (arrays {', '.join(f'{m.key} {m.shape} {m.dtype}' for m in members)})")
+        loaded = {m.key: arrays.read(m) for m in members}
+    x, y = _npz_split(loaded["x"], loaded["y"], "x", "y", path)
+    if "x_test" in loaded:  # else no test split in the file: analyse it as given (train on it only if you mean to)
+        xte, yte = _npz_split(loaded["x_test"], loaded["y_test"], "x_test", "y_test", path)
+        if xte.shape[1:] != x.shape[1:]:
+            raise UserError(f"{path}: x_test images are {tuple(xte.shape[1:])}, x images {tuple(x.shape[1:])}")
+    else:
+        xte, yte = x, y
     num_classes = int(max(int(y.max()), int(yte.max()))) + 1
     train, val = split_train_val(x, y, val_size=max(1, len(y) // 10), seed=seed)
     classes = tuple(str(i) for i in range(num_classes))
