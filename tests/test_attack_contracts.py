@@ -23,6 +23,8 @@ FAST: dict[str, dict[str, Any]] = {
     "nattack": {"eps": 0.1, "population": 8, "iterations": 3},
     "apgd-ce": {"eps": 0.1, "steps": 5},
     "apgd-dlr": {"eps": 0.1, "steps": 5},
+    "square-linf": {"eps": 0.1, "queries": 12},
+    "square-l2": {"eps": 0.5, "queries": 12},
     "gaussian-noise": {"severity": 3},
     "shot-noise": {"severity": 3},
     "impulse-noise": {"severity": 3},

@@ -32,6 +32,7 @@ TINY = {
     "eps_sweep": [0.02, 0.1],
     "steps_sweep": [1, 5],
     "curve_n": 40,
+    "square_queries": 30,
 }
 
 
@@ -47,19 +48,31 @@ def test_evaluate_stage_table_worst_case_curves_and_store(tmp_path: Path, fmnist
         assert abs(float(r["ci_low"]) - lo) < 1e-5 and abs(float(r["ci_high"]) - hi) < 1e-5
     assert int(rows["spsa"]["n"]) == 20 and int(rows["pgd-linf"]["n"]) == 80
 
-    # the cascade reuses the stored table attacks and runs APGD only on the points still robust
+    # the worst case folds in every stored L-inf attack of the run (table, curves), then runs APGD
+    # and Square only on the points still robust
     items = {(i["parts"]["name"], i["parts"]["n"]): i for i in list_evidence(run) if i["kind"] == "adv"}
     pgd, _ = load_evidence(run, "adv", items[("pgd-linf", 80)]["key"])
     fgsm, _ = load_evidence(run, "adv", items[("fgsm", 80)]["key"])
     clean_ok = float(rows["clean"]["accuracy"]) * 80
-    robust_before_apgd = (pgd["correct"].bool() & fgsm["correct"].bool()).sum()
-    cascade = {r["attack"]: r for r in read_table(run / "tables" / "worst_case_cascade.csv")}
-    assert int(cascade["pgd-linf"]["attacked"]) == round(clean_ok)
-    assert int(cascade["apgd-ce"]["attacked"]) == int(robust_before_apgd)
+    cascade = read_table(run / "tables" / "worst_case_cascade.csv")
+    by_name = {r["attack"]: r for r in cascade}
+    names = [r["attack"] for r in cascade]
+    assert names[:2] == ["pgd-linf", "fgsm"] and names[-3:] == ["spsa", "apgd-ce", "square-linf"]
+    assert any("(curves)" in a for a in names)  # the PGD-1 of the steps sweep at eps is in it
+    assert int(by_name["pgd-linf"]["attacked"]) == round(clean_ok)
+    assert int(by_name["fgsm"]["attacked"]) == int(pgd["correct"].sum())
+    assert int(by_name["pgd-linf"]["attacked"]) - int(by_name["pgd-linf"]["broken"]) == int(pgd["correct"].sum())
+    robust_before_apgd = round(float(by_name["spsa"]["cumulative_accuracy"]) * 80)
+    assert robust_before_apgd <= int((pgd["correct"].bool() & fgsm["correct"].bool()).sum())
+    assert int(by_name["apgd-ce"]["attacked"]) == robust_before_apgd
     apgd = [i for (name, _n), i in items.items() if name == "apgd-ce"]
-    assert len(apgd) == 1 and apgd[0]["parts"]["n"] == int(robust_before_apgd)
-    worst = float(rows["worst case (L∞)"]["accuracy"]) * 80
-    assert round(worst) == int(robust_before_apgd) - int(cascade["apgd-ce"]["broken"])
+    assert len(apgd) == 1 and apgd[0]["parts"]["n"] == robust_before_apgd
+    square = [i for (name, _n), i in items.items() if name == "square-linf"]
+    assert len(square) == 1 and square[0]["parts"]["n"] == robust_before_apgd - int(by_name["apgd-ce"]["broken"])
+    worst = float(rows["worst case (L∞)"]["accuracy"])
+    assert worst == pytest.approx(float(cascade[-1]["cumulative_accuracy"]))
+    cumulative = [float(r["cumulative_accuracy"]) for r in cascade]
+    assert cumulative == sorted(cumulative, reverse=True)
 
     assert set(res["robust_accuracy"]) == {"fgsm", "pgd-linf", "spsa", "worst case (L∞)"}
     assert len(read_table(run / "tables" / "corruptions.csv")) == 10  # two corruptions x five severities
@@ -115,7 +128,7 @@ def test_stages_share_the_vanilla_attacks(tmp_path: Path, fmnist: Any) -> None:
     run = run_pipeline(RunConfig(n=40, stages=stages), tmp_path / "run")
     res = json.loads((run / "results.json").read_text())
     assert res["evidence"]["hits"]["adv"] >= 2 and res["evidence"]["misses"]["adv"] == 2
-    table = {r["model"]: r for r in read_table(run / "tables" / "training_comparison.csv")}
+    table = {r["model"]: r for r in read_table(run / "tables" / "compare_accuracy.csv")}
     evaluate = {r["attack"]: r for r in read_table(run / "tables" / "robust_accuracy.csv")}
     assert table["vanilla"]["pgd-linf"] == evaluate["pgd-linf"]["accuracy"]
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .attacks import ATTACKS, Attack, make_attack
+from .attacks.pgd import STEP_RULE_ALIASES, STEP_RULES
 from .config import parse_eps
 from .errors import UserError
 from .modelutil import model_device
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 # The columns of the neuron-sensitivity paper's Table III, then the reliable-evaluation extras.
 TABLE_ATTACKS = ("cw-l2", "pgd-l2", "pgd-linf", "fgsm", "spsa", "nattack", "apgd-ce", "apgd-dlr")
-BLACK_BOX = ("spsa", "nattack")
+BLACK_BOX = ("spsa", "nattack", "square-linf", "square-l2")
+SQUARE = {"linf": "square-linf", "l2": "square-l2"}
 CORRUPTION_NAMES = ("gaussian-noise", "shot-noise", "impulse-noise", "gaussian-blur", "contrast", "brightness", "jpeg")
 
 
@@ -59,11 +61,26 @@ class EvaluateOptions:
     grid_attack: str = "pgd-linf"
     batch_size: int = 500
     # white-box L-inf attacks of the worst case, in order (AutoAttack's cascade: each attack only on
-    # the points still robust); table attacks among them reuse their stored results
+    # the points still robust); table attacks among them reuse their stored results. The worst case
+    # itself is the per-image minimum over every attack of the threat model that the run computed.
     worst_case: list[str] = field(default_factory=lambda: ["pgd-linf", "fgsm", "apgd-ce", "apgd-dlr"])
+    # the Square attack (black-box) runs last on the points every other attack left robust, for the
+    # worst case of each norm listed; queries: the paper's 5,000 (0: no Square)
+    square_queries: int = 5000
+    square_norms: list[str] = field(default_factory=lambda: ["linf", "l2"])
     curves: bool = True  # accuracy against eps and steps, and the gradient-masking checks
     # any parameter an attack class takes, per attack: {"pgd-linf": {"alpha": 0.01, "restarts": 5}}
     attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Refuse bad attack settings before any stage runs: every attack of the table, the worst
+        case and `attack_options` is built once (dry construction), and an error names the option."""
+        if not isinstance(self.square_queries, int) or isinstance(self.square_queries, bool) or self.square_queries < 0:
+            raise UserError(f"square_queries must be an integer >= 0, got {self.square_queries!r}")
+        bad_norms = [n for n in self.square_norms if n not in SQUARE]
+        if bad_norms:
+            raise UserError(f"square_norms takes linf and/or l2, got {bad_norms}")
+        check_attack_options(self)
 
     def eps_grid(self) -> list[float]:
         """The ε values of the accuracy-against-ε sweep: explicit, or relative to ε."""
@@ -98,38 +115,93 @@ QUICK_EVALUATE = {
     "eps_sweep_relative": [0.5, 1.0, 2.0],
     "steps_sweep": [1, 5, 20],
     "corruptions": ["gaussian-noise"],
+    "square_queries": 300,
+    "square_norms": ["linf"],
 }
 
 
-def build_attack(name: str, opts: EvaluateOptions, seed: int) -> Attack:
-    """The evaluation's instance of a table attack; `opts.attack_options[name]` overrides any of
-    its parameters (unknown ones are refused with the list of those it takes)."""
-    extra = dict(opts.attack_options.get(name, {}))
-    if not isinstance(opts.attack_options.get(name, {}), dict):
+def check_attack_options(opts: EvaluateOptions) -> None:
+    """Build every attack the options can ask for, once with each `attack_options` entry alone and
+    once with all of them, so that a bad value is refused (UserError) with the option named."""
+    if not isinstance(opts.attack_options, dict):
+        raise UserError(f"attack_options must map attack -> {{parameter: value}}, got {opts.attack_options!r}")
+    for name, params in opts.attack_options.items():
+        ATTACKS.get(str(name))  # unknown attack names fail with close matches
+        if not isinstance(params, dict):
+            raise UserError(f"attack_options.{name} must be a mapping of parameter -> value, got {params!r}")
+        for param, value in params.items():
+            try:
+                build_attack(name, opts, 0, extra={param: value})
+            except (UserError, TypeError, ValueError) as e:
+                raise UserError(f"attack option {name}.{param}={value}: {_reason(e)}") from None
+        try:
+            build_attack(name, opts, 0)
+        except (UserError, TypeError, ValueError) as e:
+            given = ", ".join(f"{name}.{k}={v}" for k, v in params.items())
+            raise UserError(f"attack options {given}: {_reason(e)}") from None
+    eps = parse_eps(opts.eps)
+    for name in {*opts.attack_names(), *opts.worst_case, *(SQUARE[n] for n in opts.square_norms)}:
+        try:
+            attack = build_attack(name, opts, 0)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"attack '{name}': {_reason(e)}") from None
+        if name in opts.worst_case and (attack.norm != "linf" or not attack.white_box or attack.eps != eps):
+            raise UserError(f"evaluate: worst_case takes white-box L-inf attacks at eps={eps:g}; not '{name}'")
+
+
+def _reason(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def build_attack(
+    name: str,
+    opts: EvaluateOptions,
+    seed: int,
+    *,
+    extra: dict[str, Any] | None = None,
+    eps: float | None = None,
+    steps: int | None = None,
+) -> Attack:
+    """The evaluation's instance of a table attack; `opts.attack_options[name]` (or `extra`)
+    overrides any of its parameters (unknown ones are refused with the list of those it takes);
+    `eps` / `steps` replace the options' L-inf eps and PGD steps (the masking sweeps)."""
+    given = opts.attack_options.get(name, {}) if extra is None else extra
+    if not isinstance(given, dict):
         raise UserError(f"attack_options.{name} must be a mapping of parameter -> value")
+    extra = dict(given)
     if "eps" in extra:
         extra["eps"] = parse_eps(extra["eps"])
     if isinstance(extra.get("alpha"), str):  # a rule by name: "eps/sqrt(k)", "2.5eps/k", or a number
         text = extra.pop("alpha").strip()
-        try:
-            extra["alpha"] = parse_eps(text)
-        except UserError:
-            extra["step_rule"] = text
-    return _build_attack(name, opts, seed, extra)
+        rule = STEP_RULE_ALIASES.get(text.replace(" ", ""), text)
+        if rule in STEP_RULES:
+            extra["step_rule"] = rule
+        else:
+            try:
+                extra["alpha"] = parse_eps(text, name="alpha")
+            except UserError:
+                rules = ", ".join([*STEP_RULES, *STEP_RULE_ALIASES])
+                raise UserError(f"alpha must be a positive number or a step rule ({rules}), got {text!r}") from None
+    return _build_attack(name, opts, seed, extra, eps, steps)
 
 
-def _build_attack(name: str, opts: EvaluateOptions, seed: int, extra: dict[str, Any]) -> Attack:
-    eps, eps_l2 = parse_eps(opts.eps), parse_eps(opts.eps_l2)
+def _build_attack(
+    name: str, opts: EvaluateOptions, seed: int, extra: dict[str, Any], eps_: float | None, steps_: int | None
+) -> Attack:
+    eps = parse_eps(opts.eps) if eps_ is None else eps_
+    eps_l2 = parse_eps(opts.eps_l2)
+    pgd_steps = opts.pgd_steps if steps_ is None else steps_
     common: dict[str, Any] = {"seed": seed, "batch_size": opts.batch_size}
     def make(attack: str, **kwargs: Any) -> Attack:
         return make_attack(attack, **{**kwargs, **extra})
 
     if name == "pgd-linf":
-        return make(name, eps=eps, steps=opts.pgd_steps, step_rule=opts.step_rule, early_stop=True, **common)
+        return make(name, eps=eps, steps=pgd_steps, step_rule=opts.step_rule, early_stop=True, **common)
     if name == "pgd-l2":
-        return make(
-            name, eps=eps_l2, steps=opts.pgd_steps, step_rule=opts.step_rule, early_stop=True, **common
-        )
+        return make(name, eps=eps_l2, steps=pgd_steps, step_rule=opts.step_rule, early_stop=True, **common)
+    if name in ("square-linf", "square-l2"):
+        budget = eps if name == "square-linf" else eps_l2
+        return make(name, eps=budget, queries=max(1, opts.square_queries), **common)
     if name == "fgsm":
         return make(name, eps=eps, **common)
     if name == "cw-l2":

@@ -5,6 +5,7 @@
     result.x_adv, result.success, result.robust_accuracy
     rd.attacks.make_attack("apgd-ce", eps=0.1)(model, x, y)
     rd.attacks.worst_case(model, x, y, ["apgd-ce", "apgd-dlr"]).worst_case_accuracy
+    rd.attacks.make_attack("square-linf", eps=0.1, queries=1000)(model, x, y)   # black-box
 
 Every attack is registered in ATTACKS by name and shares the contract of `Attack.__call__`.
 """
@@ -30,6 +31,7 @@ from .masking import (
     OutputRandomness,
     accuracy_vs_eps,
     accuracy_vs_steps,
+    check_black_box_breaks,
     check_black_box_vs_white_box,
     check_large_eps,
     check_margin_vs_ce,
@@ -37,10 +39,12 @@ from .masking import (
     check_random_output,
     check_zero_gradients,
     masking_checks,
+    masking_warning,
     output_randomness,
     zero_gradient_share,
 )
 from .pgd import FGSM, PGD, PGDL2, PGDLinf
+from .square import Square, SquareL2, SquareLinf
 from .threat import L2Threat, LinfThreat, ThreatModel, get_threat, project, random_start
 
 CWL2 = CW
@@ -76,9 +80,13 @@ __all__ = [
     "PGDLinf",
     "SearchOutput",
     "ShotNoise",
+    "Square",
+    "SquareL2",
+    "SquareLinf",
     "ThreatModel",
     "accuracy_vs_eps",
     "accuracy_vs_steps",
+    "check_black_box_breaks",
     "check_black_box_vs_white_box",
     "check_large_eps",
     "check_margin_vs_ce",
@@ -89,6 +97,7 @@ __all__ = [
     "get_threat",
     "make_attack",
     "masking_checks",
+    "masking_warning",
     "output_randomness",
     "project",
     "random_start",

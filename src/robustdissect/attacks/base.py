@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -112,7 +113,9 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    """UserError unless value > 0 (>= 0 with allow_zero); NaN is rejected."""
+    """UserError unless value > 0 (>= 0 with allow_zero); NaN and non-numbers are rejected."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UserError(f"{name} must be a number, got {value!r}")
     ok = value >= 0 if allow_zero else value > 0
     if not ok or math.isnan(value):
         bound = ">= 0" if allow_zero else "> 0"

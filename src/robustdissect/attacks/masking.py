@@ -1,8 +1,15 @@
 """Gradient-masking checks (Athalye et al. 2018; Carlini et al. 2019; Croce & Hein 2020).
 
 Each `check_*` function takes measured numbers and returns a list of warning strings (empty when
-nothing looks wrong); the messages carry the numbers. `masking_checks` measures what it needs on a
-model and runs every check.
+nothing looks wrong); each message starts with the check that fired and how sure it is
+("gradient masking? [more steps; strong evidence] ...") and carries the numbers. Evidence levels:
+"strong" (a direct measurement, or two independent checks agree), "moderate" (one check, clear
+margin), "weak" (one check that also fits an honestly robust model). `masking_checks` measures what
+it needs on a model and runs every check.
+
+A flat accuracy-against-steps curve alone is no evidence: a model robust well beyond eps sits there
+too. The steps check therefore fires only when a larger eps does not break the model either (the
+two curves agree), or, without an eps curve, as weak evidence.
 """
 
 from __future__ import annotations
@@ -20,11 +27,20 @@ from ..modelutil import model_device
 from .base import frozen
 from .pgd import PGD
 
+EVIDENCE = ("weak", "moderate", "strong")
+
+
+def masking_warning(check: str, evidence: str, text: str) -> str:
+    """One warning line: which check fired, how sure it is, what it measured."""
+    assert evidence in EVIDENCE
+    return f"gradient masking? [{check}; {evidence} evidence] {text}"
+
 
 def check_black_box_vs_white_box(
     accuracies: Mapping[str, float], white_box: Mapping[str, bool], margin: float = 0.01
 ) -> list[str]:
-    """Warn when the best black-box attack leaves lower robust accuracy than the best white-box one."""
+    """Warn when the best black-box attack leaves lower robust accuracy than the best white-box one
+    (accuracies of whole table rows, possibly on different images: moderate evidence)."""
     wb = {k: v for k, v in accuracies.items() if white_box.get(k) is True and not math.isnan(v)}
     bb = {k: v for k, v in accuracies.items() if white_box.get(k) is False and not math.isnan(v)}
     if not wb or not bb:
@@ -33,11 +49,32 @@ def check_black_box_vs_white_box(
     best_bb = min(bb, key=lambda k: bb[k])
     if bb[best_bb] < wb[best_wb] - margin:
         return [
-            f"black-box attack '{best_bb}' leaves {bb[best_bb]:.1%} robust accuracy, "
-            f"{100 * (wb[best_wb] - bb[best_bb]):.1f} points below the best white-box attack "
-            f"'{best_wb}' ({wb[best_wb]:.1%}): gradients may be masked; trust the lower number"
-        ]
+            masking_warning(
+                "black box beats white box", "moderate",
+                f"black-box attack '{best_bb}' leaves {bb[best_bb]:.1%} robust accuracy, "
+                f"{100 * (wb[best_wb] - bb[best_bb]):.1f} points below the best white-box attack "
+                f"'{best_wb}' ({wb[best_wb]:.1%}): gradients may be masked; trust the lower number",
+            )
+        ]  # fmt: skip
     return []
+
+
+def check_black_box_breaks(attack: str, broken: int, attacked: int, n: int, min_share: float = 0.01) -> list[str]:
+    """Warn when a black-box attack, run last on the `attacked` points that every white-box attack
+    left robust, still breaks some (`broken` of the n images): the gradient attacks missed
+    adversarial examples that exist. Strong evidence from `min_share` of the images on (and at
+    least 2 images), weak below."""
+    if broken <= 0 or n <= 0:
+        return []
+    evidence = "strong" if broken >= 2 and broken / n >= min_share else "weak"
+    return [
+        masking_warning(
+            "black box beats white box", evidence,
+            f"black-box attack '{attack}' broke {broken} of the {attacked} points that every white-box attack "
+            f"left robust ({broken / n:.1%} of the {n} images): the gradients mislead the white-box attacks on "
+            "them; the worst case includes these points",
+        )
+    ]  # fmt: skip
 
 
 def check_large_eps(curve: Mapping[float, float], max_accuracy: float = 0.05, tolerance: float = 0.02) -> list[str]:
@@ -48,21 +85,38 @@ def check_large_eps(curve: Mapping[float, float], max_accuracy: float = 0.05, to
     out: list[str] = []
     top = eps_sorted[-1]
     if curve[top] > max_accuracy:
+        evidence = "strong" if curve[top] > 4 * max_accuracy else "moderate"
         out.append(
-            f"robust accuracy is still {curve[top]:.1%} at eps={top:g} (expected near 0 for a large "
-            f"eps, threshold {max_accuracy:.0%}): the attack may be blocked by gradient masking"
-        )
+            masking_warning(
+                "large eps", evidence,
+                f"robust accuracy is still {curve[top]:.1%} at eps={top:g} (expected near 0 for a large "
+                f"eps, threshold {max_accuracy:.0%}): the attack may be blocked by gradient masking",
+            )
+        )  # fmt: skip
     for a, b in itertools.pairwise(eps_sorted):
         if curve[b] > curve[a] + tolerance:
             out.append(
-                f"robust accuracy rises from {curve[a]:.1%} at eps={a:g} to {curve[b]:.1%} at eps={b:g}: "
-                "a larger ball must not help the model; the attack is unreliable"
-            )
+                masking_warning(
+                    "accuracy rises with eps", "strong",
+                    f"robust accuracy rises from {curve[a]:.1%} at eps={a:g} to {curve[b]:.1%} at eps={b:g}: "
+                    "a larger ball must not help the model; the attack is unreliable",
+                )
+            )  # fmt: skip
     return out
 
 
-def check_more_steps(curve: Mapping[int, float], min_gain: float = 0.005, floor: float = 0.05) -> list[str]:
-    """Warn when the most PGD steps do not lower accuracy below the fewest (unless already <= floor)."""
+def check_more_steps(
+    curve: Mapping[int, float],
+    min_gain: float = 0.005,
+    floor: float = 0.05,
+    eps_curve: Mapping[float, float] | None = None,
+    max_accuracy: float = 0.05,
+) -> list[str]:
+    """Warn when the most PGD steps leave more accuracy than the fewest (the attack does not
+    converge), or when more steps do not lower accuracy (unless already <= floor) AND a larger eps
+    does not break the model either: the accuracy at the largest eps of `eps_curve` stays above
+    `max_accuracy`. A flat steps curve with a larger eps that breaks the model is what a model
+    robust beyond eps shows: no warning. Without `eps_curve` the flat curve is weak evidence."""
     if len(curve) < 2:
         return []
     ks = sorted(curve)
@@ -70,15 +124,28 @@ def check_more_steps(curve: Mapping[int, float], min_gain: float = 0.005, floor:
     a_lo, a_hi = curve[lo], curve[hi]
     if a_hi > a_lo + min_gain:
         return [
-            f"PGD-{hi} leaves more robust accuracy ({a_hi:.1%}) than PGD-{lo} ({a_lo:.1%}): "
-            "the iterative attack is not converging; gradients may be masked or the step size is off"
-        ]
-    if a_lo > floor and a_lo - a_hi < min_gain:
-        return [
-            f"PGD-{hi} ({a_hi:.1%}) is no stronger than PGD-{lo} ({a_lo:.1%}): more steps do not help, "
-            "a sign of gradient masking"
-        ]
-    return []
+            masking_warning(
+                "more steps", "moderate",
+                f"PGD-{hi} leaves more robust accuracy ({a_hi:.1%}) than PGD-{lo} ({a_lo:.1%}): "
+                "the iterative attack is not converging; gradients may be masked or the step size is off",
+            )
+        ]  # fmt: skip
+    if a_lo <= floor or a_lo - a_hi >= min_gain:
+        return []
+    flat = f"PGD-{hi} ({a_hi:.1%}) is no stronger than PGD-{lo} ({a_lo:.1%}): more steps do not help"
+    if not eps_curve:
+        return [masking_warning("more steps", "weak", f"{flat}; no larger eps was measured to tell masking from "
+                                                      "a model robust beyond eps")]  # fmt: skip
+    top = max(eps_curve)
+    if eps_curve[top] <= max_accuracy:
+        return []  # the attack breaks the model at a larger eps: its gradients work
+    return [
+        masking_warning(
+            "more steps", "strong",
+            f"{flat}, and eps={top:g} still leaves {eps_curve[top]:.1%}: the attack does not move the images, "
+            "a sign of gradient masking",
+        )
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -128,19 +195,28 @@ def check_random_output(
     out: list[str] = []
     if stats.repeat_max_diff > max_repeat_diff:
         out.append(
-            f"the model's output changes between two passes on the same input (max |logit diff| "
-            f"{stats.repeat_max_diff:.3g}): randomised defences need EOT attacks"
-        )
+            masking_warning(
+                "random output", "strong",
+                f"the model's output changes between two passes on the same input (max |logit diff| "
+                f"{stats.repeat_max_diff:.3g}): randomised defences need EOT attacks",
+            )
+        )  # fmt: skip
     if stats.flip_rate > max_flip_rate:
         out.append(
-            f"{stats.flip_rate:.1%} of predictions change under Gaussian noise of sigma={stats.sigma:g} "
-            f"(threshold {max_flip_rate:.0%}): the output looks random, gradients are unreliable"
-        )
+            masking_warning(
+                "unstable output", "moderate",
+                f"{stats.flip_rate:.1%} of predictions change under Gaussian noise of sigma={stats.sigma:g} "
+                f"(threshold {max_flip_rate:.0%}): the output looks random, gradients are unreliable",
+            )
+        )  # fmt: skip
     if stats.normalized_entropy > max_entropy:
         out.append(
-            f"mean softmax entropy is {stats.normalized_entropy:.2f} of the uniform maximum (threshold "
-            f"{max_entropy:.2f}): near-uniform outputs can hide gradients"
-        )
+            masking_warning(
+                "near-uniform output", "weak",
+                f"mean softmax entropy is {stats.normalized_entropy:.2f} of the uniform maximum (threshold "
+                f"{max_entropy:.2f}): near-uniform outputs can hide gradients",
+            )
+        )  # fmt: skip
     return out
 
 
@@ -168,11 +244,14 @@ def check_zero_gradients(share: float, max_share: float = 0.01) -> list[str]:
     """Warn when more than `max_share` of the samples have an exactly zero input gradient."""
     if share > max_share:
         return [
-            f"{share:.1%} of the samples have an exactly zero (or non-finite) input gradient (threshold "
-            f"{max_share:.0%}): "
-            "the softmax is saturated or the gradient is masked, so gradient attacks cannot move them; "
-            "use a margin/DLR loss (apgd-dlr) or a black-box attack before trusting robust accuracy"
-        ]
+            masking_warning(
+                "zero gradients", "strong",
+                f"{share:.1%} of the samples have an exactly zero (or non-finite) input gradient (threshold "
+                f"{max_share:.0%}): "
+                "the softmax is saturated or the gradient is masked, so gradient attacks cannot move them; "
+                "use a margin/DLR loss (apgd-dlr) or a black-box attack before trusting robust accuracy",
+            )
+        ]  # fmt: skip
     return []
 
 
@@ -191,10 +270,13 @@ def check_margin_vs_ce(
         k = broken.get(name, 0)
         if n and k / n > min_share:
             out.append(
-                f"'{name}' (margin loss) broke {k} of {n} points ({k / n:.1%}) that the cross-entropy attacks "
-                "before it left robust: CE gradients are weak on this model (saturated softmax or masking); "
-                "trust the worst case, and add apgd-dlr / more restarts to any CE-only evaluation"
-            )
+                masking_warning(
+                    "margin loss beats cross-entropy", "moderate",
+                    f"'{name}' (margin loss) broke {k} of {n} points ({k / n:.1%}) that the cross-entropy attacks "
+                    "before it left robust: CE gradients are weak on this model (saturated softmax or masking); "
+                    "trust the worst case, and add apgd-dlr / more restarts to any CE-only evaluation",
+                )
+            )  # fmt: skip
     return out
 
 
@@ -286,7 +368,7 @@ def masking_checks(
     by_steps = accuracy_vs_steps(model, x, y, eps, steps_values, norm=norm, seed=seed, accuracy=accuracy, pgd=pgd)
     randomness = output_randomness(model, x, seed=seed)
     zero = zero_gradient_share(model, x, y)
-    warnings = check_large_eps(by_eps) + check_more_steps(by_steps) + check_random_output(randomness)
+    warnings = check_large_eps(by_eps) + check_more_steps(by_steps, eps_curve=by_eps) + check_random_output(randomness)
     warnings += check_zero_gradients(zero)
     if accuracies is not None and white_box is not None:
         warnings += check_black_box_vs_white_box(accuracies, white_box)

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from ..attacks import PGD, Attack, check_margin_vs_ce, make_attack, masking_checks, worst_case
+from ..attacks import PGD, Attack, check_black_box_breaks, check_margin_vs_ce, make_attack, masking_checks
 from ..config import parse_eps, stage_options
-from ..errors import UserError
 from ..evaluation import (
     BLACK_BOX,
     QUICK_EVALUATE,
+    SQUARE,
     AttackOutcome,
     EvaluateOptions,
     build_attack,
@@ -33,9 +33,35 @@ log = logging.getLogger(__name__)
 def _table_pgd(opts: EvaluateOptions, eps: float, steps: int, seed: int) -> PGD:
     """The table's L-inf PGD at another eps or step count (the masking sweeps use it, so their
     point at the table's (eps, steps) is the table's stored attack)."""
-    attack = build_attack("pgd-linf", replace(opts, eps=eps, pgd_steps=steps), seed)
+    attack = build_attack("pgd-linf", opts, seed, eps=eps, steps=steps)
     assert isinstance(attack, PGD)
     return attack
+
+
+def _in_threat(settings: dict[str, Any], norm: str, eps: float) -> bool:
+    """Whether an attack with these settings attacks the (norm, eps) threat model."""
+    e = settings.get("eps")
+    return settings.get("norm") == norm and isinstance(e, float) and math.isclose(e, eps, rel_tol=1e-9)
+
+
+def _kind(settings: dict[str, Any]) -> str:
+    return "white-box" if settings.get("white_box", True) else "black-box"
+
+
+def _fold(
+    robust: torch.Tensor, norm: str, label: str, idx: torch.Tensor, correct: torch.Tensor, kind: str
+) -> dict[str, Any]:
+    """Mark the points at idx (M,) that the attack broke (correct (M,) False) as not robust in
+    robust (N,), in place; the row of the worst-case table."""
+    before = robust[idx]
+    broke = before & ~correct.bool()
+    robust[idx[broke]] = False
+    att, brk = int(before.sum()), int(broke.sum())
+    return {
+        "threat_model": norm, "attack": label, "kind": kind, "attacked": att, "broken": brk,
+        "accuracy_on_attacked": (att - brk) / att if att else math.nan,
+        "cumulative_accuracy": float(robust.float().mean()),
+    }  # fmt: skip
 
 
 def _row(name: str, correct: torch.Tensor, kind: str, settings: str = "") -> dict[str, Any]:
@@ -86,52 +112,78 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         kind = "black-box" if name in BLACK_BOX else "white-box"
         rows.append(_row(name, out.correct, kind, _settings_text(out.settings)))
 
-    # worst case over the white-box L-inf attacks, as a cascade on the points still robust
+    # curves (L-inf PGD) and the gradient-masking checks on a fixed subset; every PGD of the
+    # sweeps at the table's eps is an attack of the L-inf threat model and joins its worst case
+    cn = min(opts.curve_n, n)
+    eps_curve: dict[float, float] = {}
+    steps_curve: dict[int, float] = {}
+    warnings: list[str] = []
+    masking: dict[str, Any] = {}
+    extra_runs: list[tuple[str, AttackOutcome]] = []  # computed outside the table
+
+    def sweep_accuracy(attack: Attack) -> float:
+        out = ctx.attack(attack, x[:cn], y[:cn], index[:cn])
+        known = [o.key for o in outcomes.values()] + [o.key for _, o in extra_runs]
+        if out.key not in known:
+            extra_runs.append((f"{attack.name} k={attack.describe().get('steps')} (curves)", out))
+        return out.accuracy()
+
+    if opts.curves:
+        table = {r["attack"]: r["accuracy"] for r in rows if r["kind"] in ("white-box", "black-box")}
+        white = {r["attack"]: r["kind"] == "white-box" for r in rows if r["kind"] in ("white-box", "black-box")}
+        report = masking_checks(
+            model, x[:cn], y[:cn], eps=eps, large_eps=opts.large_eps, eps_values=opts.eps_grid(),
+            steps_values=opts.steps_sweep, steps=opts.pgd_steps, seed=seed, accuracies=table, white_box=white,
+            accuracy=sweep_accuracy, pgd=lambda e, k: _table_pgd(opts, e, k, seed),
+        )  # fmt: skip
+        eps_curve, steps_curve, warnings = report.accuracy_vs_eps, report.accuracy_vs_steps, list(report.warnings)
+        masking = {"zero_gradient_share": report.zero_gradient_share, **asdict(report.randomness)}
+
+    # worst case per threat model: the per-image minimum over every attack of that (norm, eps) that
+    # the run computed; the cascade's other attacks, then Square, run only on the points still robust
     cascade_rows: list[dict[str, Any]] = []
     cascade_warnings: list[str] = []
-    if opts.worst_case:
-        chain = [build_attack(name, opts, seed) for name in opts.worst_case]
-        off = [a.name for a in chain if a.norm != "linf" or not a.white_box or a.eps != eps]
-        if off:
-            raise UserError(f"evaluate: worst_case takes white-box L-inf attacks at eps={eps:g}; not {off}")
-
-        def run_attack(attack: Attack, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            done = outcomes.get(attack.name)
-            if done is not None and done.settings == attack.describe() and len(done.index) == n:
-                return done.x_adv[idx], done.correct[idx]
-            out = ctx.attack(attack, x[idx], y[idx], idx)
-            return out.x_adv, out.correct
-
-        ens = worst_case(model, x, y, chain, seed=seed, run=run_attack, clean_correct=clean_correct)
-        rows.append(
-            _row(
-                "worst case (L∞)",
-                ens.robust,
-                "worst case",
-                f"eps={eps:g}; cascade {' → '.join(opts.worst_case)}, each on the points still robust",
-            )
-        )
-        cascade_warnings = check_margin_vs_ce({s.name: s.n_broken for s in ens.per_attack}, n)
-        cascade_rows = [
-            {
-                "attack": s.name,
-                "attacked": s.n_attacked,
-                "broken": s.n_broken,
-                "accuracy_on_attacked": s.accuracy_on_attacked,
-                "cumulative_accuracy": s.cumulative_accuracy,
-            }
-            for s in ens.per_attack
-        ]
-
-    # worst case of the other bounded threat model (L2), over its table attacks on the same images
-    l2 = [name for name, out in outcomes.items() if out.settings.get("norm") == "l2" and name not in BLACK_BOX
-          and isinstance(out.settings.get("eps"), float)]  # fmt: skip
-    if l2:
-        robust_l2 = clean_correct.clone()
-        for name in l2:
-            robust_l2 &= outcomes[name].correct
-        eps_l2 = parse_eps(opts.eps_l2)
-        rows.append(_row("worst case (L2)", robust_l2, "worst case", f"eps={eps_l2:g}; min over {', '.join(l2)}"))
+    worst_robust: dict[str, torch.Tensor] = {}
+    for norm, budget in (("linf", eps), ("l2", parse_eps(opts.eps_l2))):
+        members = [(nm, o) for nm, o in [*outcomes.items(), *extra_runs] if _in_threat(o.settings, norm, budget)]
+        # cross-entropy white-box attacks first, then margin losses, then black-box ones (the table
+        # of who broke what reads as AutoAttack's cascade); the minimum does not depend on the order
+        order = {name: i for i, name in enumerate(opts.worst_case)}
+        members.sort(key=lambda m: (_kind(m[1].settings) == "black-box", m[1].settings.get("loss") == "dlr",
+                                    order.get(m[0], len(order))))  # fmt: skip
+        if not members and not (norm == "linf" and opts.worst_case):
+            continue
+        robust = clean_correct.clone()
+        steps_rows: list[dict[str, Any]] = []
+        for label, o in members:
+            steps_rows.append(_fold(robust, norm, label, o.index, o.correct, _kind(o.settings)))
+        if norm == "linf":
+            for name in opts.worst_case:
+                attack = build_attack(name, opts, seed)
+                done = outcomes.get(name)
+                if done is not None and done.settings == attack.describe() and len(done.index) == n:
+                    continue  # a table attack: folded above
+                idx = robust.nonzero().squeeze(1)
+                correct = torch.ones(0, dtype=torch.bool)
+                if idx.numel():
+                    log.info("evaluate: worst case (L∞): %s on %d points still robust", name, idx.numel())
+                    correct = ctx.attack(attack, x[idx], y[idx], idx).correct
+                steps_rows.append(_fold(robust, norm, name, idx, correct, "white-box"))
+            broken = {r["attack"]: r["broken"] for r in steps_rows}
+            cascade_warnings = check_margin_vs_ce({"apgd-dlr": broken.get("apgd-dlr", 0)}, n)
+        if norm in opts.square_norms and opts.square_queries > 0:
+            sq = build_attack(SQUARE[norm], opts, seed)
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel():
+                log.info("evaluate: worst case: %s on %d points still robust", sq.name, idx.numel())
+                out = ctx.attack(sq, x[idx], y[idx], idx)
+                steps_rows.append(_fold(robust, norm, sq.name, idx, out.correct, "black-box"))
+                cascade_warnings += check_black_box_breaks(sq.name, steps_rows[-1]["broken"], int(idx.numel()), n)
+        cascade_rows += steps_rows
+        label = "worst case (L∞)" if norm == "linf" else "worst case (L2)"
+        text = f"eps={budget:g}; per-image minimum over {len(steps_rows)} attacks"
+        rows.append(_row(label, robust, "worst case", text))
+        worst_robust[label] = robust
 
     # corruptions at five severities
     scale = opts.noise_scale
@@ -149,24 +201,6 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
                 {"corruption": cname, "severity": sev, "accuracy": res.accuracy(), "ci_low": lo, "ci_high": hi}
             )
 
-    # curves (L-inf PGD) and the gradient-masking checks on a fixed subset
-    cn = min(opts.curve_n, n)
-    eps_curve: dict[float, float] = {}
-    steps_curve: dict[int, float] = {}
-    warnings: list[str] = []
-    masking: dict[str, Any] = {}
-    if opts.curves:
-        table = {r["attack"]: r["accuracy"] for r in rows if r["kind"] in ("white-box", "black-box")}
-        white = {r["attack"]: r["kind"] == "white-box" for r in rows if r["kind"] in ("white-box", "black-box")}
-        report = masking_checks(
-            model, x[:cn], y[:cn], eps=eps, large_eps=opts.large_eps, eps_values=opts.eps_grid(),
-            steps_values=opts.steps_sweep, steps=opts.pgd_steps, seed=seed, accuracies=table, white_box=white,
-            accuracy=lambda a: ctx.attack(a, x[:cn], y[:cn], index[:cn]).accuracy(),
-            pgd=lambda e, k: _table_pgd(opts, e, k, seed),
-        )  # fmt: skip
-        eps_curve, steps_curve, warnings = report.accuracy_vs_eps, report.accuracy_vs_steps, list(report.warnings)
-        masking = {"zero_gradient_share": report.zero_gradient_share, **asdict(report.randomness)}
-
     # per-class robust accuracy and perturbation norms
     per_class: list[dict[str, Any]] = []
     for c, cls in enumerate(classes):
@@ -174,6 +208,8 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         for name, out in outcomes.items():
             mask = y[out.index] == c
             row[name] = float(out.correct[mask].float().mean()) if mask.any() else math.nan
+        for label, flags in worst_robust.items():
+            row[label] = float(flags[y == c].float().mean()) if bool((y == c).any()) else math.nan
         per_class.append(row)
     norms = [{"attack": name, **perturbation_norms(x[out.index], out.x_adv)} for name, out in outcomes.items()]
 
@@ -232,13 +268,13 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             }
         )
     warnings += cascade_warnings
-    robust = {r["attack"]: r["accuracy"] for r in rows if r["kind"] != "clean"}
+    robust_table = {r["attack"]: r["accuracy"] for r in rows if r["kind"] != "clean"}
     headline = next((r for r in rows if r["attack"] == "worst case (L∞)"), None) or next(
         (r for r in rows if r["attack"] == "pgd-linf"), rows[0]
     )
     ctx.results.update(
         clean_accuracy=rows[0]["accuracy"],
-        robust_accuracy=robust,
+        robust_accuracy=robust_table,
         headline={"threat_model": f"L∞ ε={eps:g}", **{k: headline[k] for k in ("attack", "n", "accuracy", "ci_low",
                                                                              "ci_high")}},
     )  # fmt: skip
@@ -249,15 +285,18 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         "Robustness evaluation",
         text=(
             f"{n} {ctx.config.split} images; L∞ ε = {eps:g}, L2 ε = {parse_eps(opts.eps_l2):g}; black-box attacks on "
-            f"{bb_n} images. The worst case is the cascade of white-box L∞ attacks "
-            f"({', '.join(opts.worst_case)}), each run only on the points still robust; it is an upper bound "
-            "of the true robust accuracy. L2 and C&W rows are other threat models and are not in it."
+            f"{bb_n} images. The worst case of a threat model is the per-image minimum over every attack of "
+            "that norm and ε the run computed (table attacks, the PGD runs of the curves, the cascade "
+            f"{', '.join(opts.worst_case)} on the points still robust"
+            + (f", then Square with {opts.square_queries} queries" if opts.square_queries and opts.square_norms else "")
+            + "); no row of the same threat model can lie below it, and it is still only an upper bound of "
+            "the true robust accuracy. C&W is unbounded and in no worst case."
         ),
         summary=summary,
         tables=[
             {"file": "tables/robust_accuracy.csv", "title": "Accuracy under attack (95% CI)", "show": True},
             *(
-                [{"file": "tables/worst_case_cascade.csv", "title": "Worst-case cascade (L∞)", "show": True}]
+                [{"file": "tables/worst_case_cascade.csv", "title": "Worst case: who broke what", "show": True}]
                 if cascade_rows
                 else []
             ),
@@ -269,7 +308,7 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         ],
         figures=figures,
         warnings=warnings,
-        robust_accuracy=robust,
+        robust_accuracy=robust_table,
         table=rows,
         corruptions=corruption_rows,
         accuracy_vs_eps=eps_curve,
