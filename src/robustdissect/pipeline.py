@@ -336,17 +336,25 @@ def _data_summary(data: Dataset, cfg: RunConfig) -> dict[str, Any]:
 
 
 def headline(results: Mapping[str, Any]) -> list[str]:
-    """The console summary of a finished run: each stage's summary numbers and seconds, and the
-    evidence store's hits (requests answered from the store) and computations."""
+    """The console summary of a finished run: each stage's summary numbers (with the report's
+    readable labels and formats) and seconds, the evidence store's hits (requests answered from
+    the store) and computations, then what the run found, in plain sentences."""
+    from .report.findings import INTERVAL_NOTE, findings, model_names
+    from .report.labels import shorten_paths, summary_rows
+
+    names = model_names(results)
     lines: list[str] = []
-    for name, entry in results.get("stages", {}).items():
+    stages = results.get("stages")
+    for name, entry in (stages if isinstance(stages, Mapping) else {}).items():
         if not isinstance(entry, Mapping):
             continue
         seconds = entry.get("seconds")
-        lines.append(f"{entry.get('title', name)} ({name}, {seconds:.0f} s)" if seconds is not None else name)
-        for key, value in (entry.get("summary") or {}).items():
-            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-            lines.append(f"  {key:<34} {shown}")
+        title = shorten_paths(str(entry.get("title", name)))
+        timed = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+        lines.append(f"{title} ({name}, {seconds:.0f} s)" if timed else f"{title} ({name})")
+        summary = entry.get("summary")
+        for label, shown in summary_rows(str(name), summary if isinstance(summary, Mapping) else {}, names):
+            lines.append(f"  {label:<40} {shown}")
         for w in entry.get("warnings") or []:
             lines.append(f"  warning: {w}")
     ev = results.get("evidence")
@@ -354,6 +362,10 @@ def headline(results: Mapping[str, Any]) -> list[str]:
         hits = sum((ev.get("hits") or {}).values())
         made = sum((ev.get("misses") or {}).values())
         lines.append(f"evidence store: {made} items computed, {hits} requests answered from the store")
+    found = findings(results)
+    if found:
+        lines.append(f"What this run found ({INTERVAL_NOTE}):")
+        lines += [f"  - {s}" for s in found]
     return lines
 
 

@@ -20,6 +20,8 @@ from jinja2 import Environment, FunctionLoader, UndefinedError, select_autoescap
 from .. import resources
 from ..errors import UserError
 from ..runs import atomic_write_text, read_json
+from .findings import INTERVAL_NOTE, findings, model_label, model_names
+from .labels import format_table, format_value, humanize, shorten_paths, summary_rows
 
 MAX_TABLE_ROWS = 60
 
@@ -68,7 +70,8 @@ def _table(path: Path, where: str) -> dict[str, Any] | None:
     if not rows:
         return None
     body = rows[1:]
-    return {"header": rows[0], "rows": body[:MAX_TABLE_ROWS], "truncated": max(0, len(body) - MAX_TABLE_ROWS)}
+    header, shown = format_table(rows[0], body[:MAX_TABLE_ROWS])
+    return {"header": header, "rows": shown, "truncated": max(0, len(body) - MAX_TABLE_ROWS)}
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -91,13 +94,9 @@ def _entries(value: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
-    if v is None:
-        return "–"
     if isinstance(v, (list, dict)):
-        return html.unescape(str(v))
-    return str(v)
+        return html.unescape(format_value(v))
+    return format_value(v)
 
 
 def render_report(run_dir: str | Path) -> Path:
@@ -115,6 +114,7 @@ def render_report(run_dir: str | Path) -> Path:
     results = _mapping(read_json(results_path), f"{run}/results.json")
     env_path = _inside(root, "env.json", str(run))
     env_info = _mapping(read_json(env_path), f"{run}/env.json") if env_path else {}
+    names = model_names(results)
     sections = []
     for name, raw in _mapping(results.get("stages"), "results.json 'stages'").items():
         where = f"results.json stage '{name}'"
@@ -143,9 +143,9 @@ def render_report(run_dir: str | Path) -> Path:
         sections.append(
             {
                 "id": name,
-                "title": entry.get("title", name),
+                "title": shorten_paths(str(entry.get("title", name))),
                 "text": entry.get("text", ""),
-                "summary": _mapping(entry.get("summary"), f"{where} summary"),
+                "summary": summary_rows(name, _mapping(entry.get("summary"), f"{where} summary"), names),
                 "figures": figures,
                 "tables": tables,
                 "links": links,
@@ -156,9 +156,17 @@ def render_report(run_dir: str | Path) -> Path:
         )
     jenv = Environment(loader=FunctionLoader(_template_source), autoescape=select_autoescape(["html", "j2"]))
     jenv.filters["fmt"] = _fmt
+    jenv.filters["human"] = humanize
+    try:
+        found = findings(results)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise UserError(f"{run}/results.json has a value of an unexpected type ({e})") from None
     try:
         page = jenv.get_template("report.html.j2").render(
             results=results,
+            model=model_label(results),
+            findings=found,
+            interval_note=INTERVAL_NOTE,
             env=env_info,
             sections=sections,
             card=_mapping(results.get("model_card"), "results.json 'model_card'"),
