@@ -8,6 +8,7 @@ processes, because only a second process can observe a lock and only a signal in
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -580,6 +581,190 @@ def test_unexpected_error_one_line_log_in_partial_and_resumable(
     code, _, err = cli(["run", "--config", "none.yaml", "--out", "r", "--overwrite"])
     assert_one_line(code, err, 2, "does not exist")
     assert (work / "r.partial" / "error.log").is_file()
+
+
+# -- faults inside a run: user code that exits, a full disk, a folder that is not writable ------
+@pytest.fixture
+def faulty_stage() -> Iterator[Callable[[Callable[[Any], None]], str]]:
+    """Registers stages that call `fault(ctx)` (raise, exit, write) and otherwise finish."""
+    from robustdissect.pipeline import STAGES, load_stages, section
+
+    load_stages()
+    names: list[str] = []
+
+    def register(fault: Callable[[Any], None]) -> str:
+        name = f"faulty-test-stage-{len(names)}"
+
+        def stage_fn(ctx: Any, options: dict[str, object]) -> dict[str, object]:
+            fault(ctx)
+            return section("Faulty", text="finished")
+
+        STAGES.register(name, "fails on purpose")(stage_fn)
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        STAGES._entries.pop(name)
+
+
+USER_MODELS = """
+import sys
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, exit_in_forward: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+        self.exit_in_forward = exit_in_forward
+
+    def forward(self, x):
+        if self.exit_in_forward:
+            sys.exit(0)
+        return self.fc(x.flatten(1))
+
+def make():
+    sys.exit(0)
+
+def make_fail():
+    raise SystemExit("giving up")
+
+def exits_in_forward():
+    return Net(exit_in_forward=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("f.py:make", "the model factory f.py:make exited with status 0"),
+        ("f.py:make_fail", "the model factory f.py:make_fail exited with status 'giving up'"),
+        ("f.py:exits_in_forward", "the model's forward pass exited with status 0"),
+        ("g.py:make", "importing g.py exited with status 3"),
+    ],
+)
+def test_sys_exit_in_user_model_code_is_an_error_not_a_success(work: Path, cli, spec: str, needle: str) -> None:
+    (work / "f.py").write_text(USER_MODELS)
+    (work / "g.py").write_text("import sys\nsys.exit(3)\n")
+    before = snapshot(work)
+    code, out, err = cli(["evaluate", "--model", spec, "--n", "20", "--out", "o"])
+    assert_one_line(code, err, 2, needle)
+    assert out == "" and snapshot(work) == before
+
+
+def _exit_zero(ctx: Any) -> None:
+    sys.exit(0)
+
+
+def test_sys_exit_inside_a_run_keeps_finished_stages_and_resumes(
+    work: Path, cli, faulty_stage: Callable[[Callable[[Any], None]], str], fmnist: object
+) -> None:
+    armed = [True]
+    name = faulty_stage(lambda ctx: _exit_zero(ctx) if armed[0] else None)
+    # nothing finished yet: one line, exit 2, nothing left behind
+    (work / "alone.yaml").write_text(f"stages: [{name}]\nn: 20\n")
+    before = snapshot(work)
+    code, out, err = cli(["run", "--config", "alone.yaml", "--out", "a"])
+    line = assert_one_line(code, err, 2, "exited with status 0 (SystemExit at ")
+    assert "test_hostile_inputs.py:" in line and out == ""
+    assert snapshot(work) == before
+    # after a finished stage: exit 1, the finished stage kept, and --resume completes the run
+    (work / "two.yaml").write_text(f"stages: [overview, {name}]\nn: 20\n")
+    code, out, err = cli(["run", "--config", "two.yaml", "--out", "r"])
+    line = assert_one_line(code, err, 1, "exited with status 0")
+    assert "finished work is kept in r.partial" in line and "--resume" in line
+    assert json.loads((work / "r.partial" / "results.json").read_text())["stages"].keys() == {"overview"}
+    armed[0] = False
+    code, out, err = cli(["run", "--config", "two.yaml", "--out", "r", "--resume"])
+    assert code == 0, err
+    assert (work / "r" / "report.html").is_file() and not (work / "r.partial").exists()
+
+
+def _no_space(ctx: Any) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device", str(ctx.run.path / "evidence" / "x.safetensors"))
+
+
+def _safetensors_no_space(ctx: Any) -> None:
+    from safetensors import SafetensorError
+
+    raise SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+
+
+def _write_on_full_disk(ctx: Any) -> None:
+    """A real write through the run directory's atomic writer, on a disk that is full."""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    tempfile.mkstemp = full  # type: ignore[assignment]
+    try:
+        ctx.run.write_table("x", [{"a": 1}])
+    finally:
+        tempfile.mkstemp = real  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("fault", [_no_space, _safetensors_no_space, _write_on_full_disk])
+def test_a_full_disk_says_so_and_how_to_resume(
+    work: Path, cli, faulty_stage: Callable[[Callable[[Any], None]], str], fmnist: object, fault: Any
+) -> None:
+    name = faulty_stage(fault)
+    (work / "alone.yaml").write_text(f"stages: [{name}]\nn: 20\n")
+    before = snapshot(work)
+    code, _, err = cli(["run", "--config", "alone.yaml", "--out", "a"])
+    assert_one_line(code, err, 2, "the disk is full (no space left on device")
+    assert snapshot(work) == before  # nothing was computed: nothing is left
+    (work / "two.yaml").write_text(f"stages: [overview, {name}]\nn: 20\n")
+    code, _, err = cli(["run", "--config", "two.yaml", "--out", "r"])
+    line = assert_one_line(code, err, 1, "the disk is full")
+    assert "free some space; finished work is kept in r.partial; then rerun the same command with --resume" in line
+    assert json.loads((work / "r.partial" / "results.json").read_text())["stages"].keys() == {"overview"}
+    assert not (work / "r.partial" / "error.log").exists()  # not an unexpected error
+
+
+def test_report_on_a_run_directory_that_is_not_writable(work: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = fake_run(work, {"schema_version": 1, "stages": {}})
+    before = snapshot(work)
+    if os.geteuid() == 0:  # root writes anywhere: the operating system's refusal is simulated
+        import tempfile
+
+        real_mkstemp, real_access = tempfile.mkstemp, os.access
+
+        def mkstemp(*args: Any, **kwargs: Any) -> Any:
+            if Path(kwargs.get("dir", "")) == run:
+                raise PermissionError(errno.EACCES, "Permission denied", str(run / ".report.html.x.tmp"))
+            return real_mkstemp(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(os, "access", lambda p, m: False if Path(p) == run and m & os.W_OK else real_access(p, m))
+    else:
+        run.chmod(0o555)
+    try:
+        code, _, err = cli(["report", str(run)])
+    finally:
+        run.chmod(0o755)
+    assert_one_line(code, err, 2, f"cannot write {run}/report.html: {run} is not writable")
+    assert snapshot(work) == before
+
+
+def test_an_interrupt_inside_a_stage_is_reported_once(
+    work: Path, cli, faulty_stage: Callable[[Callable[[Any], None]], str], fmnist: object
+) -> None:
+    def interrupt(ctx: Any) -> None:
+        raise KeyboardInterrupt
+
+    name = faulty_stage(interrupt)
+    (work / "two.yaml").write_text(f"stages: [overview, {name}]\nn: 20\n")
+    code, _, err = cli(["run", "--config", "two.yaml", "--out", "r"])
+    assert code == 130 and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if "interrupted" in ln or "resume" in ln] == [
+        "robustdissect: interrupted; finished stages are kept in r.partial; "
+        "rerun the same command with --resume to continue"
+    ], err
 
 
 BOMB_PROBE = """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,6 +59,9 @@ def _eps(text: str, flag: str, linf: bool) -> float:
     """An epsilon from the command line: positive, finite, and at most 1 for L-inf."""
     from .config import parse_eps
 
+    if text.strip().startswith("-"):  # -0.1 and 0 get the same message; unreadable text its own
+        parse_eps(text.strip()[1:], name=flag)
+        raise UserError(f"{flag} must be positive, got {text}")
     value = parse_eps(text, maximum=1.0 if linf else None, name=flag)
     if value <= 0:
         raise UserError(f"{flag} must be positive, got {text}")
@@ -814,12 +818,157 @@ def _unexpected(e: BaseException, verbose: bool) -> None:
     print(f"robustdissect: unexpected error: {what}{where}", file=sys.stderr)
 
 
-def _interrupted() -> None:
+# Signals this process received while a command ran (SIGINT, SIGTERM), newest last.
+_SIGNALS: list[int] = []
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _SIGNALS.append(signum)
+    if signum == signal.SIGTERM:  # a second SIGTERM ends the process at once, as by default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: locks released, finished stages kept
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    """Ctrl-C and SIGTERM end a command with one line that says how to resume (exit 130, 143).
+
+    A SIGINT the parent set to be ignored (a background job of a non-interactive shell, nohup)
+    stays ignored; SIGTERM is left alone under torchrun, whose agent stops workers with it."""
+    previous: dict[int, Any] = {}
+    wanted = [signal.SIGINT]
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        wanted.append(signal.SIGTERM)
+    for sig in wanted:
+        try:
+            current = signal.getsignal(sig)
+            if current in (signal.default_int_handler, signal.SIG_DFL):
+                previous[sig] = signal.signal(sig, _on_signal)
+        except (ValueError, OSError):  # not the main thread: leave the handlers as they are
+            pass
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            signal.signal(sig, handler)
+
+
+def _interrupted(terminated: bool = False) -> None:
     from . import runs
 
     held = runs.held_locks()
     hint = f"; {held[-1].hint}" if held and held[-1].hint else ""
-    print(f"robustdissect: interrupted{hint}", file=sys.stderr)
+    print(f"robustdissect: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions it was raised from or during (at most a few)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in out and len(out) < 8:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+_NO_SPACE = ("no space left on device", "os error 28", "storagefull", "disk quota exceeded", "os error 122")
+_NO_WRITE = ("permission denied", "os error 13", "read-only file system", "os error 30")
+
+
+def _free_bytes(path: Path) -> int | None:
+    with contextlib.suppress(OSError):
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def _os_problem(e: BaseException) -> str | None:
+    """One line for an OS error the user can fix (a full disk, a folder that is not writable),
+    or None. Also recognises the same errors reported by libraries that do not raise OSError
+    (safetensors' SafetensorError, torch.save's "file write failed")."""
+    import errno
+
+    from . import runs
+
+    for x in _chain(e):
+        if not isinstance(x, OSError) or x.errno is None:
+            continue
+        name = x.filename if isinstance(x.filename, (str, os.PathLike)) else None
+        target = f" writing {name}" if name else ""
+        if x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"the disk is full (no space left on device{target}); free some space"
+        if x.errno == errno.EROFS:
+            return f"cannot write {name or 'the run directory'}: the file system is read-only"
+        if x.errno in (errno.EACCES, errno.EPERM) and name:
+            file = Path(name)
+            folder = file.parent
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return f"cannot write {file}: {folder} is not writable"
+            if file.exists() and not os.access(file, os.W_OK):
+                return f"cannot write {file}: it is not writable"
+            return f"permission denied: {file}"
+    text = " ".join(str(x).lower() for x in _chain(e))
+    run = runs.current_run()
+    where = f" in {run.path}" if run is not None else ""
+    if any(k in text for k in _NO_SPACE):
+        return f"the disk is full (no space left on device writing{where or ' a file'}); free some space"
+    if any(k in text for k in _NO_WRITE) and not isinstance(e, OSError):
+        return f"cannot write{where or ' a file'}: permission denied or a read-only file system"
+    held = runs.held_locks()
+    if "file write failed" in text and held:  # torch.save reports no errno
+        free = _free_bytes(held[-1].work)
+        if free is not None and free < 2**20:
+            return f"the disk is full (no space left on device writing in {held[-1].work}); free some space"
+    return None
+
+
+def _stopped(message: str) -> int:
+    """Report a problem that stopped a command: with nothing computed yet, the run directory is
+    removed and the exit code is 2 (fix it and rerun); with finished work kept, 1 and how to
+    resume."""
+    from . import runs
+
+    run = runs.current_run()
+    if run is not None and not run.computed():
+        run.discard()
+        print(f"robustdissect: error: {message}", file=sys.stderr)
+        return 2
+    if run is not None:
+        hint = f"finished work is kept in {run.path}; then rerun the same command with --resume to continue"
+        print(f"robustdissect: error: {message}; {hint}", file=sys.stderr)
+        return 1
+    held = runs.held_locks()
+    if held and held[-1].hint:
+        print(f"robustdissect: error: {message}; {held[-1].hint}", file=sys.stderr)
+        return 1
+    print(f"robustdissect: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _foreign_exit(e: SystemExit, verbose: bool) -> int:
+    """A SystemExit that escaped a command came from code the command called (a model's forward
+    pass, a hook, a library): never a success."""
+    import traceback
+
+    frames = traceback.extract_tb(e.__traceback__)
+    at = ""
+    if frames:
+        last = frames[-1]
+        with contextlib.suppress(ValueError):
+            last_file = os.path.relpath(last.filename)
+            at = f" at {last_file if not last_file.startswith('..') else last.filename}:{last.lineno}"
+    if verbose:
+        print("".join(traceback.format_exception(e)), end="", file=sys.stderr)
+    status = "0" if e.code is None else str(e.code) if isinstance(e.code, int) else repr(e.code)
+    return _stopped(f"code the run called exited with status {status} (SystemExit{at}); the run did not finish")
+
+
+def _broken_pipe(e: SystemExit) -> bool:
+    """typer ends a command whose stdout was closed (`robustdissect list | head`) with exit 1."""
+    import errno
+
+    return isinstance(e.__context__, OSError) and e.__context__.errno == errno.EPIPE
 
 
 def _invoke(args: list[str]) -> int:
@@ -828,11 +977,14 @@ def _invoke(args: list[str]) -> int:
 
     verbose = any(a in ("--verbose", "-v") for a in args)
     command = typer.main.get_command(app)
+    del _SIGNALS[:]
     try:
         rv = command.main(args=args or ["--help"], prog_name="robustdissect", standalone_mode=False)
         code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
-        if code == 130:  # Ctrl-C inside a command (the parser turns it into exit code 130)
-            _interrupted()
+        if code == 130:  # Ctrl-C or SIGTERM inside a command (the parser turns it into exit code 130)
+            terminated = bool(_SIGNALS) and _SIGNALS[-1] == signal.SIGTERM
+            _interrupted(terminated)
+            code = 143 if terminated else 130
     except UserError as e:
         print(f"robustdissect: error: {_one_line(str(e))}", file=sys.stderr)
         code = 2
@@ -843,13 +995,22 @@ def _invoke(args: list[str]) -> int:
         print(f"robustdissect: error: {_one_line(e.format_message())}", file=sys.stderr)
         code = int(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
-        _interrupted()
-        code = 130
+        terminated = bool(_SIGNALS) and _SIGNALS[-1] == signal.SIGTERM
+        _interrupted(terminated)
+        code = 143 if terminated else 130
     except SystemExit as e:
-        code = _exit_code(e)
+        code = _exit_code(e) if _broken_pipe(e) else _foreign_exit(e, verbose)
     except Exception as e:
-        _unexpected(e, verbose)
-        code = 1
+        problem = _os_problem(e)
+        if problem is None:
+            _unexpected(e, verbose)
+            code = 1
+        else:
+            if verbose:
+                import traceback
+
+                print("".join(traceback.format_exception(e)), end="", file=sys.stderr)
+            code = _stopped(_one_line(problem))
     finally:
         runs.release_all()
     return code
@@ -857,7 +1018,11 @@ def _invoke(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors print one line and exit with code 2 (see the module doc)."""
-    code = _invoke(sys.argv[1:] if argv is None else list(argv))
+    handlers = _install_signal_handlers()
+    try:
+        code = _invoke(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        _restore_signal_handlers(handlers)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, gloo's worker threads can still be alive when the interpreter runs its
         # C++ static destructors, which then aborts the process (SIGABRT) after a run that

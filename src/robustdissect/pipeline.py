@@ -316,9 +316,6 @@ def run_pipeline(
         else:
             run.discard()
         raise
-    except KeyboardInterrupt:
-        log.warning("interrupted; finished stages are kept in %s, rerun with --resume", run.path)
-        raise
     return run.finish()
 
 

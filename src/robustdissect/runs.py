@@ -63,7 +63,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
     The file gets the mode a plain `open(path, "w")` would give (0o666 minus the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # name the file the caller wanted, not the temporary one
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
@@ -132,6 +135,7 @@ class DirLock:
 
     def __init__(self, path: Path, fd: int, key: tuple[int, int], work: Path, hint: str) -> None:
         self.path, self.work, self.hint = path, work, hint
+        self.run: RunDir | None = None  # the run directory this lock guards, when it is one
         self._fd: int | None = fd
         self._key = key
 
@@ -197,6 +201,14 @@ def _read_pid(fd: int) -> int | None:
 def held_locks() -> list[DirLock]:
     """Locks this process holds on unfinished work (oldest first)."""
     return list(_HELD.values())
+
+
+def current_run() -> RunDir | None:
+    """The newest unfinished run directory this process is writing, if any."""
+    for lock in reversed(held_locks()):
+        if lock.run is not None:
+            return lock.run
+    return None
 
 
 def release_all() -> None:
@@ -374,8 +386,14 @@ class RunDir:
                 raise
             lock.work, lock.path = work, work / LOCK
             run = cls(final, work, lock, created=True, overwrite=overwrite, run_id=run_id)
-        for sub in ("tables", "figures"):
-            (work / sub).mkdir(parents=True, exist_ok=True)
+        if run.lock is not None:
+            run.lock.run = run
+        try:
+            for sub in ("tables", "figures"):
+                (work / sub).mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            run.discard()
+            raise
         return run
 
     @classmethod
@@ -412,6 +430,16 @@ class RunDir:
 
     def stage_done(self, name: str) -> bool:
         return name in self.results().get("stages", {})
+
+    def computed(self) -> bool:
+        """Whether the run holds finished work: a finished stage or anything in its evidence store."""
+        try:
+            if self.results_path.is_file() and self.results().get("stages"):
+                return True
+            evidence = self.path / "evidence"
+            return evidence.is_dir() and any(p.is_file() for p in evidence.rglob("*"))
+        except (OSError, UserError):
+            return True  # unreadable: keep it rather than remove work
 
     # -- files -----------------------------------------------------------------------------
     def write_table(self, name: str, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:

@@ -63,6 +63,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path} is not a valid safetensors file: {e}") from None
+    _check_pt_archive(path)
     try:
         with warnings.catch_warnings():  # the refusal below is the one line the user sees
             warnings.simplefilter("ignore")
@@ -78,6 +79,29 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     return obj
+
+
+def _check_pt_archive(path: Path) -> None:
+    """Refuse a zip-format .pt whose records would inflate past the input limit, from the zip
+    directory alone (torch.save stores records uncompressed; a deflated one is suspect)."""
+    import zipfile
+
+    from ..data.files import MAX_COMPRESSION_RATIO, RATIO_CHECK_ABOVE, check_input_size, human_bytes
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy format: torch.load reads what the file holds
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return  # torch.load's own refusal names the problem
+    check_input_size(sum(i.file_size for i in infos), f"{path}")
+    for i in infos:
+        if i.file_size > RATIO_CHECK_ABOVE and i.file_size > MAX_COMPRESSION_RATIO * max(i.compress_size, 1):
+            raise UserError(
+                f"{path}: record {i.filename} inflates {human_bytes(i.compress_size)} -> "
+                f"{human_bytes(i.file_size)}; refusing a likely zip bomb"
+            )
 
 
 def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -104,6 +128,10 @@ def load_checkpoint(name_or_path: str) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(name_or_path)
     if path.suffix in (".safetensors", ".json"):
         card_path, path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        if not path.is_file():
+            raise UserError(
+                f"weights file {path} does not exist (a checkpoint is NAME.safetensors with its card NAME.json)"
+            )
         if not card_path.is_file():
             raise UserError(f"no model card {card_path} next to the weights")
         card = read_card(card_path)
@@ -162,11 +190,15 @@ def load_user_model(spec: str, **kwargs: Any) -> nn.Module:
         sys.modules[mod_name] = module
         try:
             spec_obj.loader.exec_module(module)
+        except SystemExit as e:
+            raise UserError(f"importing {file} exited with status {_status(e)} (sys.exit at import)") from None
         except Exception as e:
             raise UserError(f"importing {file} failed: {type(e).__name__}: {e}") from None
     else:
         try:
             module = importlib.import_module(target)
+        except SystemExit as e:
+            raise UserError(f"importing module '{target}' exited with status {_status(e)}") from None
         except ImportError as e:
             raise UserError(f"cannot import module '{target}': {e}") from None
     factory = getattr(module, factory_name, None)
@@ -174,12 +206,19 @@ def load_user_model(spec: str, **kwargs: Any) -> nn.Module:
         raise UserError(f"'{factory_name}' is not a callable in {target}")
     try:
         model = factory(**kwargs)
+    except SystemExit as e:  # sys.exit() in the factory must not end the run as if it had succeeded
+        raise UserError(f"the model factory {spec} exited with status {_status(e)}") from None
     except Exception as e:  # the user's own code: its failure is the user's to fix
         raise UserError(f"{spec}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) raised "
                         f"{type(e).__name__}: {e}") from None  # fmt: skip
     if not isinstance(model, nn.Module):
         raise UserError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _status(e: SystemExit) -> str:
+    """The status a SystemExit carries, as `sys.exit` would report it."""
+    return "0" if e.code is None else repr(e.code) if not isinstance(e.code, int) else str(e.code)
 
 
 class LogitsOnly(nn.Module):
@@ -207,6 +246,11 @@ def check_classifier(model: nn.Module, input_shape: tuple[int, int, int], num_cl
     try:
         with torch.no_grad():
             out = model(torch.rand(2, *input_shape))
+    except SystemExit as e:
+        raise UserError(
+            f"the model's forward pass exited with status {_status(e)} on inputs of shape "
+            f"(N, {', '.join(map(str, input_shape))})"
+        ) from None
     except Exception as e:
         raise UserError(
             f"the model fails on inputs of shape (N, {', '.join(map(str, input_shape))}): "
