@@ -7,7 +7,8 @@ in code, seeded, for grayscale 28×28 or RGB 32×32 data: intensity bands (colou
 procedural textures, scikit-image's natural textures (brick, grass, gravel), foreground masks,
 garment-on-texture composites with exact masks, texture collages and the dataset's classes.
 `load_broden` reads the Broden directory layout (index.csv, label.csv, images/) for users who have
-it.
+it; `load_concept_dir` reads the common segmentation layout (images/, one label PNG per image in
+masks/, and a label list) for users who bring their own concepts with pixel masks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ __all__ = [
     "generate_concept_set",
     "intensity_bands",
     "load_broden",
+    "load_concept_dir",
     "natural_textures",
 ]
 
@@ -556,4 +559,199 @@ def load_broden(
         concept_category=[cat_names.index(label_cat.get(num, "") or "unknown") for num in ordered],
         kinds=["broden"] * len(rows),
         identity=f"broden:{base.resolve()}:{len(rows)}:{','.join(cats)}:{split}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the user's own concepts: images/, masks/ (label PNGs) and a label list
+
+
+CONCEPT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+LABEL_FILES = ("labels.txt", "labels.csv")
+DEFAULT_CATEGORY = "object"
+VOID_LABEL = 255  # Pascal VOC's border / void value in 8-bit masks: unlabelled unless listed
+
+
+def read_label_list(path: Path) -> dict[int, tuple[str, str]]:
+    """`labels.txt` (lines `INDEX NAME [CATEGORY]`, whitespace- or comma-separated, `#` comments)
+    or `labels.csv` (rows `index,name[,category]`, an optional header) -> {index: (name,
+    category)}; index 0 (background) is dropped, the category defaults to "object"."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the label list {path}: {' '.join(str(e).split())[:200]}") from None
+    if path.suffix == ".csv":
+        rows = [[c.strip() for c in r] for r in csv.reader(text.splitlines())]
+    else:
+        rows = []
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            rows.append([c.strip() for c in line.split(",")] if "," in line else line.split())
+    rows = [r for r in rows if any(r)]
+    if rows and not rows[0][0].lstrip("-").isdigit() and rows[0][0].lower() in ("index", "number", "id", "label"):
+        rows = rows[1:]  # a header row
+    labels: dict[int, tuple[str, str]] = {}
+    for k, row in enumerate(rows, 1):
+        if len(row) < 2 or not row[0].isdigit() or not row[1]:
+            raise UserError(f"{path}: entry {k} {','.join(row)!r} is not 'INDEX, NAME[, CATEGORY]' with INDEX >= 0")
+        index = int(row[0])
+        if index in labels:
+            raise UserError(f"{path}: label index {index} is listed twice")
+        if index == 0:
+            continue  # background / none
+        if any(name == row[1] for name, _ in labels.values()):
+            raise UserError(f"{path}: the concept name {row[1]!r} is listed twice")
+        labels[index] = (row[1], (row[2] if len(row) > 2 and row[2] else DEFAULT_CATEGORY).lower())
+    if not labels:
+        raise UserError(f"{path} lists no concept (index 0 is the background)")
+    return labels
+
+
+def _open_concept_file(path: Path, root: Path) -> Any:
+    """A decoded PIL image (pixels loaded), with unreadable files and decompression bombs as
+    one-line UserErrors naming the file relative to `root`."""
+    import warnings
+
+    from PIL import Image
+
+    name = path.relative_to(root)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+        return img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"{root}: {name} is too large to decode safely; resize it first") from None
+    except Exception as e:  # any undecodable file is the user's data problem
+        raise UserError(f"{root}: cannot read {name}: {' '.join(str(e).split())[:200]}") from None
+
+
+def _label_array(img: Any, where: str) -> np.ndarray:
+    """(H, W) int64 label values of a label PNG: palette indices (mode P), grey levels (L, I;16, I),
+    or the one value of an RGB(A) mask whose channels are equal."""
+    if img.mode in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
+        return np.asarray(img, dtype=np.int64)
+    if img.mode in ("RGB", "RGBA", "LA"):
+        a = np.asarray(img, dtype=np.int64)
+        colour = a[..., :3] if img.mode != "LA" else a[..., :1]
+        if (colour == colour[..., :1]).all():
+            return colour[..., 0]
+    raise UserError(f"{where} is a {img.mode} image; a mask is a one-channel label PNG (mode L, P or I: pixel "
+                    "value = concept index)")  # fmt: skip
+
+
+def concept_dir_identity(root: str | Path) -> str:
+    """A fingerprint of a concept directory's files (names, sizes, modification times): the
+    identity of the set it loads, without decoding an image."""
+    base = Path(root)
+    digest = hashlib.sha256()
+    for sub in ("images", "masks"):
+        try:
+            entries = sorted((base / sub).iterdir()) if (base / sub).is_dir() else []
+        except OSError as e:
+            raise UserError(f"cannot list {base / sub}: {e.strerror}") from None
+        for f in entries:
+            st = f.stat()
+            digest.update(repr((sub, f.name, st.st_size, st.st_mtime_ns)).encode())
+    for name in LABEL_FILES:
+        if (base / name).is_file():
+            digest.update((base / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_concept_dir(root: str | Path) -> tuple[Path, dict[int, tuple[str, str]], list[tuple[Path, Path]]]:
+    """Check a concept directory's layout without decoding an image: (the label list file, its
+    labels {index: (name, category)}, the (image, mask) file pairs in name order)."""
+    base = Path(root)
+    if not base.is_dir():
+        raise UserError(f"concept directory {base} does not exist")
+    for sub in ("images", "masks"):
+        if not (base / sub).is_dir():
+            raise UserError(f"{base} is not a concept directory: {sub}/ is missing (expected images/, masks/, "
+                            "labels.txt or labels.csv)")  # fmt: skip
+    label_files = [base / f for f in LABEL_FILES if (base / f).is_file()]
+    if not label_files:
+        raise UserError(f"{base} is not a concept directory: labels.txt or labels.csv is missing")
+    if len(label_files) > 1:
+        raise UserError(f"{base} holds both labels.txt and labels.csv; keep one label list")
+    labels = read_label_list(label_files[0])
+    try:
+        files = sorted(p for p in (base / "images").iterdir() if p.suffix.lower() in CONCEPT_IMAGE_SUFFIXES)
+    except OSError as e:
+        raise UserError(f"cannot list {base / 'images'}: {e.strerror}") from None
+    if not files:
+        raise UserError(f"{base / 'images'} holds no .png or .jpg image")
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise UserError(f"{base}: images/{stems[f.stem].name} and images/{f.name} share the name {f.stem}; "
+                            "one mask names one image")  # fmt: skip
+        stems[f.stem] = f
+    pairs = []
+    for stem, f in stems.items():
+        mask = base / "masks" / f"{stem}.png"
+        if not mask.is_file():
+            raise UserError(f"{base}: images/{f.name} has no mask masks/{stem}.png")
+        pairs.append((f, mask))
+    return label_files[0], labels, pairs
+
+
+def load_concept_dir(root: str | Path, image_shape: Sequence[int] = (3, 224, 224)) -> ConceptSet:
+    """Read the user's concept directory: `images/NAME.png|jpg|jpeg`, one label PNG per image
+    `masks/NAME.png` (pixel value = concept index, 0 = none; 255 in an 8-bit mask = void unless
+    listed) and a label list `labels.txt` or `labels.csv` (see `read_label_list`). Images are
+    resized to `image_shape` (C, H, W) bilinearly and converted to its channels (1: grayscale,
+    3: RGB); masks are resized with nearest neighbour. One plane of concept ids per image;
+    concepts are the listed labels that occur in some mask, in index order."""
+    from PIL import Image
+
+    base = Path(root)
+    c, h, w = (int(v) for v in image_shape)
+    if c not in (1, 3):
+        raise UserError(f"a concept directory feeds 1- or 3-channel models, the model takes {c} channels")
+    label_file, labels, pairs = check_concept_dir(base)
+    lut = np.full(max(max(labels), VOID_LABEL) + 1, -2, dtype=np.int64)  # -2: not listed
+    for index in labels:
+        lut[index] = index
+    lut[0] = -1
+    if VOID_LABEL not in labels:
+        lut[VOID_LABEL] = -1
+    images: list[torch.Tensor] = []
+    codes: list[np.ndarray] = []
+    for f, mask_path in pairs:
+        img = _open_concept_file(f, base)
+        mask = _open_concept_file(mask_path, base)
+        if img.size != mask.size:
+            raise UserError(f"{base}: masks/{mask_path.name} is {mask.size[0]}x{mask.size[1]} but images/{f.name} is "
+                            f"{img.size[0]}x{img.size[1]}")  # fmt: skip
+        raw = _label_array(mask, f"{base}: masks/{mask_path.name}")
+        bad = raw[(raw >= len(lut)) | (lut[np.minimum(raw, len(lut) - 1)] == -2)] if raw.size else raw
+        if bad.size:
+            raise UserError(f"{base}: masks/{mask_path.name} holds label {int(bad.flat[0])}, which "
+                            f"{label_file.name} does not list")  # fmt: skip
+        rgb = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
+        arr = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)
+        images.append(arr[None] if c == 1 else arr.permute(2, 0, 1))
+        small = Image.fromarray(raw.astype(np.int32)).resize((w, h), Image.Resampling.NEAREST)
+        codes.append(lut[np.asarray(small, dtype=np.int64)])
+    present = sorted({int(v) for a in codes for v in np.unique(a) if v > 0})
+    absent = [labels[i][0] for i in labels if i not in present]
+    warnings = [f"concepts listed but in no mask (at {w}x{h}): {', '.join(absent)}"] if absent else []
+    if not present:
+        raise UserError(f"{base}: no mask labels any pixel with a listed concept")
+    cid = np.full(len(lut), -1, dtype=np.int64)
+    for k, index in enumerate(present):
+        cid[index] = k
+    plane = torch.from_numpy(np.stack([np.where(a > 0, cid[np.maximum(a, 0)], -1) for a in codes]))
+    cats = sorted({labels[i][1] for i in present})
+    return ConceptSet(
+        images=torch.stack(images),
+        planes=[plane],
+        concepts=[labels[i][0] for i in present],
+        categories=cats,
+        concept_category=[cats.index(labels[i][1]) for i in present],
+        kinds=["concept-dir"] * len(images),
+        identity=f"concept-dir:{concept_dir_identity(base)}:{c}x{h}x{w}",
+        warnings=warnings,
     )

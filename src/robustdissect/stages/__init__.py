@@ -2,7 +2,6 @@
 
 from ..pipeline import STAGES
 from . import (  # noqa: F401
-    compare,
     concepts,
     diagnose,
     evaluate,
@@ -13,6 +12,7 @@ from . import (  # noqa: F401
     overview,
     pushback,
     sensitivity,
+    training,
 )
 
 __all__ = ["STAGES"]

@@ -1,5 +1,6 @@
 """Stage `concepts`: Network Dissection of every analysed unit on generated concept sets (or a
-Broden directory), and the attack × concept join with the feature quadrants (METHODS §4, §6.6)."""
+Broden directory, or the user's own concept directory), and the attack × concept join with the
+feature quadrants (METHODS §4, §6.6)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,14 @@ from ..analysis.plots_concepts import (
 )
 from ..attacks import make_attack
 from ..config import parse_eps, stage_options
-from ..data.concepts import HIGH_FREQUENCY, ConceptSet, generate_concept_set, load_broden
+from ..data.concepts import (
+    HIGH_FREQUENCY,
+    ConceptSet,
+    concept_dir_identity,
+    generate_concept_set,
+    load_broden,
+    load_concept_dir,
+)
 from ..errors import UserError
 from ..evaluation import attack_evidence
 from ..models import default_conv_layers
@@ -59,6 +67,7 @@ class ConceptsOptions:
     natural_textures: bool = True  # scikit-image's brick, grass, gravel
     broden: str | None = None  # a Broden directory instead of the generated set
     broden_max_images: int | None = None
+    concept_dir: str | None = None  # the user's images/, masks/ (label PNGs) and labels.txt|csv
     # attack × concept with the feature quadrants; None: when the run has a features stage (its
     # scores are reused), True: always (scores the features if no stage did)
     join: bool | None = None
@@ -86,6 +95,8 @@ class ConceptsOptions:
         if self.quantile_on not in ("raw", "upsampled"):
             raise UserError(f"concepts: quantile_on must be raw or upsampled, got {self.quantile_on!r}")
         parse_eps(self.eps, 1.0, "concepts: eps")
+        if self.broden and self.concept_dir:
+            raise UserError("concepts: give a Broden directory or a concept directory, not both")
 
 
 QUICK_CONCEPTS: dict[str, Any] = {"n": 500, "gradcam_images": 3, "figure_concepts": 3}
@@ -93,6 +104,10 @@ QUICK_CONCEPTS: dict[str, Any] = {"n": 500, "gradcam_images": 3, "figure_concept
 
 def _concept_set(ctx: Context, opts: ConceptsOptions) -> ConceptSet:
     seed = ctx.config.seed
+    if opts.concept_dir:
+        folder, shape = opts.concept_dir, ctx.data.image_shape
+        key: dict[str, Any] = {"concept_dir": folder, "shape": list(shape), "files": concept_dir_identity(folder)}
+        return ctx.store.memo("concept_set", key, lambda: load_concept_dir(folder, shape))
     if opts.broden:
         where = {"broden": opts.broden, "max": opts.broden_max_images, "shape": list(ctx.data.image_shape)}
         return ctx.store.memo(
@@ -205,7 +220,7 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
     text = (
         f"Network Dissection (Bau et al.) of {len(diss.units)} units of {', '.join(layers)} on {len(cset)} "
-        f"{'Broden' if opts.broden else 'generated'} concept images ({len(cset.concepts)} concepts in "
+        f"{_set_kind(opts)} concept images ({len(cset.concepts)} concepts in "
         f"{', '.join(cset.categories)}). A unit's region is its map upsampled bilinearly and thresholded at its top "
         f"{opts.quantile:.1%} level; IoU is summed over the set; a unit is a detector when its best IoU exceeds "
         f"{opts.iou_threshold:g} and the {opts.null_percentile:.0%} percentile of {opts.permutations} shuffles of "
@@ -244,6 +259,13 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             except (UserError, RuntimeError) as e:
                 warnings.append(f"Grad-CAM figure not drawn: {e}")
     return section("Concepts", text=text, summary=summary, tables=tables, figures=figures, warnings=warnings, **data)
+
+
+def _set_kind(opts: ConceptsOptions) -> str:
+    """How the concept set was made, for the section text."""
+    if opts.concept_dir:
+        return "user-provided (concept directory)"
+    return "Broden" if opts.broden else "generated"
 
 
 def _answers(main: ConceptFragility, enrich: list[dict[str, Any]], worst: list[dict[str, Any]]) -> str:
