@@ -419,6 +419,16 @@ CASES = [
     Case("sensitivity-unknown-checkpoint", lambda t: ["sensitivity", "--models", "nope", "--out", "o"], "nope"),
     Case("sensitivity-other-attack", lambda t: ["sensitivity", "--attack", "fgsm", "--out", "o"], "pgd-linf"),
     Case("run-unknown-model", lambda t: ["run", "--model", "no-such-model", "--out", "o"], "no-such-model"),
+    Case(
+        "checkpoint-weights-missing",
+        lambda t: ["evaluate", "--model", "nosuch.safetensors", "--out", "o"],
+        "weights file nosuch.safetensors does not exist",
+    ),
+    Case(
+        "zoo-weights-missing",
+        lambda t: ["evaluate", "--model", "smallcnn", "--weights", "nosuch.safetensors", "--out", "o"],
+        "weights file nosuch.safetensors does not exist",
+    ),
     Case("run-unknown-dataset", lambda t: ["run", "--data", "imagenet", "--out", "o"], "unknown dataset"),
     # data files
     Case("npz-empty-file", raw_npz_run(b""), "not an .npz archive"),
@@ -914,13 +924,26 @@ def gated_run(work: Path, args: list[str]) -> tuple[subprocess.Popen[str], Path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the gated run never started"
-        time.sleep(0.05)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the gated run never started"
+            time.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
     return proc, ready, gate
+
+
+def _default_sigint() -> None:
+    """In the child, before it starts: Ctrl-C back to its default action. A suite started in the
+    background (`nohup bash scripts/test.sh &`) inherits SIGINT as ignored, and so would every
+    process it starts; the command line keeps an inherited 'ignore', as background jobs expect."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def robustdissect(work: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -957,22 +980,48 @@ def test_two_runs_on_one_out_one_completes_one_is_refused(work: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_exits_130_with_a_resume_hint_and_resume_completes(work: Path) -> None:
+@pytest.mark.parametrize(
+    ("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_ctrl_c_exits_130_with_a_resume_hint_and_resume_completes(work: Path, sig: int, code: int, word: str) -> None:
+    """Ctrl-C (SIGINT) and SIGTERM: one line that says how to resume, exit 130 / 143."""
     (work / "ov.yaml").write_text(OVERVIEW)
     args = ["run", "--config", "ov.yaml", "--out", "r"]
     proc, _, _ = gated_run(work, args)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
     assert "Traceback" not in err
-    assert error_lines(err) == [
-        "robustdissect: interrupted; finished stages are kept in r.partial; "
+    assert err.strip().splitlines() == [
+        f"robustdissect: {word}; finished stages are kept in r.partial; "
         "rerun the same command with --resume to continue"
     ], err
     assert (work / "r.partial" / MARKER).is_file()
     done = robustdissect(work, [*args, "--resume"])
     assert done.returncode == 0, done.stderr
     assert (work / "r" / "report.html").is_file() and not (work / "r.partial").exists()
+
+
+@pytest.mark.slow
+def test_the_interrupt_test_passes_in_a_suite_started_in_the_background(tmp_path: Path) -> None:
+    """`nohup bash scripts/test.sh &` runs the suite with SIGINT ignored; the Ctrl-C test must
+    still pass there and leave no process behind."""
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    test = f"{Path(__file__)}::test_ctrl_c_exits_130_with_a_resume_hint_and_resume_completes"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", test, "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600, preexec_fn=ignore_sigint,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 passed" in done.stdout, done.stdout[-3000:]
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", f"processes left running: {left.stdout}"
 
 
 @pytest.mark.slow
