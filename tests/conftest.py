@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,98 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
         return code, out, err
 
     return run
+
+
+# A user's own model, as a file with a factory: lazy head, in-place ReLUs, plain nn.Sequential paths.
+USER_MODEL_SOURCE = '''
+from torch import nn
+
+
+def make(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.LazyLinear(num_classes),
+    )
+'''
+
+
+@dataclass(frozen=True)
+class UserModel:
+    """A user model file with trained weights: `spec` is `DIR/nets.py:make`; `data` an .npz of
+    its images (x, y, x_test, y_test) when it is not the built-in data."""
+
+    spec: str
+    weights: Path
+    robust_weights: Path
+    data: Path | None
+    channels: int
+
+
+def colour_images(x: torch.Tensor, y: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Fashion-MNIST made CIFAR-shaped: (N, 1, 28, 28) -> (N, 3, size, size), a tint per class."""
+    tint = torch.rand(10, 3, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.4
+    big = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return (big * tint[y].view(-1, 3, 1, 1)).clamp(0, 1)
+
+
+def _train_user_model(folder: Path, x: torch.Tensor, y: torch.Tensor, channels: int, adversarial: bool) -> Path:
+    """Two short epochs of standard or FGSM (ε 0.1, random start) training; returns the weights file."""
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location(f"user_nets_{channels}", folder / "nets.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    model = module.make(channels)
+    model(x[:2])
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    for _ in range(2):
+        for i in range(0, len(y), 100):
+            xb, yb = x[i : i + 100], y[i : i + 100]
+            if adversarial:
+                xa = (xb + (torch.rand_like(xb) * 2 - 1) * 0.1).clamp(0, 1).requires_grad_()
+                (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(xa), yb), xa)
+                xb = (xb + 0.1 * grad.sign()).clamp(0, 1).detach()
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path = folder / f"{'robust' if adversarial else 'standard'}.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def _user_model(folder: Path, fmnist: Dataset, channels: int) -> UserModel:
+    import numpy as np
+
+    (folder / "nets.py").write_text(USER_MODEL_SOURCE)
+    x, y = fmnist.train.x[:2000], fmnist.train.y[:2000]
+    data = None
+    if channels == 3:
+        x = colour_images(x, y)
+        xt, yt = fmnist.test.x[:300], fmnist.test.y[:300]
+        data = folder / "cifar_like.npz"
+
+        def u8(t: torch.Tensor) -> Any:
+            return (t * 255).round().to(torch.uint8).numpy()
+
+        np.savez(data, x=u8(x), y=y.numpy(), x_test=u8(colour_images(xt, yt)), y_test=yt.numpy())
+    standard = _train_user_model(folder, x, y, channels, adversarial=False)
+    robust = _train_user_model(folder, x, y, channels, adversarial=True)
+    return UserModel(f"{folder / 'nets.py'}:make", standard, robust, data, channels)
+
+
+@pytest.fixture(scope="session")
+def user_model(tmp_path_factory: pytest.TempPathFactory, fmnist: Dataset) -> UserModel:
+    """A 1-channel user model (file.py:factory) trained briefly on Fashion-MNIST, with a robust twin."""
+    return _user_model(tmp_path_factory.mktemp("user1"), fmnist, 1)
+
+
+@pytest.fixture(scope="session")
+def user_model_rgb(tmp_path_factory: pytest.TempPathFactory, fmnist: Dataset) -> UserModel:
+    """A 3-channel user model on a CIFAR-shaped .npz (3×32×32, 10 classes), with a robust twin."""
+    return _user_model(tmp_path_factory.mktemp("user3"), fmnist, 3)

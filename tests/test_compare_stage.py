@@ -1,4 +1,4 @@
-"""The `training` stage on a tiny run: shipped vanilla plus a missing checkpoint (a warning)."""
+"""The `compare` stage on a tiny run: shipped vanilla plus a missing checkpoint (a warning)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from robustdissect.config import RunConfig
 from robustdissect.evaluation import wilson_interval
 from robustdissect.pipeline import run_pipeline
-from robustdissect.stages.training import LAYER_STUDY_COMMAND, _layer_study_block
+from robustdissect.stages.compare import LAYER_STUDY_COMMAND, _layer_study_block
 from robustdissect.store import list_evidence
 
 TINY = {
@@ -38,19 +38,19 @@ def _study_rows() -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-def test_training_stage_tiny(tmp_path: Path) -> None:
+def test_compare_stage_tiny(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     study = tmp_path / "study"
     study.mkdir()
     (study / "layer_selection.json").write_text(json.dumps(_study_rows()))
     cfg = RunConfig(n=64, device="cpu", quick=False,
-                    stages={"overview": {}, "training": {**TINY, "layer_study": str(study)}})
+                    stages={"overview": {}, "compare": {**TINY, "layer_study": str(study)}})
     run = run_pipeline(cfg, tmp_path / "run")
-    entry = json.loads((run / "results.json").read_text())["stages"]["training"]
+    entry = json.loads((run / "results.json").read_text())["stages"]["compare"]
 
     assert any("fmnist-smallcnn-nonexistent" in w and "robustdissect train" in w for w in entry["warnings"])
-    assert entry["models"] == ["vanilla"]
-    with (run / "tables" / "training_comparison_long.csv").open() as f:
+    assert entry["models"] == ["fmnist-smallcnn-vanilla"]
+    with (run / "tables" / "compare_accuracy_long.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["attack"] for r in rows] == ["clean", "pgd-linf", "fgsm", "spsa"]
     for r in rows:
@@ -64,27 +64,39 @@ def test_training_stage_tiny(tmp_path: Path) -> None:
     assert by["clean"] > 0.7 and by["pgd-linf"] < by["clean"]  # the vanilla model breaks under PGD
 
     wide = entry["comparison"][0]
-    assert wide["model"] == "vanilla" and wide["epochs"] == 8 and wide["objective"] == "vanilla"
+    assert wide["model"] == "fmnist-smallcnn-vanilla" and wide["epochs"] == 8 and wide["objective"] == "vanilla"
     assert math.isclose(wide["clean"], by["clean"])
     stored = {i["parts"]["name"] for i in list_evidence(run) if i["kind"] == "adv"}
     assert {"pgd-linf", "fgsm", "spsa"} <= stored
     assert [r["steps"] for r in entry["pgd_steps"]] == [1, 2]
-    for name in ("training_pgd_steps", "training_pgd_eps", "training_sigma_layers", "training_sigma_sorted"):
+    for name in ("compare_pgd_steps", "compare_pgd_eps", "compare_sigma_layers", "compare_sigma_sorted"):
         assert (run / "figures" / f"{name}.png").is_file()
-    assert entry["sigma"]["models"] == ["vanilla"] and len(entry["sigma"]["layers"]) == 6
+    assert entry["sigma"]["models"] == ["fmnist-smallcnn-vanilla"] and len(entry["sigma"]["layers"]) == 6
     assert "report.html" in {p.name for p in run.iterdir()}
 
     # E12 from the finished study: its rows as a table, accuracy against k as a figure
-    with (run / "tables" / "training_layer_selection.csv").open() as f:
+    with (run / "tables" / "compare_layer_selection.csv").open() as f:
         study_rows = list(csv.DictReader(f))
     assert [int(r["k"]) for r in study_rows] == [1, 2]
     assert [float(r["pgd-linf"]) for r in study_rows] == [0.77, 0.78]
-    assert (run / "figures" / "training_layer_selection.png").is_file()
+    assert (run / "figures" / "compare_layer_selection.png").is_file()
     assert not any("E12" in w for w in entry["warnings"])
 
 
-def test_training_stage_without_layer_study_adds_nothing() -> None:
+def test_compare_stage_without_layer_study_adds_nothing() -> None:
     warnings: list[str] = []
     tables: list[dict[str, str]] = []
     _layer_study_block(None, None, tables, [], warnings)  # type: ignore[arg-type]
     assert warnings == [] and tables == [] and "robustdissect.training.studies" in LAYER_STUDY_COMMAND
+
+
+def test_compare_stage_without_a_counterpart_says_what_to_pass(tmp_path: Path) -> None:
+    """A model with no --compare: one sentence naming --compare and the train command, no table."""
+    cfg = RunConfig(model="fmnist-smallcnn-pat", compare=[], n=16, device="cpu",
+                    stages={"overview": {}, "compare": {}})  # fmt: skip
+    run = run_pipeline(cfg, tmp_path / "run")
+    entry = json.loads((run / "results.json").read_text())["stages"]["compare"]
+    assert entry["text"].startswith("No robust counterpart") and "--compare" in entry["text"]
+    assert "robustdissect train --model fmnist-smallcnn-pat --objective pat" in entry["text"]
+    assert entry["tables"] == [] and entry["summary"] == {}
+    assert not (run / "tables" / "compare_accuracy.csv").exists()

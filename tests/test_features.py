@@ -277,8 +277,8 @@ def test_feature_scores_is_computed_once_per_run(tmp_path: Path, fmnist) -> None
 
     opts = {**TINY.__dict__, "n": 40, "candidates_per_bin": 0, "compare": []}
     cfg = RunConfig(n=50, quick=False, stages={"overview": {}, "features": opts})
-    model, card, data, device = prepare(cfg)
-    ctx = Context(cfg, None, model, card, data, device, EvidenceStore(tmp_path / "evidence"))  # type: ignore[arg-type]
+    p = prepare(cfg)
+    ctx = Context(cfg, None, p.model, p.card, p.data, p.device, EvidenceStore(tmp_path / "evidence"))  # type: ignore[arg-type]
     assert stage_feature_options(ctx).n == 40  # another stage gets the features stage's options
     first = feature_scores(ctx)
     again = feature_scores(ctx)

@@ -246,7 +246,7 @@ def test_labels_and_formats() -> None:
     )
     assert header == ["model", "clean", "clean 95% low", "clean 95% high", "PGD (L∞)", "share", "95% low", "images",
                       "rs phi"]  # fmt: skip
-    assert body == [["net:make", "91.7%", "81.9%", "100.0%", "0", "33.9%", "26.6%", "60", "0.491"]]
+    assert body == [["net:make", "91.7%", "81.9%", "100.0%", "0.0%", "33.9%", "26.6%", "60", "0.491"]]
 
 
 # ---------------------------------------------------------------------------------------------

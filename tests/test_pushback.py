@@ -123,7 +123,7 @@ def test_stage_shows_the_shipped_results_without_recomputing(tmp_path: Path, fmn
     assert res["pushback"]["verdict"] == shipped["verdict"]
     rows = read_table(run / "tables" / "pushback_purification.csv")
     assert len(rows) == 5 and all(float(r["ci_low"]) <= float(r["accuracy"]) <= float(r["ci_high"]) for r in rows)
-    assert "shipped results" in res["text"]
+    assert res["text"].startswith("Shipped results for fmnist-smallcnn-vanilla on Fashion-MNIST")
     # the run's model is not attacked: the only attacks are one per shipped model trained on a built set
     from robustdissect.stages.pushback import DATA_MODELS
 
@@ -241,17 +241,32 @@ def test_stage_recomputes_the_reliance_shift_with_intervals_and_fine_tuning_tran
     assert "reliance shift and transitions computed in this run" in res["text"]
 
 
-def test_models_trained_on_built_sets_count_as_compared_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
+def test_models_trained_on_built_sets_load_as_counterparts_by_shape(fmnist: Any) -> None:
+    """A model trained on a built set (card dataset robust-data:PATH) is used on the run's images:
+    it is matched to them by shape and classes, not by its card's dataset name."""
+    from robustdissect.config import RunConfig
+    from robustdissect.pipeline import Context, prepare
 
-    import robustdissect.stages.pushback as pb
+    p = prepare(RunConfig(n=8, compare=[]))
+    ctx = Context(RunConfig(n=8, compare=[]), None, p.model, p.card, p.data, p.device, None)  # type: ignore[arg-type]
+    got = ctx.load_model("fmnist-smallcnn-data-bp")
+    assert not isinstance(got, str) and str(got[1]["dataset"]).startswith("robust-data:")
+    assert "not available" in str(ctx.load_model("fmnist-smallcnn-no-such-model"))
 
-    classes = ["a", "b"]
-    card = {"dataset": "robust-data:runs/robust-data/bp.safetensors", "classes": classes}
-    monkeypatch.setattr(pb, "shipped_checkpoints", lambda: ["fake-data-bp"])
-    monkeypatch.setattr(pb, "resolve_model", lambda name: (Planted(), dict(card)))
-    ctx: Any = SimpleNamespace(data=SimpleNamespace(name="toy", classes=classes))
-    got = pb._load_compared("fake-data-bp", ctx)
-    assert not isinstance(got, str) and got[1]["dataset"].startswith("robust-data:")
-    ctx.data.classes = ["x", "y"]  # another label set: not comparable
-    assert isinstance(pb._load_compared("fake-data-bp", ctx), str)
+
+def test_stage_on_a_user_model_computes_its_own_results(tmp_path: Path, fmnist: Any, user_model: Any) -> None:
+    """Beside any model but the shipped vanilla one, the default profile computes the section for the
+    run's model and its --compare models only: no shipped number, no shipped model."""
+    from robustdissect.config import RunConfig
+    from robustdissect.pipeline import run_pipeline
+    from robustdissect.runs import read_table
+
+    cfg = RunConfig(model=user_model.spec, weights=str(user_model.weights), label="mine", n=100, quick=True,
+                    compare=[{"name": "twin", "model": user_model.spec, "weights": str(user_model.robust_weights)}],
+                    stages={"overview": {}, "pushback": {"feature_n": 100, "purify_n": 16, "bootstrap": 20}})
+    run = run_pipeline(cfg, tmp_path / "run")
+    res = json.loads((run / "results.json").read_text())["stages"]["pushback"]
+    assert res["text"].startswith("Computed in this run")
+    assert [r["model"] for r in read_table(run / "tables" / "pushback_reliance.csv")] == ["mine", "twin"]
+    assert not (run / "tables" / "pushback_datasets.csv").exists()
+    assert "fmnist" not in (run / "results.json").read_text() + (run / "report.html").read_text()

@@ -50,6 +50,10 @@ def test_report_opens_cleanly_in_chromium(tmp_path: Path, fmnist) -> None:
             n_images = page.evaluate("document.images.length")
             all_loaded = page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
             shot = page.screenshot(full_page=False)
+            # the answers open the page: on the first screen, above every table
+            answers = page.inner_text("#findings")
+            first_li = page.evaluate("document.querySelector('#findings li').getBoundingClientRect().bottom")
+            first_table = page.evaluate("document.querySelector('table').getBoundingClientRect().top")
         finally:
             browser.close()
     assert errors == []
@@ -62,3 +66,6 @@ def test_report_opens_cleanly_in_chromium(tmp_path: Path, fmnist) -> None:
     pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("L"), dtype=np.float32)
     assert pixels.std() > 10.0  # not a blank page
     assert "Model card" in report and "Confusion matrix" in report
+    assert answers.startswith("What this run found")
+    assert "Clean accuracy of fmnist-smallcnn-vanilla" in answers and "Worst-case robust accuracy under L∞" in answers
+    assert first_li < 900 and first_li < first_table

@@ -73,8 +73,14 @@ def test_shipped_checkpoint_with_and_without_data() -> None:
     checked, _ = resolve_model("fmnist-smallcnn-vanilla", data=_data())
     with torch.no_grad():
         assert torch.equal(checked(x), reference(x))
-    with pytest.raises(UserError, match="trained on fashion-mnist, but the data is mnist"):
-        resolve_model("fmnist-smallcnn-vanilla", data=_data("mnist"))
+    # matched by shape, not by name: another dataset's name is a note; another shape or class count refuses
+    named, _ = resolve_model("fmnist-smallcnn-vanilla", data=_data("npz"))
+    with torch.no_grad():
+        assert torch.equal(named(x), reference(x))
+    with pytest.raises(UserError, match=r"fails on inputs of shape \(N, 3, 32, 32\)"):
+        resolve_model("fmnist-smallcnn-vanilla", data=_data("npz", shape=(3, 32, 32)))
+    with pytest.raises(UserError, match="outputs 10 classes but the dataset has 5"):
+        resolve_model("fmnist-smallcnn-vanilla", data=_data("npz", classes=5))
     with pytest.raises(UserError, match="--weights is only for zoo or user models"):
         resolve_model("fmnist-smallcnn-vanilla", weights="w.safetensors")
     with pytest.raises(UserError, match=r"model arguments \(width\) are only for zoo or user models"):
@@ -149,3 +155,52 @@ def test_unknown_model_lists_close_matches() -> None:
         resolve_model("smalcnn")
     with pytest.raises(UserError, match="did you mean: fmnist-smallcnn-pat"):
         resolve_model("fmnist-smallcnn-pta")
+
+
+def test_normalize_keeps_attacks_in_pixel_space_and_layer_names(tmp_path: Path) -> None:
+    """--normalize: the model sees (x − mean) / std, takes pixels in [0, 1], keeps its module paths."""
+    (tmp_path / "std_net.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def make(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(),\n"
+        "                         nn.LazyLinear(num_classes))\n"
+    )
+    data = _data("npz", shape=(3, 8, 8))
+    torch.manual_seed(0)
+    plain, _ = resolve_model(f"{tmp_path / 'std_net.py'}:make", data=data)
+    torch.manual_seed(0)
+    normed, card = resolve_model(f"{tmp_path / 'std_net.py'}:make", data=data, normalize="imagenet")
+    assert card["normalize"] == "imagenet"
+    assert [n for n, _ in normed.named_modules()] == [n for n, _ in plain.named_modules()]
+    x = torch.rand(2, 3, 8, 8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(normed(x), plain((x - mean) / std), atol=1e-6)
+    custom, _ = resolve_model(f"{tmp_path / 'std_net.py'}:make", data=data, normalize="0.5/0.25")
+    with torch.no_grad():
+        assert torch.allclose(custom.input_mean.flatten(), torch.full((3,), 0.5))
+    for bad, why in (("0.5,0.5/0.2", "gives 2 mean and 1 std values for 3-channel"), ("0.5/0", "std must be positive"),
+                     ("zca", "use one of imagenet")):
+        with pytest.raises(UserError, match=why):
+            resolve_model(f"{tmp_path / 'std_net.py'}:make", data=data, normalize=bad)
+
+
+def test_compare_specs_labels_and_weights() -> None:
+    from robustdissect.models.spec import parse_compare, short_label, split_label, unique_labels
+
+    assert split_label("robust=runs/pat/model.safetensors") == ("robust", "runs/pat/model.safetensors")
+    assert split_label("pkg.mod:make") == (None, "pkg.mod:make")
+    assert short_label("/home/me/nets/lenet.py:make") == "lenet:make"
+    assert short_label("/home/me/nets/lenet.py:make", "/w/lenet_adv.safetensors") == "lenet_adv"
+    assert short_label("/runs/pat/model.safetensors") == "model"
+    assert short_label("fmnist-smallcnn-pat") == "fmnist-smallcnn-pat"
+    assert unique_labels(["a", "a", "b", "a"]) == ["a", "a-2", "b", "a-3"]
+    specs = parse_compare(["adv=nets.py:make", {"model": "nets.py:make", "weights": "w2.safetensors"}],
+                          weights=["w1.safetensors"])
+    assert [(s.label, s.spec, s.weights) for s in specs] == [
+        ("adv", "nets.py:make", "w1.safetensors"), ("w2", "nets.py:make", "w2.safetensors")]
+    with pytest.raises(UserError, match="2 files for 1 --compare models"):
+        parse_compare(["a"], weights=["x", "y"])
+    with pytest.raises(UserError, match="each entry is SPEC"):
+        parse_compare([{"weights": "w"}])

@@ -8,10 +8,14 @@ with --verbose); 130 interrupted (one line that says how to resume).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,48 +80,6 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
-@app.command()
-def run(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML run configuration")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="run directory to create")] = Path("runs/default"),
-    quick: Annotated[bool, typer.Option("--quick", help="300 images, for a first look")] = False,
-    full: Annotated[bool, typer.Option("--full", help="the papers' full attack budgets (slow on CPU)")] = False,
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    data: DataOpt = None,
-    data_dir: DataDirOpt = None,
-    n: Annotated[int | None, typer.Option("--n", min=1, help="number of images analysed")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", min=0)] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="replace an existing run directory (only one robustdissect made)")
-    ] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
-    sample: Annotated[
-        bool, typer.Option("--sample", help="a seeded random sample of --n images instead of the first n")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print the summary of results.json as JSON")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs; tracebacks on the terminal")] = False,
-) -> None:
-    """Run the full dissection and write a run directory with report.html."""
-    from .config import RunConfig, load_config
-    from .runs import check_out
-
-    check_out(out, overwrite)
-    cfg = load_config(config) if config else RunConfig()
-    from .pipeline import quick_config, run_pipeline
-
-    _setup_logging(verbose)
-    cfg = cfg.replace(model=model, weights=weights, dataset=data, data_dir=data_dir, n=n, seed=seed)
-    if full:
-        cfg = cfg.replace(quick=False)
-    if sample:
-        cfg = cfg.replace(sample=True)
-    if quick:
-        cfg = quick_config(cfg)
-    path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume)
-    _print_headline(path, as_json)
-
-
 def _print_headline(path: Path, as_json: bool = False) -> None:
     """The run's numbers on the console, then the path of its report; with `as_json`, the
     summary of results.json (headline, per stage summary, seconds) as JSON instead."""
@@ -142,44 +104,6 @@ def _print_headline(path: Path, as_json: bool = False) -> None:
     typer.echo(f"wrote {path}/report.html")
 
 
-def _analysis_run(
-    stage: str,
-    stage_options: dict[str, Any],
-    model: str | None,
-    weights: str | None,
-    data: str | None,
-    data_dir: str | None,
-    n: int | None,
-    seed: int | None,
-    quick: bool,
-    out: Path,
-    overwrite: bool,
-    resume: bool,
-    verbose: bool,
-    *,
-    config: Path | None = None,
-    as_json: bool = False,
-    sample: bool = False,
-) -> None:
-    """Run the overview stage plus one analysis stage into a run directory. With `config` (a run
-    YAML), its settings and its block for this stage are the base; options given on the command
-    line win."""
-    from .config import RunConfig, load_config
-    from .pipeline import quick_config, run_pipeline
-
-    _setup_logging(verbose)
-    base = load_config(config) if config else RunConfig(quick=False)
-    options = {**base.stages.get(stage, {}), **stage_options}
-    cfg = base.replace(stages={"overview": {}, stage: options}, quick=base.quick if config else False)
-    cfg = cfg.replace(model=model, weights=weights, dataset=data, data_dir=data_dir, n=n, seed=seed)
-    if sample:
-        cfg = cfg.replace(sample=True)
-    if quick:
-        cfg = quick_config(cfg)
-    path = run_pipeline(cfg, out, overwrite=overwrite, resume=resume)
-    _print_headline(path, as_json)
-
-
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="run directory to create")]
 NOpt = Annotated[int | None, typer.Option("--n", min=1, help="number of test images")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", min=0)]
@@ -187,7 +111,6 @@ QuickOpt = Annotated[bool, typer.Option("--quick", help="reduced settings for a 
 ConvLayersOpt = Annotated[
     str | None, typer.Option("--layers", help="comma-separated layer names (default: every conv)")
 ]
-CompareOpt = Annotated[str | None, typer.Option("--models", help="other checkpoints to compare, comma-separated")]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="replace an existing run directory (only one robustdissect made)")
 ]
@@ -202,12 +125,179 @@ SampleOpt = Annotated[
 ]
 
 
-@app.command()
+@dataclass(frozen=True)
+class Target:
+    """The options every analysing command shares (declared once in COMMON_OPTIONS): the model
+    and its counterparts, the data, the device, the images, the budgets and the run directory."""
+
+    model: str | None = None
+    weights: str | None = None
+    model_arg: list[str] | None = None
+    normalize: str | None = None
+    compare: str | None = None
+    compare_weights: str | None = None
+    data: str | None = None
+    data_dir: str | None = None
+    device: str | None = None
+    n: int | None = None
+    seed: int | None = None
+    sample: bool = False
+    quick: bool = False
+    full: bool = False
+    config: Path | None = None
+    out: Path = Path("runs/default")
+    overwrite: bool = False
+    resume: bool = False
+    as_json: bool = False
+    verbose: bool = False
+
+    def run_config(self, base: Any) -> Any:
+        """`base` (a RunConfig) with every option given on the command line applied."""
+        from .config import check_device
+        from .models.spec import split_label
+
+        label, model = split_label(self.model) if self.model else (None, None)
+        if self.quick and self.full:
+            raise UserError("--quick and --full exclude each other (--quick: a first look, --full: full budgets)")
+        if self.device is not None:
+            check_device(self.device)
+        cfg = base.replace(model=model, label=label, weights=self.weights, dataset=self.data,
+                           data_dir=self.data_dir, n=self.n, seed=self.seed, device=self.device,
+                           normalize=self.normalize)  # fmt: skip
+        if self.model_arg:
+            cfg = cfg.replace(model_args={**cfg.model_args, **_kv(self.model_arg)})
+        if self.compare is not None:
+            cfg = cfg.replace(compare=_compare_entries(self.compare, self.compare_weights))
+        elif self.compare_weights:
+            raise UserError("--compare-weights needs --compare: one weights file per compared model")
+        if self.full:
+            cfg = cfg.replace(quick=False)
+        if self.sample:
+            cfg = cfg.replace(sample=True)
+        return cfg
+
+
+def _compare_entries(compare: str, weights: str | None) -> list[Any]:
+    """`--compare a,b=SPEC` with `--compare-weights W1,` -> config entries (strings, or mappings
+    where a weights file is given); `--compare none` -> no counterpart."""
+    names = _names(compare)
+    if names == ["none"]:
+        return []
+    files = [w.strip() for w in (weights or "").split(",")] if weights else []
+    if len(files) > len(names):
+        raise UserError(f"--compare-weights gives {len(files)} files for {len(names)} --compare models")
+    entries: list[Any] = []
+    for i, spec in enumerate(names):
+        w = files[i] if i < len(files) and files[i] else None
+        if w is None:
+            entries.append(spec)
+            continue
+        from .models.spec import split_label
+
+        label, model = split_label(spec)
+        entries.append({"model": model, "weights": w, **({"name": label} if label else {})})
+    return entries
+
+
+COMMON_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "model": (ModelOpt, None),
+    "weights": (WeightsOpt, None),
+    "model_arg": (ModelArgOpt, None),
+    "normalize": (Annotated[str | None, typer.Option(
+        "--normalize", help="the model expects standardised inputs: imagenet, cifar10, cifar100, mnist or MEAN/STD "
+        "(per channel, e.g. 0.5,0.5,0.5/0.25,0.25,0.25); attacks and ε stay in pixels [0, 1]")], None),
+    "compare": (Annotated[str | None, typer.Option(
+        "--compare", help="counterparts to compare, comma-separated SPEC or name=SPEC (same forms as --model); "
+        "'none' for no counterpart (default: PAT and SNS beside the shipped vanilla model, else none)")], None),
+    "compare_weights": (Annotated[str | None, typer.Option(
+        "--compare-weights", help="weights for the --compare models, comma-separated in the same order "
+        "(empty for a checkpoint)")], None),
+    "data": (DataOpt, None),
+    "data_dir": (DataDirOpt, None),
+    "device": (Annotated[str | None, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N or "
+                                                  "mps")], None),
+    "n": (Annotated[int | None, typer.Option("--n", min=1, help="number of images analysed (default 500)")], None),
+    "seed": (Annotated[int | None, typer.Option("--seed", min=0)], None),
+    "sample": (Annotated[bool, typer.Option(
+        "--sample", help="a seeded random sample of --n images instead of the first n in file order")], False),
+    "quick": (Annotated[bool, typer.Option("--quick", help="a first look: at most 200 images, lighter settings")],
+              False),
+    "full": (Annotated[bool, typer.Option("--full", help="the papers' full budgets (slow on a CPU)")], False),
+    "config": (Annotated[Path | None, typer.Option(
+        "--config", "-c", help="run YAML: its settings (and this command's stage block) are the base")], None),
+    "out": (Annotated[Path, typer.Option("--out", "-o", help="run directory to create")], None),
+    "overwrite": (Annotated[bool, typer.Option(
+        "--overwrite", help="replace an existing run directory (only one robustdissect made)")], False),
+    "resume": (Annotated[bool, typer.Option("--resume", help="continue an interrupted run")], False),
+    "as_json": (Annotated[bool, typer.Option("--json", help="print the summary of results.json as JSON")], False),
+    "verbose": (Annotated[bool, typer.Option("--verbose", "-v", help="debug logs; tracebacks on the terminal")],
+                False),
+}  # fmt: skip
+
+
+def analysis_command(name: str, out: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register `fn(own options..., target: Target)` as command `name`: its signature gets every
+    option of COMMON_OPTIONS (default run directory `out`), packed into `target`."""
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "target"]
+        common = [
+            inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                              default=Path(out) if key == "out" else default)
+            for key, (annotation, default) in COMMON_OPTIONS.items()
+        ]  # fmt: skip
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> None:
+            target = Target(**{key: kwargs.pop(key) for key in COMMON_OPTIONS})
+            fn(**kwargs, target=target)
+
+        command.__signature__ = inspect.Signature([*own, *common])  # type: ignore[attr-defined]
+        command.__annotations__ = {}  # typer reads the signature above, not fn's annotations
+        app.command(name)(command)
+        return fn
+
+    return register
+
+
+def _stage_run(stage: str, stage_options: dict[str, Any], target: Target) -> None:
+    """Run the overview stage plus one analysis stage into a run directory, with the run's reduced
+    budgets unless --full (as `run`). With --config (a run YAML), its settings and its block for
+    this stage are the base; options given on the command line win."""
+    from .config import RunConfig, load_config
+    from .runs import check_out
+
+    check_out(target.out, target.overwrite)
+    base = load_config(target.config) if target.config else RunConfig()
+    options = {**base.stages.get(stage, {}), **stage_options}
+    cfg = target.run_config(base.replace(stages={"overview": {}, stage: options}))
+    _execute(cfg, target)
+
+
+def _execute(cfg: Any, target: Target) -> None:
+    from .pipeline import quick_config, run_pipeline
+
+    _setup_logging(target.verbose)
+    if target.quick:
+        cfg = quick_config(cfg)
+    path = run_pipeline(cfg, target.out, overwrite=target.overwrite, resume=target.resume)
+    _print_headline(path, target.as_json)
+
+
+@analysis_command("run", "runs/default")
+def run(target: Target) -> None:
+    """Run every stage and write a run directory with report.html (the run's reduced budgets;
+    --full: the papers')."""
+    from .config import RunConfig, load_config
+    from .runs import check_out
+
+    check_out(target.out, target.overwrite)
+    base = load_config(target.config) if target.config else RunConfig()
+    _execute(target.run_config(base), target)
+
+
+@analysis_command("evaluate", "runs/evaluate")
 def evaluate(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    data: DataOpt = None,
-    data_dir: DataDirOpt = None,
     attacks: Annotated[str, typer.Option("--attacks", help="all, or a comma-separated list of attacks")] = "all",
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget in pixel units, e.g. 0.1 or 8/255")] = "0.1",
     eps_l2: Annotated[str, typer.Option("--eps-l2", help="L2 budget")] = "1.5",
@@ -223,22 +313,11 @@ def evaluate(
     corruptions: Annotated[
         str | None, typer.Option("--corruptions", help="comma-separated corruptions, or none (default: all seven)")
     ] = None,
-    n: NOpt = 1000,
-    seed: SeedOpt = None,
-    sample: SampleOpt = False,
-    quick: QuickOpt = False,
-    config: ConfigOpt = None,
-    out: OutOpt = Path("runs/evaluate"),
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    as_json: JsonOpt = False,
-    verbose: VerboseOpt = False,
+    *,
+    target: Target,
 ) -> None:
     """Robust accuracy under every attack (with 95% intervals), worst case per threat model,
     curves, grids, masking checks."""
-    from .runs import check_out
-
-    check_out(out, overwrite)
     options: dict[str, Any] = {
         "attacks": attacks, "eps": _eps(eps, "--eps", True), "eps_l2": _eps(eps_l2, "--eps-l2", False),
     }  # fmt: skip
@@ -263,16 +342,11 @@ def evaluate(
             raise UserError("--attacks must be 'all' or a comma-separated list of attack names")
         for name in _names(attacks):
             ATTACKS.get(name)  # unknown names fail here, with close matches, before any work
-    _analysis_run("evaluate", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose,
-                  config=config, as_json=as_json, sample=sample)  # fmt: skip
+    _stage_run("evaluate", options, target)
 
 
-@app.command()
+@analysis_command("sensitivity", "runs/sensitivity")
 def sensitivity(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    data: DataOpt = None,
-    data_dir: DataDirOpt = None,
     layers: ConvLayersOpt = None,
     attack: Annotated[str, typer.Option("--attack", help="attack for the dual pairs (pgd-linf)")] = "pgd-linf",
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget, e.g. 0.1 or 8/255")] = "0.1",
@@ -280,26 +354,11 @@ def sensitivity(
     experiments: Annotated[
         str | None, typer.Option("--experiments", help="comma-separated: profiles, amplification, eps_sweep, ...")
     ] = None,
-    models: Annotated[
-        str | None,
-        typer.Option("--models", help="other models to overlay, comma-separated: shipped names, checkpoint files, "
-                     "file.py:factory"),
-    ] = None,
-    n: NOpt = 1000,
-    seed: SeedOpt = None,
-    sample: SampleOpt = False,
-    quick: QuickOpt = False,
-    config: ConfigOpt = None,
-    out: OutOpt = Path("runs/sensitivity"),
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    as_json: JsonOpt = False,
-    verbose: VerboseOpt = False,
+    *,
+    target: Target,
 ) -> None:
-    """Neuron sensitivity: every experiment of the paper (profiles, amplification, ratio vs eps, ...)."""
-    from .runs import check_out
-
-    check_out(out, overwrite)
+    """Neuron sensitivity: every experiment of the paper (profiles, amplification, ratio vs eps, ...);
+    the --compare models are overlaid."""
     if attack != "pgd-linf":
         raise UserError(f"--attack {attack}: the sensitivity protocol uses pgd-linf (METHODS §5.5)")
     options: dict[str, Any] = {"eps": _eps(eps, "--eps", True), "steps": steps}
@@ -307,63 +366,36 @@ def sensitivity(
         options["layers"] = _names(layers)
     if experiments:
         options["experiments"] = _names(experiments)
-    if models:
-        options["compare"] = _names(models)
-        for name in options["compare"]:
-            _check_checkpoint(name)
-    _analysis_run(
-        "sensitivity", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose,
-        config=config, as_json=as_json, sample=sample,
-    )  # fmt: skip
+    _stage_run("sensitivity", options, target)
 
 
-@app.command()
+@analysis_command("features", "runs/features")
 def features(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    data: DataOpt = None,
-    data_dir: DataDirOpt = None,
     layers: ConvLayersOpt = None,
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget of the attack set, e.g. 0.1 or 8/255")] = "0.1",
     steps: Annotated[
-        int | None, typer.Option("--steps", min=1, max=100_000, help="feature-targeted PGD steps (50)")
+        int | None, typer.Option("--steps", min=1, max=100_000, help="feature-targeted PGD steps")
     ] = None,
     restarts: Annotated[
-        int | None, typer.Option("--restarts", min=1, max=1000, help="feature-targeted PGD restarts (3)")
+        int | None, typer.Option("--restarts", min=1, max=1000, help="feature-targeted PGD restarts")
     ] = None,
     candidates: Annotated[
-        int | None, typer.Option("--candidates", min=0, max=100_000, help="feature-attacked units per depth bin (10)")
+        int | None, typer.Option("--candidates", min=0, max=100_000, help="feature-attacked units per depth bin")
     ] = None,
-    models: CompareOpt = None,
-    n: NOpt = 1000,
-    seed: SeedOpt = None,
-    quick: QuickOpt = False,
-    out: OutOpt = Path("runs/features"),
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    verbose: VerboseOpt = False,
+    *,
+    target: Target,
 ) -> None:
-    """Feature dissection: usefulness, robust usefulness (upper bound), stability and the four quadrants per unit."""
-    from .runs import check_out
-
-    check_out(out, overwrite)
+    """Feature dissection: usefulness, robust usefulness (upper bound), stability and the four
+    quadrants per unit; the quadrant shift of each --compare model."""
     given = {"feature_steps": steps, "restarts": restarts, "candidates_per_bin": candidates}
     options: dict[str, Any] = {"eps": _eps(eps, "--eps", True), **{k: v for k, v in given.items() if v is not None}}
     if layers:
         options["layers"] = _names(layers)
-    if models:
-        options["compare"] = _names(models)
-        for name in options["compare"]:
-            _check_checkpoint(name)
-    _analysis_run("features", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose)
+    _stage_run("features", options, target)
 
 
-@app.command()
+@analysis_command("concepts", "runs/concepts")
 def concepts(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    data: DataOpt = None,
-    data_dir: DataDirOpt = None,
     layers: ConvLayersOpt = None,
     concept_n: Annotated[int, typer.Option("--concept-n", min=1, help="generated concept images")] = 2000,
     quantile: Annotated[
@@ -379,19 +411,10 @@ def concepts(
                      "0 = none) and DIR/labels.txt|csv (index, name[, category])"),
     ] = None,
     join: Annotated[bool, typer.Option("--join/--no-join", help="attack x concept with the feature quadrants")] = True,
-    models: CompareOpt = None,
-    n: NOpt = 1000,
-    seed: SeedOpt = None,
-    quick: QuickOpt = False,
-    out: OutOpt = Path("runs/concepts"),
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    verbose: VerboseOpt = False,
+    *,
+    target: Target,
 ) -> None:
     """Network Dissection: the concept of every unit, and which concepts the brittle units carry."""
-    from .runs import check_out
-
-    check_out(out, overwrite)
     options: dict[str, Any] = {"n": concept_n, "quantile": quantile, "permutations": permutations, "join": join}
     if layers:
         options["layers"] = _names(layers)
@@ -404,19 +427,11 @@ def concepts(
 
         check_concept_dir(concept_dir)  # the layout is checked before any work; masks as they are read
         options["concept_dir"] = concept_dir
-    if models:
-        options["compare"] = _names(models)
-        for name in options["compare"]:
-            _check_checkpoint(name)
-    _analysis_run("concepts", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose)
+    _stage_run("concepts", options, target)
 
 
-@app.command()
+@analysis_command("metric", "runs/metric")
 def metric(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    data: DataOpt = None,
-    data_dir: DataDirOpt = None,
     eps: Annotated[str, typer.Option("--eps", help="L-inf budget of the KL maximiser, e.g. 0.1 or 8/255")] = "0.1",
     steps: Annotated[
         int, typer.Option("--steps", min=1, max=100_000, help="PGD steps on KL (alpha = eps/4); 20 = METHODS' K")
@@ -428,74 +443,43 @@ def metric(
     evaluate: Annotated[
         bool, typer.Option("--evaluate", help="also time a PGD-100 robust-accuracy evaluation of the same images")
     ] = False,
-    models: Annotated[
-        str | None, typer.Option("--models", help="other checkpoints to compare, comma-separated (default: PAT)")
-    ] = None,
     study: Annotated[str | None, typer.Option("--study", help="folder of a YU-1 study to show")] = None,
-    n: NOpt = 1000,
-    seed: SeedOpt = None,
-    quick: QuickOpt = False,
-    out: OutOpt = Path("runs/metric"),
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    verbose: VerboseOpt = False,
+    *,
+    target: Target,
 ) -> None:
-    """Robustness metric Ψ: the largest prediction divergence (KL) in the eps-ball, no labels needed."""
-    from .runs import check_out
-
-    check_out(out, overwrite)
+    """Robustness metric Ψ of the model and each --compare model: the largest prediction
+    divergence (KL) in the eps-ball, no labels needed."""
     options: dict[str, Any] = {"eps": _eps(eps, "--eps", True), "steps": steps, "restarts": restarts,
-                               "calibration": calibration, "evaluation": evaluate, "n": n}  # fmt: skip
-    if models is not None:
-        options["compare"] = _names(models)
-        for name in options["compare"]:
-            _check_checkpoint(name)
+                               "calibration": calibration, "evaluation": evaluate, "counterparts": None}  # fmt: skip
+    if target.n is not None:
+        options["n"] = target.n
     if study is not None:
         options["study"] = study
-    _analysis_run("metric", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume, verbose)
+    _stage_run("metric", options, target)
 
 
-@app.command()
+@analysis_command("landscape", "runs/landscape")
 def landscape(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    data: DataOpt = None,
-    data_dir: DataDirOpt = None,
     eps: Annotated[str, typer.Option("--eps", help="threat radius (L-inf, or L2 with --norm l2)")] = "0.1",
-    grid: Annotated[int, typer.Option("--grid", min=3, max=401, help="G x G grid (odd)")] = 41,
+    grid: Annotated[int | None, typer.Option("--grid", min=3, max=401, help="G x G grid (odd)")] = None,
     norm: Annotated[str, typer.Option("--norm", help="direction units: linf or l2")] = "linf",
     direction: Annotated[str, typer.Option("--direction", help="d1: pgd (stored PGD example) or gradient")] = "pgd",
-    models: Annotated[
-        str | None, typer.Option("--models", help="other checkpoints side by side, comma-separated (default: PAT)")
-    ] = None,
-    n: NOpt = 100,
-    seed: SeedOpt = None,
-    quick: QuickOpt = False,
-    out: OutOpt = Path("runs/landscape"),
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    verbose: VerboseOpt = False,
+    *,
+    target: Target,
 ) -> None:
-    """Decision and CE surfaces in input space around test images: contours, 3-D, a* and steepness."""
-    from .runs import check_out
-
-    check_out(out, overwrite)
-    options: dict[str, Any] = {"eps": _eps(eps, "--eps", norm != "l2"), "grid": grid, "norm": norm,
-                               "direction": direction, "n": n}  # fmt: skip
-    if models is not None:
-        options["compare"] = _names(models)
-        for name in options["compare"]:
-            _check_checkpoint(name)
-    _analysis_run("landscape", options, model, weights, data, data_dir, n, seed, quick, out, overwrite, resume,
-                  verbose)  # fmt: skip
+    """Decision and CE surfaces in input space around test images, the model beside each --compare
+    model: contours, 3-D, a* and steepness."""
+    options: dict[str, Any] = {"eps": _eps(eps, "--eps", norm != "l2"), "norm": norm, "direction": direction,
+                               "counterparts": None}  # fmt: skip
+    if grid is not None:
+        options["grid"] = grid
+    if target.n is not None:
+        options["n"] = target.n
+    _stage_run("landscape", options, target)
 
 
-@app.command()
+@analysis_command("diagnose", "runs/diagnose")
 def diagnose(
-    model: ModelOpt = None,
-    weights: WeightsOpt = None,
-    data: DataOpt = None,
-    data_dir: DataDirOpt = None,
     layers: Annotated[
         str | None, typer.Option("--layers", help="layer boundaries, comma-separated (default: every ReLU and pool)")
     ] = None,
@@ -508,10 +492,10 @@ def diagnose(
     ] = None,
     inverter: Annotated[
         str | None,
-        typer.Option("--inverter", help="decoder (trained G_l; default) or optim (training-free inversion)"),
+        typer.Option("--inverter", help="decoder (trained G_l; --full) or optim (training-free inversion; default)"),
     ] = None,
     inversion_steps: Annotated[
-        int | None, typer.Option("--inversion-steps", min=1, help="Adam steps of the inversion (default 500)")
+        int | None, typer.Option("--inversion-steps", min=1, help="Adam steps of the inversion")
     ] = None,
     decoder_n: Annotated[
         int | None, typer.Option("--decoder-n", min=1, help="clean training images for G_l (default 1000)")
@@ -519,45 +503,21 @@ def diagnose(
     decoder_epochs: Annotated[int | None, typer.Option("--decoder-epochs", min=1, help="default 3")] = None,
     gan: Annotated[bool, typer.Option("--gan", help="add the GAN term to the decoders (GPU runs)")] = False,
     judge: Annotated[
-        str | None, typer.Option("--judge", help="checkpoint that reads the explanations (default PAT; 'self')")
+        str | None,
+        typer.Option("--judge", help="the model that reads the explanations: a --compare name or checkpoint "
+                     "(default: the first robust --compare model); 'self'"),
     ] = None,
     study: Annotated[str | None, typer.Option("--study", help="folder of an IG-1 pooling study to show")] = None,
-    n: Annotated[
-        int | None, typer.Option("--n", min=1, help="images diagnosed (default 100; 32 with --quick)")
-    ] = None,
-    seed: SeedOpt = None,
-    quick: QuickOpt = False,
-    out: OutOpt = Path("runs/diagnose"),
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    verbose: VerboseOpt = False,
+    *,
+    target: Target,
 ) -> None:
     """Layer diagnosis: flip layer V_l, V_l^soft, information loss IL_l, amplification A_l, strips."""
-    from .runs import check_out
-
-    check_out(out, overwrite)
     given = {"inverter": inverter, "decoder_n": decoder_n, "decoder_epochs": decoder_epochs,
-             "inversion_steps": inversion_steps}  # fmt: skip
+             "inversion_steps": inversion_steps, "layers": _names(layers) if layers is not None else None,
+             "eps": _eps(eps, "--eps", True) if eps is not None else None, "steps": steps,
+             "early_stop": early_stop, "judge": judge, "study": study, "n": target.n}  # fmt: skip
     options: dict[str, Any] = {"gan": gan, **{k: v for k, v in given.items() if v is not None}}
-    if n is not None:
-        options["n"] = n
-    if layers is not None:
-        options["layers"] = _names(layers)
-    if eps is not None:
-        options["eps"] = _eps(eps, "--eps", True)
-    if steps is not None:
-        options["steps"] = steps
-    if early_stop is not None:
-        options["early_stop"] = early_stop
-    if judge is not None:
-        if judge != "self":
-            _check_checkpoint(judge)
-        options["judge"] = judge
-    if study is not None:
-        options["study"] = study
-    run_n = n if n is not None else (32 if quick else 100)
-    _analysis_run("diagnose", options, model, weights, data, data_dir, run_n, seed, quick, out, overwrite, resume,
-                  verbose)  # fmt: skip
+    _stage_run("diagnose", options, target)
 
 
 @app.command("robust-data")
@@ -777,26 +737,6 @@ def _attack_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
             parsed = value
         out.setdefault(attack, {})[param.strip()] = parsed
     return out
-
-
-def _check_checkpoint(name: str) -> None:
-    """A `--models` entry takes the specs of `--model` (a shipped checkpoint, a checkpoint file
-    with its card, a `file.py:factory` / `pkg.module:factory`); it must resolve before any work."""
-    from .models import shipped_checkpoints
-    from .models.resolve import resolve_model
-
-    if name in shipped_checkpoints():
-        return
-    path = Path(name)
-    if path.suffix in (".safetensors", ".json"):
-        for p in (path.with_suffix(".safetensors"), path.with_suffix(".json")):
-            if not p.is_file():
-                raise UserError(f"--models {name}: {p} does not exist (a checkpoint needs its weights and card)")
-        return
-    try:
-        resolve_model(name, require_weights=False)
-    except UserError as e:
-        raise UserError(f"--models {name}: {e}") from None
 
 
 def _one_line(text: str) -> str:

@@ -19,7 +19,7 @@ import yaml
 from .errors import UserError, unknown_name
 
 DEFAULT_STAGES = (
-    "overview", "evaluate", "sensitivity", "features", "concepts", "explorer", "training", "diagnose", "metric",
+    "overview", "evaluate", "sensitivity", "features", "concepts", "explorer", "compare", "diagnose", "metric",
     "landscape", "pushback",
 )
 
@@ -31,6 +31,11 @@ class RunConfig:
     model: str = "fmnist-smallcnn-vanilla"  # shipped checkpoint, .safetensors with card, or module:factory
     weights: str | None = None  # weights for a module:factory model (.safetensors or .pt)
     model_args: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # the model's short name in reports (None: derived from the spec)
+    normalize: str | None = None  # imagenet, cifar10, MEAN/STD: the model expects standardised inputs
+    # counterparts to compare (SPEC, name=SPEC or {model, name, weights, model_args, normalize});
+    # None: PAT and SNS beside a shipped Fashion-MNIST smallcnn, nothing beside any other model
+    compare: list[Any] | None = None
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     split: str = "test"
@@ -100,6 +105,11 @@ def _check_types(cfg: RunConfig) -> None:
     need(isinstance(cfg.model, str) and bool(cfg.model.strip()), "model must be a name or a path", cfg.model)
     need(cfg.weights is None or isinstance(cfg.weights, str), "weights must be a path or null", cfg.weights)
     need(isinstance(cfg.model_args, dict), "model_args must be a mapping", cfg.model_args)
+    need(cfg.label is None or (isinstance(cfg.label, str) and bool(cfg.label.strip())), "label must be a short name",
+         cfg.label)  # fmt: skip
+    need(cfg.normalize is None or isinstance(cfg.normalize, str), "normalize must be imagenet, cifar10 or MEAN/STD",
+         cfg.normalize)  # fmt: skip
+    need(cfg.compare is None or isinstance(cfg.compare, list), "compare must be a list of model specs", cfg.compare)
     need(isinstance(cfg.dataset, str) and bool(cfg.dataset.strip()), "dataset must be a name", cfg.dataset)
     need(cfg.data_dir is None or isinstance(cfg.data_dir, str), "data_dir must be a path or null", cfg.data_dir)
     need(cfg.split in ("train", "val", "test"), "split must be train, val or test", cfg.split)

@@ -26,13 +26,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, resources
 from .attacks import Attack
 from .config import RunConfig, dump_config
 from .data import Dataset, Split, load_dataset
 from .errors import UserError
 from .evaluation import AttackOutcome, attack_evidence
+from .models.io import shipped_checkpoints
 from .models.resolve import resolve_model as resolve_model
+from .models.spec import parse_compare, short_label, unique_labels
 from .registry import Registry
 from .runs import RunDir, read_json, write_json
 from .store import EVIDENCE_DIR, EvidenceStore
@@ -60,6 +62,9 @@ class Context:
     data: Dataset
     device: torch.device
     store: EvidenceStore
+    label: str = "model"  # the run's model's short name
+    # the run's counterparts: label -> (model on the run's device, card)
+    compared: dict[str, tuple[nn.Module, dict[str, Any]]] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)  # run-level fields a stage reports
 
     @property
@@ -93,27 +98,71 @@ class Context:
                                        batch_size=batch_size),
         )  # fmt: skip
 
-    def comparison_models(self, names: Sequence[str] | None) -> tuple[dict[str, nn.Module], list[str]]:
-        """The models to overlay on the run's model: `names` (any `--model` spec), or by default
-        PAT and SNS beside a shipped Fashion-MNIST smallcnn (the paper's vanilla / PAT / SNS).
-        Returns ({name: model on the run's device}, warnings for those that cannot be used)."""
+    def comparison_models(self, names: Sequence[str] | None = None) -> tuple[dict[str, nn.Module], list[str]]:
+        """The models to compare with the run's model, by short label: the run's `compare` models
+        (resolved once, before any stage), or the specs `names` a stage's options give instead.
+        Returns ({label: model on the run's device}, warnings for those that cannot be used)."""
         if names is None:
-            names = [m for m in COMPARISON if m != self.config.model] if self.config.model in COMPARISON else []
+            return {label: m for label, (m, _card) in self.compared.items()}, []
         models: dict[str, nn.Module] = {}
         warnings: list[str] = []
-        for name in names:
-            if name == self.config.model:
+        for spec in parse_compare(list(names)):
+            if spec.spec == self.config.model and spec.weights == self.config.weights:
                 continue
             try:
-                other, card = resolve_model(name, None, {}, self.data)
+                other, _card = resolve_model(spec.spec, spec.weights, spec.model_args, self.data,
+                                             normalize=spec.normalize)  # fmt: skip
             except UserError as e:
-                warnings.append(f"model {name} not compared: {e}")
+                warnings.append(f"model {spec.label} not compared: {e}")
                 continue
-            if card.get("dataset") not in (None, self.data.name):
-                warnings.append(f"model {name} not compared: trained on {card.get('dataset')}")
-                continue
-            models[name] = other.to(self.device)
+            models[spec.label] = other.to(self.device)
         return models, warnings
+
+    def with_counterparts(
+        self, names: Sequence[str] | None = None, limit: int | None = None
+    ) -> tuple[dict[str, nn.Module], list[str]]:
+        """The run's model first, then `comparison_models(names)` (at most `limit` of them), by
+        short label; warnings for those that cannot be used."""
+        others, warnings = self.comparison_models(names)
+        kept = list(others.items())[: limit if limit is not None else len(others)]
+        return {self.label: self.model, **dict(kept)}, warnings
+
+    def load_model(self, spec: str) -> tuple[nn.Module, dict[str, Any]] | str:
+        """Model `spec` (a counterpart's label, a shipped name, a checkpoint file) on the run's
+        device with its card, checked against the run's data; or one sentence why it cannot be used."""
+        if spec == self.label:
+            return self.model, self.card
+        if spec in self.compared:
+            return self.compared[spec]
+        if not spec.endswith((".safetensors", ".json")) and spec not in shipped_checkpoints():
+            return f"checkpoint '{spec}' is not available; train it with: {retrain_hint(spec)}"
+        try:
+            model, card = resolve_model(spec, None, {}, self.data)
+        except UserError as e:
+            return f"checkpoint '{spec}' cannot be used here ({e})"
+        return model.to(self.device).eval(), card
+
+    @property
+    def builtin_reference(self) -> bool:
+        """Whether the run analyses a shipped checkpoint on the data it was trained on: only then
+        do the shipped reference studies (YU-1, IG-1, the pushback results) belong in its report."""
+        return self.config.model in shipped_checkpoints() and self.card.get("dataset") == self.data.name
+
+    def robust_counterpart(self) -> str | None:
+        """The label of the first counterpart not trained with the standard objective, if any."""
+        for label, (_m, card) in self.compared.items():
+            objective = card.get("objective")
+            name = objective.get("name") if isinstance(objective, dict) else objective
+            if name not in ("vanilla", "standard"):
+                return label
+        return None
+
+    def no_counterpart(self, what: str) -> str:
+        """The sentence a stage shows when it needs a robust counterpart and the run has none."""
+        return (
+            f"No robust counterpart to {what}: pass --compare SPEC (e.g. robust=my_model_pat.safetensors), "
+            f"or train one: robustdissect train --model {self.config.model} --objective pat --out runs/pat."
+        )
 
     @property
     def images_id(self) -> str:
@@ -174,18 +223,57 @@ def environment(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
-def prepare(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any], Dataset, torch.device]:
+@dataclass(frozen=True)
+class Prepared:
+    """A run's resolved inputs: its model (with card and short label), counterparts, data, device."""
+
+    model: nn.Module
+    card: dict[str, Any]
+    label: str
+    compared: dict[str, tuple[nn.Module, dict[str, Any]]]
+    data: Dataset
+    device: torch.device
+
+
+def retrain_hint(name: str) -> str:
+    """The command (and shipped preset) that trains checkpoint `name`."""
+    stem = Path(name).stem
+    cmd = f"robustdissect train --config {stem} --out runs/train-{stem}"
+    if stem not in resources.train_presets():
+        return f"{cmd} (there is no preset '{stem}': write a config from the §8.3 presets)"
+    return cmd
+
+
+def default_compare(cfg: RunConfig) -> list[Any]:
+    """The run's counterparts: `cfg.compare`, or PAT and SNS beside a shipped FMNIST smallcnn."""
+    if cfg.compare is not None:
+        return list(cfg.compare)
+    return [m for m in COMPARISON[1:] if m != cfg.model] if cfg.model in COMPARISON else []
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load the data, the model and its counterparts (each checked against the data's shape and
+    classes) and pick the device; every problem is a UserError before any work."""
+    device = pick_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
-    model, card = resolve_model(cfg.model, cfg.weights, cfg.model_args, data)
+    model, card = resolve_model(cfg.model, cfg.weights, cfg.model_args, data, normalize=cfg.normalize)
     available = len(data.split(cfg.split))
     if cfg.n is not None and cfg.n > available:
         log.warning("asked for %d images, but the %s split of %s holds %d: analysing all %d",
                     cfg.n, cfg.split, data.name, available, available)  # fmt: skip
-    card_ds = card.get("dataset")
-    if card_ds and card_ds != cfg.dataset:
-        raise UserError(f"model {cfg.model} was trained on {card_ds}, but the run uses {cfg.dataset}")
-    device = pick_device(cfg.device)
-    return model.to(device), card, data, device
+    specs = parse_compare(default_compare(cfg))
+    label, *labels = unique_labels([cfg.label or short_label(cfg.model, cfg.weights), *(s.label for s in specs)])
+    compared: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+    for spec, spec_label in zip(specs, labels, strict=True):
+        normalize = spec.normalize or (cfg.normalize if spec.spec not in shipped_checkpoints() else None)
+        # the twin of a user factory is built with the run's factory arguments unless it has its own
+        args = spec.model_args or (cfg.model_args if spec.spec == cfg.model else {})
+        try:
+            other, other_card = resolve_model(spec.spec, spec.weights, args, data, normalize=normalize)
+        except UserError as e:
+            raise UserError(f"--compare {spec_label}: {e}") from None
+        compared[spec_label] = (other.to(device), other_card)
+    return Prepared(model.to(device), card, label, compared, data, device)
 
 
 def analysed_split(data: Dataset, cfg: RunConfig) -> Split:
@@ -273,7 +361,8 @@ def run_pipeline(
     """Run every configured stage into a run directory; return its final path."""
     load_stages()
     validate_stages(cfg)
-    model, card, data, device = prepare(cfg)
+    prepared = prepare(cfg)
+    model, card, data, device = prepared.model, prepared.card, prepared.data, prepared.device
     validate_stages(cfg, model)
     identity = _identity(cfg, model)
     run = RunDir.create(out, overwrite=overwrite, resume=resume)
@@ -282,13 +371,14 @@ def run_pipeline(
     try:
         torch.manual_seed(cfg.seed)
         store = EvidenceStore(run.path / EVIDENCE_DIR)
-        ctx = Context(cfg, run, model, card, data, device, store)
+        ctx = Context(cfg, run, model, card, data, device, store, prepared.label, prepared.compared)
         run.write_text("config.yaml", dump_config(cfg))
         write_json(run.path / "identity.json", identity)
         write_json(run.path / "env.json", environment(cfg, device))
         run.update_results(
-            schema_version=1, model=cfg.model, model_card=card, model_hash=identity["model"],
-            dataset=_data_summary(data, cfg),
+            schema_version=1, model=prepared.label, model_spec=cfg.model, model_card=card,
+            model_hash=identity["model"], dataset=_data_summary(data, cfg),
+            compared={label: _card_summary(c) for label, (_m, c) in prepared.compared.items()},
         )  # fmt: skip
         timings: dict[str, float] = {}
         for name, options in cfg.stages.items():
@@ -317,6 +407,17 @@ def run_pipeline(
             run.discard()
         raise
     return run.finish()
+
+
+def _card_summary(card: Mapping[str, Any]) -> dict[str, Any]:
+    """What a report says of a compared model: its architecture, objective and training data."""
+    arch = card.get("arch") if isinstance(card.get("arch"), dict) else {}
+    objective = card.get("objective")
+    return {
+        "arch": str(arch.get("name", "")) if arch else "",
+        "objective": objective.get("name") if isinstance(objective, dict) else objective,
+        "dataset": card.get("dataset"),
+    }
 
 
 def _data_summary(data: Dataset, cfg: RunConfig) -> dict[str, Any]:

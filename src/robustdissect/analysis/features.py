@@ -867,7 +867,7 @@ def feature_scores(
     parts = {"model": ctx.store.model_hash(m), "images": ctx.images_id, "n": n, "layers": layers,
              "options": opt_parts, "seed": seed}  # fmt: skip
     eps = parse_eps(opts.eps)
-    name = model_name or (ctx.config.model if m is ctx.model else type(m).__name__)
+    name = model_name or (ctx.label if m is ctx.model else type(m).__name__)
 
     def compute() -> FeatureScores:
         ref_split = ctx.data.train.subset(opts.reference_n, seed=seed)

@@ -7,20 +7,26 @@ Shipped checkpoints are tags of the zoo: each names its architecture in its card
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .. import resources
 from ..errors import UserError, unknown_name
 from .io import apply_weights, build_model, check_classifier, load_checkpoint, load_state_dict, load_user_model
 from .io import read_card as _read_card
 from .io import shipped_checkpoints as _shipped
+from .spec import add_input_normalization, parse_normalization, short_label
 from .zoo import MODELS
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..data import Dataset
@@ -66,14 +72,18 @@ def resolve_model(
     model_args: Mapping[str, Any] | None = None,
     data: Dataset | None = None,
     require_weights: bool = True,
+    normalize: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load `spec` in eval mode and return (model, card).
 
     `spec` is a shipped checkpoint name, a `.safetensors`/`.json` checkpoint with its card, a zoo
     architecture (`weights` required unless `require_weights` is False) or a user
     `file.py:factory` / `pkg.module:factory`. With `data`, zoo models are built for its channels,
-    classes and statistics, and the model must fit it: checkpoint cards must name the same
-    dataset, and one batch must give (N, classes) logits.
+    classes and statistics, and the model must fit it: one batch of the data's shape must give
+    (N, classes) logits. A card that names another dataset is only a note in the log: a model is
+    matched to data by what can be checked (channels, size, classes), not by name.
+    `normalize` (`imagenet`, `cifar10`, `MEAN/STD`, or a card's `normalize` key) makes a model
+    that expects standardised inputs take pixels in [0, 1] (see `spec.add_input_normalization`).
     """
     args = dict(model_args or {})
     card: dict[str, Any]
@@ -112,12 +122,33 @@ def resolve_model(
         }
     else:
         raise unknown_name("model", spec, list_models())
+    normalize = normalize or card.get("normalize")
+    if normalize:
+        channels = data.image_shape[0] if data is not None else _card_channels(card)
+        mean, std = parse_normalization(str(normalize), channels)
+        add_input_normalization(model, mean, std)
+        card = {**card, "normalize": str(normalize)}
     if weights:
+        if data is not None and any(is_lazy(t) for t in (*model.parameters(), *model.buffers())):
+            try:
+                with torch.no_grad():  # lazy modules (nn.LazyLinear, ...) get their shapes from one forward
+                    model.eval()(torch.zeros(1, *data.image_shape))
+            except Exception as e:
+                raise UserError(f"the model fails on inputs of shape (N, {', '.join(map(str, data.image_shape))}): "
+                                f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
         apply_weights(model, load_state_dict(Path(weights)), str(weights))
     if data is not None:
         model = check_classifier(model, data.image_shape, data.num_classes)
         trained_on = card.get("dataset")
         if trained_on and trained_on != data.name:
-            raise UserError(f"model {spec} was trained on {trained_on}, but the data is {data.name}")
+            log.info("note: model %s was trained on %s; the data is %s (%s, %d classes)", short_label(spec),
+                     trained_on, data.name, "x".join(map(str, data.image_shape)), data.num_classes)  # fmt: skip
     model.eval()
     return model, card
+
+
+def _card_channels(card: dict[str, Any]) -> int:
+    """The input channels a card records (`arch.in_channels`, default 3)."""
+    arch = card.get("arch") or {}
+    channels = arch.get("in_channels", 3) if isinstance(arch, dict) else 3
+    return int(channels) if isinstance(channels, int) else 3

@@ -275,9 +275,10 @@ def column_label(name: str) -> str:
 
 
 def _percent_columns(header: Sequence[str]) -> set[int]:
-    """Columns holding shares or accuracies: named so, or with their own interval columns."""
+    """Columns holding shares or accuracies: named so or after an attack (or `clean`), or with
+    their own interval columns."""
     names = list(header)
-    base = {n for n in names if re.search(r"(accuracy|share)", n)}
+    base = {n for n in names if re.search(r"(accuracy|share)", n) or n in ATTACK_LABELS}  # an attack's column: accuracy
     base |= {n for n in names if f"{n}_ci_low" in names or f"{n}_lo" in names}
     out = {i for i, n in enumerate(names) if n in base}
     for i, n in enumerate(names):

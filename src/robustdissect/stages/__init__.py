@@ -2,6 +2,7 @@
 
 from ..pipeline import STAGES
 from . import (  # noqa: F401
+    compare,
     concepts,
     diagnose,
     evaluate,
@@ -12,7 +13,6 @@ from . import (  # noqa: F401
     overview,
     pushback,
     sensitivity,
-    training,
 )
 
 __all__ = ["STAGES"]

@@ -1,16 +1,17 @@
-"""Stage `training`: robust training compared (METHODS §5.4 E9, E11, E13; §8.3).
+"""Stage `compare`: the run's model beside its robustly trained counterparts (METHODS §5.4 E9,
+E11, E13; §8.3).
 
-By default the stage loads the shipped checkpoints `fmnist-smallcnn-<objective>` (vanilla, PAT,
-PAT-ft, SNS variants, ALP, TRADES, fast AT; the reduced preset only vanilla, PAT, PAT-ft and SNS)
-instead of retraining; a checkpoint that is not there is listed
-in the section's warnings with the command and config that train it. Each model is attacked
+The models are the run's model and its `compare` models (`--compare`); with neither given for the
+built-in model under `--full`, the shipped checkpoints `fmnist-smallcnn-<objective>` (vanilla, PAT,
+PAT-ft, SNS variants, ALP, TRADES, fast AT). A listed checkpoint that is not there is named in
+the section's warnings with the command and config that train it. Each model is attacked
 white-box (and black-box on a fixed subset) with the evaluation's attack suite on the same images;
 adversarial examples are cached per model under `adv/<model>/<attack>.safetensors`.
 
 Outputs:
 - Table III: clean and attacked accuracy per model with 95% Wilson intervals, plus the epochs
-  and training seconds from each model's card (`training_comparison`, long form
-  `training_comparison_long`);
+  and training seconds from each model's card (`compare_accuracy`, long form
+  `compare_accuracy_long`);
 - E11: L-inf PGD accuracy against the number of steps k (at eps = 0.1) and against eps (at k = 10),
   one line per model;
 - E13: σ of every neuron of every conv layer under the same L-inf PGD for vanilla / PAT / SNS
@@ -36,7 +37,6 @@ from torch import nn
 from ..analysis import compare_models
 from ..attacks import Attack, accuracy_vs_eps, accuracy_vs_steps, make_attack
 from ..config import parse_eps, stage_options
-from ..errors import UserError
 from ..evaluation import (
     BLACK_BOX,
     QUICK_EVALUATE,
@@ -45,11 +45,8 @@ from ..evaluation import (
     clean_predictions,
     wilson_interval,
 )
-from ..models import shipped_checkpoints
-from ..models.resolve import resolve_model
 from ..pipeline import STAGES, Context, section
 from ..report import plots
-from ..resources import train_presets
 from ..runs import RunDir
 from ..training.studies import layer_study_figure, read_layer_study
 
@@ -63,15 +60,13 @@ DEFAULT_MODELS = [
     for m in ("vanilla", "pat", "pat-ft", "alp", "trades", "fast", "sns", "sns-dyn", "sns-rand", "sns-all",
               "sns-from-vanilla")
 ]  # fmt: skip
-QUICK_MODELS = [f"{PREFIX}{m}" for m in ("vanilla", "pat", "sns")]
 TABLE3 = ["cw-l2", "pgd-l2", "pgd-linf", "fgsm", "spsa", "nattack"]  # the paper's Table III columns
 SIGMA_ROLES = ("vanilla", "pat", "sns")  # E13 overlays
 
 # The default run (`quick: true`): vanilla / PAT / SNS under the evaluation's L-inf attacks on the
 # run's images (vanilla's attacks are the evaluate stage's, reused from the store); the sweeps and
 # the σ overlays (also in the sensitivity stage) only with `--full`.
-QUICK_TRAINING: dict[str, Any] = {
-    "models": QUICK_MODELS,
+QUICK_COMPARE: dict[str, Any] = {
     "attacks": ["pgd-linf", "fgsm"],
     "steps_sweep": [],
     "eps_sweep": [],
@@ -80,10 +75,11 @@ QUICK_TRAINING: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class TrainingStageOptions:
-    """Options of the `training` stage.
+class CompareStageOptions:
+    """Options of the `compare` stage.
 
-    models: checkpoints to compare (shipped names or .safetensors paths with a card); the first
+    models: checkpoints to compare (shipped names or .safetensors paths with a card; None: the
+    run's model and its `compare` models); the first
     whose name ends in "vanilla", "pat" and "sns" are the E13 overlays unless `sigma_models` is set.
     n: images evaluated (a prefix of the run's analysed split; None = all of it).
     attacks: Table III columns; attack_options: EvaluateOptions settings (eps, pgd_steps, cw_steps,
@@ -94,7 +90,7 @@ class TrainingStageOptions:
     layer_selection.json) to show as E12 / Fig. 16; None lists the command that makes one.
     """
 
-    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    models: list[str] | None = None
     n: int | None = None
     attacks: list[str] = field(default_factory=lambda: list(TABLE3))
     attack_options: dict[str, Any] = field(default_factory=dict)
@@ -111,28 +107,6 @@ class TrainingStageOptions:
     layer_study: str | None = None
 
 
-def retrain_hint(name: str) -> str:
-    """The command (and shipped preset) that trains checkpoint `name`."""
-    stem = Path(name).stem
-    cmd = f"robustdissect train --config {stem} --out runs/train-{stem}"
-    if stem not in train_presets():
-        return f"{cmd} (there is no preset '{stem}': write a config from the §8.3 presets)"
-    return cmd
-
-
-def _load(name: str, dataset: str) -> tuple[nn.Module, dict[str, Any]] | str:
-    """The model and card, or a warning why it cannot be used."""
-    if not name.endswith((".safetensors", ".json")) and name not in shipped_checkpoints():
-        return f"checkpoint '{name}' is not available; train it with: {retrain_hint(name)}"
-    try:
-        model, card = resolve_model(name)
-    except UserError as e:
-        return f"checkpoint '{name}' cannot be loaded ({e}); retrain it with: {retrain_hint(name)}"
-    if card.get("dataset") not in (None, dataset):
-        return f"checkpoint '{name}' was trained on {card.get('dataset')}, not {dataset}; skipped"
-    return model.eval(), card
-
-
 def _ci(correct: torch.Tensor) -> tuple[int, float, float, float]:
     """(n, accuracy, Wilson low, Wilson high) of a boolean vector (N,)."""
     n, c = len(correct), int(correct.sum())
@@ -145,15 +119,38 @@ def _short(name: str) -> str:
     return stem[len(PREFIX) :] if stem.startswith(PREFIX) else stem
 
 
-@STAGES.register("training", "robust training compared: Table III with intervals, PGD sweeps, sigma before/after")
-def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
-    """Table III for the listed checkpoints (attacks from the evidence store), the E11 sweeps, the
-    E13 σ overlays and the E12 layer study, as `options` asks."""
-    opts: TrainingStageOptions = stage_options(TrainingStageOptions, options, "training")
+def _compared_models(
+    ctx: Context, opts: CompareStageOptions
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]], list[str]]:
+    """({label: model}, {label: card}, warnings): the listed `models`, or the run's model and its
+    counterparts; the paper's full set of shipped checkpoints for the built-in model under --full."""
+    names = opts.models
+    if names is None and not ctx.config.quick and ctx.config.compare is None and ctx.config.model == DEFAULT_MODELS[0]:
+        names = DEFAULT_MODELS
+    if names is None:
+        models = {ctx.label: ctx.model, **{k: m for k, (m, _c) in ctx.compared.items()}}
+        cards = {ctx.label: ctx.card, **{k: c for k, (_m, c) in ctx.compared.items()}}
+        return models, cards, []
+    models, cards, warnings = {}, {}, []
+    for name in names:
+        got = ctx.load_model(name)
+        if isinstance(got, str):
+            warnings.append(got)
+            continue
+        label = _short(name) if name not in (ctx.label, *ctx.compared) else name
+        models[label], cards[label] = got
+    return models, cards, warnings
+
+
+@STAGES.register("compare", "the model beside its robust counterparts: Table III with intervals, PGD sweeps, σ")
+def compare_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Table III for the run's model and its counterparts (attacks from the evidence store), the
+    E11 sweeps, the E13 σ overlays and the E12 layer study, as `options` asks."""
+    opts: CompareStageOptions = stage_options(CompareStageOptions, options, "compare")
     attack_options = {**QUICK_EVALUATE, **opts.attack_options} if ctx.config.quick else dict(opts.attack_options)
     attack_options.pop("attacks", None)
     eval_opts: EvaluateOptions = stage_options(
-        EvaluateOptions, {**attack_options, "attacks": list(opts.attacks)}, "training (attack_options)"
+        EvaluateOptions, {**attack_options, "attacks": list(opts.attacks)}, "compare (attack_options)"
     )
     names = eval_opts.attack_names()
     seed, run = ctx.config.seed, ctx.run
@@ -164,18 +161,10 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     bb_n = min(eval_opts.blackbox_n, n)
     bb_index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:bb_n].sort().values
 
-    warnings: list[str] = []
-    models: dict[str, nn.Module] = {}
-    cards: dict[str, dict[str, Any]] = {}
-    for name in opts.models:
-        got = _load(name, ctx.data.name)
-        if isinstance(got, str):
-            warnings.append(got)
-            continue
-        models[_short(name)], cards[_short(name)] = got[0].to(ctx.device), got[1]
-    if not models:
-        warnings.append("no model to compare: none of the listed checkpoints is available")
-        return section("Robust training compared", "No checkpoint available.", warnings=warnings)
+    models, cards, warnings = _compared_models(ctx, opts)
+    if len(models) < (1 if opts.models is not None else 2):
+        text = ctx.no_counterpart("compare with") if opts.models is None else "None of the listed models is available."
+        return section("Robust counterparts compared", text, warnings=warnings, unavailable=text)
 
     # Table III
     wide: list[dict[str, Any]] = []
@@ -202,11 +191,11 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             long.append({"model": short, "attack": col, "kind": kind, "n": cn, "accuracy": acc,
                          "ci_low": lo, "ci_high": hi})  # fmt: skip
         wide.append(row)
-    run.write_table("training_comparison", wide)
-    run.write_table("training_comparison_long", long)
+    run.write_table("compare_accuracy", wide)
+    run.write_table("compare_accuracy_long", long)
     tables: list[dict[str, Any]] = [
-        {"file": "tables/training_comparison.csv", "title": "Table III: accuracy (95% Wilson interval)", "show": True},
-        {"file": "tables/training_comparison_long.csv", "title": "Table III, one row per model and attack"},
+        {"file": "tables/compare_accuracy.csv", "title": "Table III: accuracy (95% Wilson interval)", "show": True},
+        {"file": "tables/compare_accuracy_long.csv", "title": "Table III, one row per model and attack"},
     ]
     figures: list[dict[str, str]] = []
 
@@ -230,24 +219,24 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     steps_rows = [{"steps": k, **{m: v[i] for m, v in by_steps.items()}} for i, k in enumerate(opts.steps_sweep)]
     eps_rows = [{"eps": e, **{m: v[i] for m, v in by_eps.items()}} for i, e in enumerate(opts.eps_sweep)]
     if opts.steps_sweep and opts.eps_sweep:
-        run.write_table("training_pgd_steps", steps_rows)
-        run.write_table("training_pgd_eps", eps_rows)
+        run.write_table("compare_pgd_steps", steps_rows)
+        run.write_table("compare_pgd_eps", eps_rows)
         tables += [
-            {"file": "tables/training_pgd_steps.csv", "title": f"L∞ PGD accuracy vs steps (ε = {curve_eps:g})"},
-            {"file": "tables/training_pgd_eps.csv", "title": f"L∞ PGD accuracy vs ε (k = {opts.curve_steps})"},
+            {"file": "tables/compare_pgd_steps.csv", "title": f"L∞ PGD accuracy vs steps (ε = {curve_eps:g})"},
+            {"file": "tables/compare_pgd_eps.csv", "title": f"L∞ PGD accuracy vs ε (k = {opts.curve_steps})"},
         ]
         run.save_figure(
-            "training_pgd_steps",
+            "compare_pgd_steps",
             plots.line_plot(opts.steps_sweep, by_steps, "PGD steps k", "robust accuracy", f"L∞ ε = {curve_eps:g}"),
         )
         run.save_figure(
-            "training_pgd_eps",
+            "compare_pgd_eps",
             plots.line_plot(opts.eps_sweep, by_eps, "ε (L∞)", "robust accuracy", f"PGD-{opts.curve_steps}"),
         )
         figures += [
-            {"file": "figures/training_pgd_steps.png",
+            {"file": "figures/compare_pgd_steps.png",
              "caption": f"E11: L∞ PGD accuracy vs steps, ε = {curve_eps:g}, {cn} images"},
-            {"file": "figures/training_pgd_eps.png", "caption": f"E11: L∞ PGD-{opts.curve_steps} accuracy vs ε"},
+            {"file": "figures/compare_pgd_eps.png", "caption": f"E11: L∞ PGD-{opts.curve_steps} accuracy vs ε"},
         ]  # fmt: skip
 
     # E13: sigma overlays
@@ -261,18 +250,18 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         comp = compare_models(picked, x[:sn], y[:sn], advs, seed=seed)
         layer_rows = [{k: r[k] for k in ("model", "layer", "depth", "channels", "sigma_mean", "sigma_top_mean")}
                       for r in comp.summary]  # fmt: skip
-        run.write_table("training_sigma_layers", layer_rows)
-        tables.append({"file": "tables/training_sigma_layers.csv", "title": "E13: mean σ per conv layer"})
+        run.write_table("compare_sigma_layers", layer_rows)
+        tables.append({"file": "tables/compare_sigma_layers.csv", "title": "E13: mean σ per conv layer"})
         layers = [r["layer"] for r in comp.summary if r["model"] == next(iter(picked))]
         means: dict[str, Sequence[float]] = {
             m: [r["sigma_mean"] for r in comp.summary if r["model"] == m] for m in picked
         }
         run.save_figure(
-            "training_sigma_layers",
+            "compare_sigma_layers",
             plots.line_plot(list(range(1, len(layers) + 1)), means, "conv layer (depth)", "mean σ",
                             " / ".join(layers)),
         )  # fmt: skip
-        figures.append({"file": "figures/training_sigma_layers.png",
+        figures.append({"file": "figures/compare_sigma_layers.png",
                         "caption": f"E13: mean σ per conv layer under L∞ PGD-{opts.sigma_steps} "
                                    f"(ε = {s_eps:g}, {sn} images)"})  # fmt: skip
         profiles = comp.profiles()
@@ -282,15 +271,15 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             }
             width = max(len(v) for v in sorted_sigma.values())
             run.write_table(
-                "training_sigma_sorted",
+                "compare_sigma_sorted",
                 [{"rank": i + 1, **{m: (v[i] if i < len(v) else math.nan) for m, v in sorted_sigma.items()}}
                  for i in range(width)],
             )  # fmt: skip
             run.save_figure(
-                "training_sigma_sorted",
+                "compare_sigma_sorted",
                 plots.line_plot(list(range(1, width + 1)), sorted_sigma, "neuron (sorted)", "σ", opts.sigma_layer),
             )
-            figures.append({"file": "figures/training_sigma_sorted.png",
+            figures.append({"file": "figures/compare_sigma_sorted.png",
                             "caption": f"E13: σ of every {opts.sigma_layer} neuron, sorted"})  # fmt: skip
         else:
             warnings.append(f"layer '{opts.sigma_layer}' is not among the compared layers; no sorted-σ figure")
@@ -311,10 +300,10 @@ def training_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         f"L∞ ε = {parse_eps(eval_opts.eps):g}, L2 ε = {parse_eps(eval_opts.eps_l2):g}. "
         "Accuracies with 95% Wilson intervals; epochs and training seconds from each model's card."
     )
-    if opts.layer_study is None:
+    if opts.layer_study is None and ctx.builtin_reference:
         text += f" E12 (layer selection, Fig. 16): run `{LAYER_STUDY_COMMAND}` and set training.layer_study."
     return section(
-        "Robust training compared",
+        "Robust counterparts compared",
         text,
         summary=summary,
         tables=tables,
@@ -344,15 +333,15 @@ def _layer_study_block(
     if folder is None:
         return
     rows = read_layer_study(folder)
-    run.write_table("training_layer_selection", rows)
-    tables.append({"file": "tables/training_layer_selection.csv",
+    run.write_table("compare_layer_selection", rows)
+    tables.append({"file": "tables/compare_layer_selection.csv",
                    "title": "E12: SNS with the top-k layers (95% Wilson intervals)", "show": True})  # fmt: skip
-    run.save_figure("training_layer_selection", layer_study_figure(rows))
-    figures.append({"file": "figures/training_layer_selection.png",
+    run.save_figure("compare_layer_selection", layer_study_figure(rows))
+    figures.append({"file": "figures/compare_layer_selection.png",
                     "caption": "E12 (Fig. 16): accuracy of SNS with the top-k conv layers as S"})  # fmt: skip
 
 
-def _sigma_models(opts: TrainingStageOptions, models: dict[str, nn.Module]) -> dict[str, nn.Module]:
+def _sigma_models(opts: CompareStageOptions, models: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """The E13 models: `sigma_models` (short or full names) or the first vanilla / pat / sns."""
     if opts.sigma_models is not None:
         wanted = [_short(m) for m in opts.sigma_models]
@@ -366,5 +355,5 @@ def _sigma_models(opts: TrainingStageOptions, models: dict[str, nn.Module]) -> d
     return picked
 
 
-training_stage.options_class = TrainingStageOptions  # type: ignore[attr-defined]
-training_stage.reduced_options = QUICK_TRAINING  # type: ignore[attr-defined]
+compare_stage.options_class = CompareStageOptions  # type: ignore[attr-defined]
+compare_stage.reduced_options = QUICK_COMPARE  # type: ignore[attr-defined]

@@ -29,12 +29,9 @@ from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack
 from ..pipeline import STAGES, AnalysisUnavailable, Context, section, stage_settings
 from ..resources import shipped_result
-from .training import _load
 
 log = logging.getLogger(__name__)
 
-PAT = "fmnist-smallcnn-pat"
-PAT_OTHER = "fmnist-smallcnn-trades"  # the judge when the analysed model is PAT itself
 # docs/results/ig1/study.json, shipped in the package by scripts/ship_studies.py
 SHIPPED_STUDY = "ig1-fmnist.json"
 
@@ -48,18 +45,19 @@ class DiagnoseOptions:
     stage's pgd-linf settings, so its stored examples are reused); early_stop: None keeps the
     evaluate stage's rule (each image frozen at its first successful step, just across the
     boundary); False runs every step and keeps the highest-loss successful iterate, as IG-1 does —
-    explanations of such deeper examples reach the adversarial class far more often (fmnist-smallcnn-
-    vanilla, judge TRADES, 100 images, PGD-20: no flip 62% early-stopped, 9% without);
+    explanations of such deeper examples reach the adversarial class far more often (the shipped
+    standard smallcnn, judge TRADES, 100 images, PGD-20: no flip 62% early-stopped, 9% without);
     attack_all: attack the whole analysed split as evaluate does (a store hit when evaluate ran) and
     take the prefix;
     inverter: "decoder" (METHODS §1.5's GAN-free G_l, trained on `decoder_n` clean training
     images with DecoderSettings; checkpoints with cards under RUN/decoders, reused on --resume) or
     "optim" (Mahendran–Vedaldi inversion, training-free; the default run's choice);
     decoder_reduction: "sum" (METHODS' squared norms) or "mean" (see DecoderSettings); judge: a
-    checkpoint read as the independent judge (None: fmnist-smallcnn-pat, or TRADES when the model
-    is PAT; "self": the analysed model); resamples: bootstrap over images; show: adversarial
-    examples drawn as strips; study: IG-1 folder to show (None: the study shipped in the package,
-    results/ig1-fmnist.json)."""
+    model read as the independent judge (a counterpart's label or a checkpoint; None: the run's
+    first robust counterpart, `--compare`; "self": the analysed model); resamples: bootstrap over
+    images; show: adversarial examples drawn as strips; study: IG-1 folder to show (None: the study
+    shipped in the package,
+    results/ig1-fmnist.json, as an appendix of runs on the shipped Fashion-MNIST models only)."""
 
     n: int = 100
     layers: list[str] | None = None
@@ -127,23 +125,27 @@ def _check(model: nn.Module, opts: DiagnoseOptions) -> None:
         resolve_layers(model, list(opts.layers))
 
 
-def _judge(ctx: Context, option: str | None) -> tuple[nn.Module, str, list[str]]:
-    """The judge model, its name and warnings."""
-    name = Path(ctx.config.model).stem
-    if option == "self":
-        return ctx.model, f"{name} (the analysed model itself)", []
-    wanted = option or (PAT_OTHER if name == PAT else PAT)
-    got = _load(wanted, ctx.data.name)
+def _judge(ctx: Context, option: str | None) -> tuple[nn.Module, str, list[str], bool]:
+    """(judge model, its name, warnings, whether it is independent of the analysed model)."""
+    wanted = option if option != "self" else None
+    if wanted is None and option is None:
+        wanted = ctx.robust_counterpart()
+    if wanted is None:
+        return ctx.model, f"{ctx.label} itself", [], False
+    got = ctx.load_model(wanted)
     if isinstance(got, str):
-        return ctx.model, f"{name} (the analysed model itself)", [f"{got}; the analysed model judges itself"]
-    return got[0].to(ctx.device), Path(wanted).stem, []
+        return ctx.model, f"{ctx.label} itself", [f"{got}; the analysed model judges itself"], False
+    return got[0], wanted if wanted in ctx.compared else Path(wanted).stem, [], True
 
 
-def load_study(option: str | None) -> dict[str, Any] | None:
-    """The IG-1 study in the folder `option`, or (None) the one shipped in the package, if any."""
+def load_study(option: str | None, ctx: Context | None = None) -> dict[str, Any] | None:
+    """The IG-1 study in the folder `option`, or (None) the one shipped in the package when the
+    run analyses a shipped Fashion-MNIST model on its own data (`ctx`; any run without one)."""
     from ..analysis.pooling_study import read_study
 
-    return read_study(option) if option is not None else shipped_result(SHIPPED_STUDY)
+    if option is not None:
+        return read_study(option)
+    return shipped_result(SHIPPED_STUDY) if ctx is None or ctx.builtin_reference else None
 
 
 def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[str, Any]],
@@ -152,8 +154,6 @@ def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[s
     from ..analysis.plots_diagnose import pooling_comparison
 
     if study is None:
-        warnings.append("no IG-1 pooling study to show: run python -m robustdissect.analysis.pooling_study "
-                        "--out docs/results/ig1 and set diagnose.study to that folder")  # fmt: skip
         return None
     nested = ("layers", "settings", "train_config")
     models = [{**{k: v for k, v in r.items() if k not in nested}, "stale": "; ".join(r.get("stale") or [])}
@@ -168,17 +168,19 @@ def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[s
                  for s in study.get("skipped", [])]  # fmt: skip
     ctx.run.write_table("diagnose_ig1_left_out", left_out, ["model", "comparison", "training", "reason"])
     ctx.run.save_figure("diagnose_ig1", pooling_comparison(study))
+    appendix = "Appendix, reference study on the shipped Fashion-MNIST smallcnn models — IG-1: "
     tables += [
         {"file": "tables/diagnose_ig1_differences.csv", "show": True,
-         "title": "IG-1: avg − max pooling per comparison (short-schedule seeds: mean and t interval over seed "
+         "title": appendix + "avg − max pooling per comparison (short-schedule seeds: mean and t interval over seed "
                   "pairs; shipped pair: Newcombe interval over test images)"},
-        {"file": "tables/diagnose_ig1_models.csv", "show": True, "title": "IG-1: every model, clean and PGD accuracy"},
+        {"file": "tables/diagnose_ig1_models.csv", "show": True,
+         "title": appendix + "every model, clean and PGD accuracy"},
         {"file": "tables/diagnose_ig1_left_out.csv", "show": True,
-         "title": "IG-1: models and pairs left out (not shipped yet, stale, or not like for like)"},
-        {"file": "tables/diagnose_ig1_layers.csv", "title": "IG-1: per layer of every model"},
+         "title": appendix + "models and pairs left out (not shipped yet, stale, or not like for like)"},
+        {"file": "tables/diagnose_ig1_layers.csv", "title": appendix + "per layer of every model"},
     ]  # fmt: skip
     figures.append({"file": "figures/diagnose_ig1.png",
-                    "caption": "IG-1: PGD accuracy per pooling (bars and dots: short-schedule training seeds; "
+                    "caption": appendix + "PGD accuracy per pooling (bars and dots: short-schedule training seeds; "
                                "diamonds: shipped checkpoints); IL_l and V_l^soft per layer"})  # fmt: skip
     from ..analysis.pooling_study import describe_settings
 
@@ -194,7 +196,7 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     from ..analysis.sensitivity import mean_ratio_sensitive, neuron_sensitivity
 
     opts: DiagnoseOptions = stage_options(DiagnoseOptions, options, "diagnose")
-    ig1 = load_study(opts.study)  # a wrong folder fails before any work
+    ig1 = load_study(opts.study, ctx)  # a wrong folder fails before any work
     split = ctx.split
     n = min(opts.n, len(split))
     warnings: list[str] = []
@@ -215,7 +217,7 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     x, y = split.x[:n], split.y[:n]
     x_adv, adv_pred = outcome.x_adv[:n], outcome.pred[:n]
     layers = list(opts.layers) if opts.layers else diagnosis_layers(ctx.model, x[:1].to(ctx.device))
-    judge, judge_name, w = _judge(ctx, opts.judge)
+    judge, judge_name, w, independent = _judge(ctx, opts.judge)
     warnings += w
     x_mean = ctx.data.train.x.mean(0) if len(ctx.data.train) else x.mean(0)
     inverter: Any
@@ -256,7 +258,7 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     run.write_table("diagnose_correlation", corr_rows)
     classes = list(ctx.data.classes)
     shown = diag.shown
-    run.save_figure("diagnose_layers", layer_bars(rows, f"{Path(ctx.config.model).stem}, judge {judge_name}"))
+    run.save_figure("diagnose_layers", layer_bars(rows, f"{ctx.label}, judge {judge_name}"))
     run.save_figure("diagnose_strips", strips(diag.clean_strips, diag.adv_strips, layers, diag.clean_classes,
                                               vul.classes[shown], classes, vul.y[shown], vul.y_adv[shown]))  # fmt: skip
     tables: list[dict[str, Any]] = [
@@ -274,20 +276,30 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
                     "row); titles: the judge's class, red = the adversarial class"},
     ]  # fmt: skip
     study = _study_block(ctx, ig1, tables, figures, warnings)
-    v = [r["V"] for r in rows]
-    no_flip = 1.0 - sum(v) if vul.y.numel() else math.nan
-    top_v = max(rows, key=lambda r: r["V"])["layer"] if vul.y.numel() else "none"
+    judged = int(vul.y.numel())
     top_il = max(rows[1:], key=lambda r: r["IL"])["layer"]
-    c = diag.correlations[0]
-    cs = diag.correlations[1]
-    summary = {
-        "adversarial examples judged": int(vul.y.numel()),
-        "most frequent flip layer": top_v,
-        "no flip (share)": f"{no_flip:.2f}",
-        "largest IL_l": top_il,
-        "Spearman(IL, V)": f"{c.rho:.2f} [{c.low:.2f}, {c.high:.2f}]",
-        "Spearman(IL, V_soft)": f"{cs.rho:.2f} [{cs.low:.2f}, {cs.high:.2f}]",
-    }
+    c, cs = diag.correlations[0], diag.correlations[1]
+    summary: dict[str, Any] = {"adversarial examples judged": judged, "largest IL_l": top_il}
+    if judged:
+        no_flip = 1.0 - sum(r["V"] for r in rows)
+        top_v = max(rows, key=lambda r: r["V"])["layer"]
+        summary.update({"most frequent flip layer": top_v, "no flip (share)": f"{no_flip:.0%}"})
+        flips_text = (f"Explanations flip most often at {top_v}; for {no_flip:.0%} the judge does not read even the "
+                      "last layer's explanation as the adversarial class. ")  # fmt: skip
+    else:
+        flips_text = ("No adversarial example flips a correct prediction on these images at this ε, so there is no "
+                      "flip layer to find. ")  # fmt: skip
+    if math.isfinite(c.rho):
+        summary["Spearman(IL, V)"] = f"{c.rho:.2f} [{c.low:.2f}, {c.high:.2f}]"
+    if math.isfinite(cs.rho):
+        summary["Spearman(IL, V_soft)"] = f"{cs.rho:.2f} [{cs.low:.2f}, {cs.high:.2f}]"
+    corr_text = "".join(
+        f" Spearman(IL_l, {what}) = {k.rho:.2f} [{k.low:.2f}, {k.high:.2f}] across {len(layers)} layers."
+        for what, k in (("V_l", c), ("V_l^soft", cs)) if math.isfinite(k.rho)
+    ) or " The Spearman correlations are undefined here (a constant V_l or IL_l across layers)."
+    if not independent:
+        warnings.append(ctx.no_counterpart("judge the explanations independently")
+                        + " The analysed model reads its own explanations here.")  # fmt: skip
     inv = inverter.describe()
     summary["judge"] = judge_name
     summary["explanations by"] = (
@@ -305,13 +317,10 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             else "every step run, the highest-loss successful iterate kept")  # fmt: skip
     text = (
         f"{n} images, the {spec.get('steps')}-step L∞ PGD at ε = {parse_eps(ev.eps):g}, {stop} "
-        f"({vul.y.numel()} adversarial examples flip a correct prediction). Layers: {', '.join(layers)}. "
-        f"Explanations by {how}; judge: {judge_name}. Explanations flip most often at {top_v}; for "
-        f"{no_flip:.0%} the judge does not read even the last layer's explanation as the adversarial class. "
-        f"The largest information loss is at {top_il}; "
-        f"Spearman(IL_l, V_l) = {c.rho:.2f} [{c.low:.2f}, {c.high:.2f}] and with V_l^soft {cs.rho:.2f} "
-        f"[{cs.low:.2f}, {cs.high:.2f}] across {len(layers)} layers (bootstrap over images; an interval that "
-        "contains 0 does not support 'layers that lose more information are more vulnerable')."
+        f"({judged} adversarial examples flip a correct prediction). Layers: {', '.join(layers)}. "
+        f"Explanations by {how}; judge: {judge_name}. {flips_text}The largest information loss is at {top_il}."
+        f"{corr_text} (Bootstrap over images; an interval that contains 0 does not support 'layers that lose more "
+        "information are more vulnerable'.)"
     )
     if study is not None:
         text += " " + study.get("note", "")

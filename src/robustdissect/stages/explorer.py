@@ -78,7 +78,7 @@ def explorer_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         raise AnalysisUnavailable("the unit explorer shows the features stage's units; this run has no features stage")
     warnings: list[str] = []
     fo = stage_feature_options(ctx)
-    scores = feature_scores(ctx, options=fo, model_name=ctx.config.model)  # the features stage's result
+    scores = feature_scores(ctx, options=fo, model_name=ctx.label)  # the features stage's result
     diss = None
     if "concepts" in ctx.config.stages:
         from .concepts import stage_dissection
@@ -132,7 +132,7 @@ def explorer_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         "the image's position and label, and the region's share of the image."
     )
     meta = {
-        "title": "Unit explorer", "model": ctx.config.model, "dataset": ctx.data.name,
+        "title": "Unit explorer", "model": ctx.label, "dataset": ctx.data.name,
         "classes": [str(c) for c in ctx.data.classes], "layers": list(scores.layers), "quadrants": QUADRANT_NAMES,
         "threshold": threshold_text, "attack": attack_text, "cell": [ch, cw], "scale": scale, "images": n,
         "top_images": int(top.shape[1]), "text": intro, "caption": caption, "atlas": atlas,

@@ -40,8 +40,8 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     table, figure = artefacts.table, artefacts.figure
     tables, figures = artefacts.tables, artefacts.figures
 
-    log.info("features: scoring the units of %s", ctx.config.model)
-    main = feature_scores(ctx, options=opts, model_name=ctx.config.model)
+    log.info("features: scoring the units of %s", ctx.label)
+    main = feature_scores(ctx, options=opts, model_name=ctx.label)
     results = [main]
     others, missing = ctx.comparison_models(opts.compare)
     warnings += missing
@@ -68,7 +68,7 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     figure(
         "feature_rho_gamma",
         fplots.plot_rho_gamma(main),
-        f"{ctx.config.model}: γ̂ against ρ per layer; dashed: τ_ρ = {main.scores.tau_rho:.3f} and γ = 0, dotted: "
+        f"{ctx.label}: γ̂ against ρ per layer; dashed: τ_ρ = {main.scores.tau_rho:.3f} and γ = 0, dotted: "
         "the strict boundary γ = 0.5ρ; ringed: units attacked with feature-targeted PGD",
     )
     for r in results[1:]:
@@ -122,7 +122,7 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         "class's logit) carried by each quadrant's units (column importance_share)."
     )
     if shift:
-        text += " Quadrant shift against " + ctx.config.model + ": " + "; ".join(shift) + "."
+        text += " Quadrant shift against " + ctx.label + ": " + "; ".join(shift) + "."
     return section(
         "Features: useful and robust units",
         text=text,

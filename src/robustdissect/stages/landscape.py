@@ -1,5 +1,5 @@
 """Stage `landscape`: decision and CE surfaces in input space (METHODS §2.2) of the run's model
-and the compared models (PAT by default for a shipped Fashion-MNIST smallcnn), side by side:
+and its counterparts (`--compare`; the default run: the first of them), side by side:
 contours, 3-D surfaces, 1-D slices along the adversarial direction, boundary distance a* and
 steepness."""
 
@@ -16,7 +16,6 @@ from ..attacks import PGD
 from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..pipeline import STAGES, Context, section
-from .metric import compared_models
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +28,8 @@ class LandscapeOptions:
     (None: 2ε); grid: G (odd); n: images (a prefix of the run's analysed split); norm: "linf" or
     "l2" directions; direction: "pgd" (d₁ from the stored PGD example: `attack_steps` steps,
     α = 2.5ε/k from x, no random start, its highest-loss iterate) or "gradient"; line_points: the 1-D slice for a*;
-    chunk_size: points per forward; compare: other checkpoints (None: PAT for a shipped FMNIST
-    smallcnn)."""
+    chunk_size: points per forward; compare: other models (None: the run's counterparts);
+    counterparts: how many of them (None: all; the default run: 1)."""
 
     eps: float | str = 0.1
     radius: float | None = None
@@ -42,8 +41,11 @@ class LandscapeOptions:
     line_points: int = 201
     chunk_size: int = 4096
     compare: list[str] | None = None
+    counterparts: int | None = None
 
     def __post_init__(self) -> None:
+        if self.counterparts is not None and (not isinstance(self.counterparts, int) or self.counterparts < 0):
+            raise UserError(f"landscape: counterparts must be an integer >= 0 or null, got {self.counterparts!r}")
         if self.norm not in NORMS:
             raise UserError(f"landscape: norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.direction not in DIRECTIONS:
@@ -60,7 +62,7 @@ class LandscapeOptions:
 
 
 # The default run: 8 images on a 15 x 15 grid.
-QUICK_LANDSCAPE: dict[str, Any] = {"n": 8, "grid": 15, "line_points": 51}
+QUICK_LANDSCAPE: dict[str, Any] = {"n": 8, "grid": 15, "line_points": 51, "counterparts": 1}
 
 
 @STAGES.register("landscape", "decision and CE surfaces in input space, boundary distance and steepness")
@@ -74,7 +76,7 @@ def landscape_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     n = min(opts.n, len(split))
     x, y = split.x[:n], split.y[:n]
     index = torch.arange(n)
-    models, warnings = compared_models(ctx, opts.compare)
+    models, warnings = ctx.with_counterparts(opts.compare, opts.counterparts)
     results: dict[str, LandscapeResult] = {}
     rows: list[dict[str, Any]] = []
     per_image: list[dict[str, Any]] = []

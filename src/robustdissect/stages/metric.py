@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,11 +19,9 @@ from ..errors import UserError
 from ..evaluation import wilson_interval
 from ..pipeline import STAGES, Context, section
 from ..resources import shipped_result
-from .training import _load
 
 log = logging.getLogger(__name__)
 
-PAT = "fmnist-smallcnn-pat"
 # docs/results/yu1/yu1.json, shipped in the package by scripts/ship_studies.py
 SHIPPED_STUDY = "yu1-fmnist.json"
 
@@ -37,10 +34,11 @@ class MetricOptions:
     alpha (None: ε/4), restarts: the KL maximiser; n: images (a prefix of the run's
     analysed split; None = all); calibration: "temperature" (T with mean max-softmax =
     `target_confidence` on `calibration_n` validation images), "logit_norm" (s·Z/‖Z‖₂, s =
-    `logit_scale`) or "none"; compare: other checkpoints (None: PAT when the run's model is a
-    shipped Fashion-MNIST smallcnn); evaluation: also time a PGD-`eval_steps` robust-accuracy
-    evaluation (α = 2.5ε/k, random start, `eval_restarts`) of the same images; study: folder of a
-    YU-1 study to show (None: the study shipped in the package, results/yu1-fmnist.json)."""
+    `logit_scale`) or "none"; compare: other models (None: the run's counterparts, `--compare`);
+    counterparts: how many of them (None: all; the default run: 1); evaluation: also time a
+    PGD-`eval_steps` robust-accuracy evaluation (α = 2.5ε/k, random start, `eval_restarts`) of the
+    same images; study: folder of a YU-1 study to show (None: the study shipped in the package,
+    results/yu1-fmnist.json, as an appendix of runs on the shipped Fashion-MNIST models only)."""
 
     eps: float | str = 0.1
     steps: int = DEFAULT_STEPS
@@ -52,6 +50,7 @@ class MetricOptions:
     calibration_n: int = 1000
     logit_scale: float = 10.0
     compare: list[str] | None = None
+    counterparts: int | None = None
     evaluation: bool = True
     eval_steps: int = 100
     eval_restarts: int = 2
@@ -64,6 +63,8 @@ class MetricOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UserError(f"metric: {name} must be an integer >= 1, got {v!r}")
+        if self.counterparts is not None and (not isinstance(self.counterparts, int) or self.counterparts < 0):
+            raise UserError(f"metric: counterparts must be an integer >= 0 or null, got {self.counterparts!r}")
         if self.n is not None and (not isinstance(self.n, int) or self.n < 1):
             raise UserError(f"metric: n must be an integer >= 1 or null, got {self.n!r}")
         if not 0 < self.target_confidence < 1:
@@ -72,26 +73,7 @@ class MetricOptions:
 
 
 # The default run: 100 images, no timed evaluation (the evaluate stage's tables have the accuracies).
-QUICK_METRIC: dict[str, Any] = {"n": 100, "calibration_n": 500, "evaluation": False}
-
-
-def compared_models(ctx: Context, compare: list[str] | None) -> tuple[dict[str, nn.Module], list[str]]:
-    """The run's model first, then the compared checkpoints by short name; warnings for those
-    that cannot be loaded. `compare=None`: PAT when the run's model is a shipped FMNIST smallcnn."""
-    name = Path(ctx.config.model).stem
-    models: dict[str, nn.Module] = {name: ctx.model}
-    warnings: list[str] = []
-    if compare is None:
-        arch = ctx.card.get("arch", {}) if isinstance(ctx.card.get("arch"), dict) else {}
-        shipped_fmnist = name.startswith("fmnist-") and arch.get("name") == "smallcnn"
-        compare = [PAT] if shipped_fmnist and name != PAT else []
-    for other in compare:
-        got = _load(other, ctx.data.name)
-        if isinstance(got, str):
-            warnings.append(got)
-            continue
-        models[Path(other).stem] = got[0].to(ctx.device)
-    return models, warnings
+QUICK_METRIC: dict[str, Any] = {"n": 100, "calibration_n": 500, "evaluation": False, "counterparts": 1}
 
 
 def _psi(ctx: Context, model: nn.Module, x: torch.Tensor, index: torch.Tensor, opts: MetricOptions) -> MetricResult:
@@ -125,11 +107,14 @@ def _timed_evaluation(ctx: Context, model: nn.Module, x: torch.Tensor, y: torch.
             "eval_seconds": seconds if computed else math.nan}  # fmt: skip
 
 
-def load_study(option: str | None) -> dict[str, Any] | None:
-    """The YU-1 study in the folder `option`, or (None) the one shipped in the package, if any."""
+def load_study(option: str | None, ctx: Context | None = None) -> dict[str, Any] | None:
+    """The YU-1 study in the folder `option`, or (None) the one shipped in the package when the
+    run analyses a shipped Fashion-MNIST model on its own data (`ctx`; any run without one)."""
     from ..analysis.metric_study import read_study
 
-    return read_study(option) if option is not None else shipped_result(SHIPPED_STUDY)
+    if option is not None:
+        return read_study(option)
+    return shipped_result(SHIPPED_STUDY) if ctx is None or ctx.builtin_reference else None
 
 
 def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[str, Any]],
@@ -138,9 +123,8 @@ def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[s
     from ..analysis.plots_metric import study_scatter
 
     if study is None:
-        warnings.append("no YU-1 study to show: run python -m robustdissect.analysis.metric_study --out "
-                        "docs/results/yu1 and set metric.study to that folder")  # fmt: skip
         return None
+    appendix = "Appendix, reference study on the shipped Fashion-MNIST models — YU-1: "
     rows = study["rows"]
     keep = ["model", "arch", "width", "objective", "clean", "psi_mean", "psi_p90",
             *[c for c in study.get("psi_columns", []) if c != "psi_mean"], "psi_seconds", "psi_k20_seconds",
@@ -155,13 +139,14 @@ def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[s
     ctx.run.write_table("metric_yu1_stability", stab_rows)
     tables += [
         {"file": "tables/metric_yu1_correlations.csv", "show": True,
-         "title": "YU-1: Spearman / Kendall between −Ψ and each accuracy column (95% bootstrap intervals over models)"},
+         "title": appendix + "Spearman / Kendall between −Ψ and each accuracy column "
+                  "(95% bootstrap intervals over models)"},
         {"file": "tables/metric_yu1_stability.csv", "show": True,
-         "title": "YU-1: how much the model ranking moves across test settings (mean pairwise Kendall τ)"},
-        {"file": "tables/metric_yu1_models.csv", "show": True, "title": "YU-1: the model family"},
+         "title": appendix + "how much the model ranking moves across test settings (mean pairwise Kendall τ)"},
+        {"file": "tables/metric_yu1_models.csv", "show": True, "title": appendix + "the model family"},
     ]  # fmt: skip
     ctx.run.save_figure("metric_yu1_scatter", study_scatter(rows, study["accuracy_columns"], study["correlations"]))
-    caption = "YU-1: Ψ against adversarial accuracy per test setting, one point per model"
+    caption = appendix + "Ψ against adversarial accuracy per test setting, one point per model"
     figures.append({"file": "figures/metric_yu1_scatter.png", "caption": caption})
     return {"settings": study["settings"], "timing": study["timing"], "stability": stab,
             "correlations": study["correlations"], "models": len(rows),
@@ -175,12 +160,12 @@ def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     from ..analysis.plots_metric import psi_histograms
 
     opts: MetricOptions = stage_options(MetricOptions, options, "metric")
-    yu1 = load_study(opts.study)  # a wrong folder fails before any work
+    yu1 = load_study(opts.study, ctx)  # a wrong folder fails before any work
     split = ctx.split
     n = len(split) if opts.n is None else min(opts.n, len(split))
     x, y = split.x[:n], split.y[:n]
     index = torch.arange(n)
-    models, warnings = compared_models(ctx, opts.compare)
+    models, warnings = ctx.with_counterparts(opts.compare, opts.counterparts)
     rows: list[dict[str, Any]] = []
     psis: dict[str, Any] = {}
     for name, model in models.items():

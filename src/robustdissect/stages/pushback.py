@@ -3,17 +3,18 @@ against a non-adaptive and an adaptive (BPDA) attacker, the D_bp success criteri
 shift RS of the run's model beside PAT and SNS, unit transitions between quadrants for fine-tuned
 models, and the Ilyas-style table when models trained on the built datasets are shipped.
 
-The default run's budget shows the shipped results (`results/pushback-fmnist.json`, computed by
-this stage under `--full` on the shipped vanilla smallcnn) instead of recomputing them; `--full`
-(or `compute: true`) computes everything for the run's own model; `compute: reliance` recomputes
+On the shipped vanilla smallcnn and its own test data, the default run's budget shows the shipped
+results (`results/pushback-fmnist.json`, computed by this stage under `--full` on that model)
+instead of recomputing them; on any other model or data it computes them for the run's own model
+(`compute: auto`). `--full` (or `compute: true`) always computes; `compute: reliance` recomputes
 only the reliance shift and the transitions (the part that changes when a model is added) and shows
 the shipped purification and D_bp results beside them.
 
 Reliance shift RS (§6.6) with both importances, imp = mean |φ| and imp = ablation BA drop, each
 with a bootstrap interval over the analysed images and the paired difference to the run's model,
-for the run's model and every model of `compare` that is shipped (PAT, SNS, the fine-tuned SNS and
-PAT, the SNS bridge, the models trained on D_bp and D̂_R); an absent one is skipped with a
-warning. A transition matrix (units moving between quadrants) needs unit k to be the same channel
+for the run's model and its counterparts (`--compare`; beside the shipped vanilla smallcnn: PAT,
+SNS, the fine-tuned SNS and PAT, the SNS bridge, the models trained on D_bp and D̂_R); an absent
+one is skipped with a warning. A transition matrix (units moving between quadrants) needs unit k to be the same channel
 in both models, so it is drawn only for a model of `transitions` fine-tuned (its card's `init`)
 from the run's model or from another analysed model, from that model to it.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,9 +46,8 @@ from ..errors import UserError
 from ..evaluation import wilson_interval
 from ..models import shipped_checkpoints
 from ..models.resolve import resolve_model
-from ..pipeline import STAGES, AnalysisUnavailable, Context, section
+from ..pipeline import STAGES, AnalysisUnavailable, Context, retrain_hint, section
 from ..resources import shipped_result
-from .training import _load, retrain_hint
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,17 @@ DATA_MODELS = {
 class PushbackOptions:
     """Options of the `pushback` stage.
 
-    compute: False shows the shipped results; eps_bp, steps, alpha, lambda_r: the back-perturbation
+    compute: True computes for the run's model; False shows the shipped results (refused on any
+    other model or data); "auto" shows them when they are the run's model's, else computes;
+    "reliance": see the module docstring; eps_bp, steps, alpha, lambda_r: the back-perturbation
     (§6.5/§8.3); feature_n: analysed images of the feature dissection that gives B and R (the
     `features` stage's options when it is part of the run); purify_n: images of the purification
     table; eps: the attacker's ℓ∞ budget; adaptive_steps: BPDA PGD steps (α = 2.5ε/k, random
     start); keep: the share of ρ that R units must keep; compare: models whose reliance shift is
-    shown (skipped with a warning when not shipped); transitions: fine-tuned models whose units
-    are compared with their init model's; bootstrap: resamples of the images for the RS intervals;
+    shown (None: the run's counterparts; the shipped set beside the shipped vanilla smallcnn);
+    transitions: fine-tuned models whose units are compared with their init model's (None: the
+    shipped fine-tuned models beside the shipped vanilla smallcnn); bootstrap: resamples of the
+    images for the RS intervals;
     data_n: the first data_n of the run's images for the table of models trained on built datasets
     (None: all; the default run's profile: 200, the PGD on each shipped model is its main cost)."""
 
@@ -92,14 +96,14 @@ class PushbackOptions:
     eps: float | str = 0.1
     adaptive_steps: int = 5
     keep: float = 0.8
-    compare: list[str] = field(default_factory=lambda: list(COMPARE))
-    transitions: list[str] = field(default_factory=lambda: list(TRANSITIONS))
+    compare: list[str] | None = None
+    transitions: list[str] | None = None
     bootstrap: int = 1000
     data_n: int | None = None
 
     def __post_init__(self) -> None:
-        if self.compute not in (True, False, "reliance"):
-            raise UserError(f"pushback: compute must be true, false or 'reliance', got {self.compute!r}")
+        if self.compute not in (True, False, "auto", "reliance"):
+            raise UserError(f"pushback: compute must be true, false, 'auto' or 'reliance', got {self.compute!r}")
         if self.data_n is not None and (not isinstance(self.data_n, int) or isinstance(self.data_n, bool)
                                         or self.data_n < 1):  # fmt: skip
             raise UserError(f"pushback: data_n must be an integer >= 1 or null, got {self.data_n!r}")
@@ -115,7 +119,25 @@ class PushbackOptions:
             raise UserError("pushback: alpha must be > 0 and lambda_r >= 0")
 
 
-QUICK_PUSHBACK: dict[str, Any] = {"compute": False, "data_n": 200}
+QUICK_PUSHBACK: dict[str, Any] = {"compute": "auto", "data_n": 200, "purify_n": 32, "bootstrap": 200}
+
+
+def _builtin(ctx: Context) -> bool:
+    """Whether the run analyses the shipped vanilla smallcnn on its own data (the shipped results'
+    model, and the model the shipped comparison set was trained beside)."""
+    return ctx.builtin_reference and ctx.config.model == "fmnist-smallcnn-vanilla"
+
+
+def _compare(ctx: Context, opts: PushbackOptions) -> list[str]:
+    if opts.compare is not None:
+        return list(opts.compare)
+    return list(COMPARE) if _builtin(ctx) and ctx.config.compare is None else list(ctx.compared)
+
+
+def _transitions(ctx: Context, opts: PushbackOptions) -> list[str]:
+    if opts.transitions is not None:
+        return list(opts.transitions)
+    return list(TRANSITIONS) if _builtin(ctx) and ctx.config.compare is None else []
 
 
 def _feature_options(ctx: Context, n: int) -> FeatureOptions:
@@ -155,7 +177,7 @@ def compute_pushback(ctx: Context, opts: PushbackOptions) -> dict[str, Any]:
 
     reliance, transitions, warnings = compute_reliance(ctx, opts, fopts, fs)
     return {
-        "model": ctx.config.model,
+        "model": ctx.label,
         "model_hash": ctx.store.model_hash(ctx.model),
         "settings": {**bp, "attack_eps": eps, "adaptive_steps": opts.adaptive_steps, "feature_n": n,
                      "purify_n": npur, "attack": attack.describe()},
@@ -171,21 +193,6 @@ def compute_pushback(ctx: Context, opts: PushbackOptions) -> dict[str, Any]:
         "transitions": transitions,
         "reliance_warnings": warnings,
     }
-
-
-def _load_compared(name: str, ctx: Context) -> tuple[torch.nn.Module, dict[str, Any]] | str:
-    """A compared checkpoint and its card, or why it is skipped. A model trained on a built set
-    (card dataset `robust-data:PATH`) counts when its classes are the run's: it is evaluated on the
-    run's (original) images."""
-    if name in shipped_checkpoints():
-        try:
-            net, card = resolve_model(name)
-        except UserError:
-            return _load(name, ctx.data.name)
-        built = str(card.get("dataset", "")).startswith("robust-data:")
-        if built and list(card.get("classes", [])) == list(ctx.data.classes):
-            return net.eval(), card
-    return _load(name, ctx.data.name)
 
 
 def _ablation(ctx: Context, model: torch.nn.Module, fs: Any) -> torch.Tensor:
@@ -205,7 +212,7 @@ def compute_reliance(
     k = len(ctx.data.classes)
     y = fs.y
     warnings: list[str] = []
-    analysed: dict[str, tuple[Any, dict[str, Any]]] = {ctx.config.model: (fs, {})}
+    analysed: dict[str, tuple[Any, dict[str, Any]]] = {ctx.label: (fs, {})}
     estimates: list[tuple[str, dict[str, Any]]] = []
 
     def estimate(name: str, model: torch.nn.Module, scores: Any) -> None:
@@ -213,11 +220,11 @@ def compute_reliance(
                                  opts.bootstrap, ctx.config.seed)  # fmt: skip
         estimates.append((name, est))
 
-    estimate(ctx.config.model, ctx.model, fs)
-    for name in opts.compare:
-        if name == ctx.config.model:
+    estimate(ctx.label, ctx.model, fs)
+    for name in _compare(ctx, opts):
+        if name == ctx.label:
             continue
-        got = _load_compared(name, ctx)
+        got = ctx.load_model(name)
         if isinstance(got, str):
             warnings.append(f"reliance shift: {got}")
             continue
@@ -232,8 +239,8 @@ def compute_reliance(
         row.update({"B": quads.count("NRU"), "R": quads.count("RU"), **scores.shares(), "n": int(y.shape[0]),
                     "bootstrap": opts.bootstrap})  # fmt: skip
     transitions: dict[str, dict[str, Any]] = {}
-    for name in opts.transitions:
-        if name not in analysed or name == ctx.config.model:
+    for name in _transitions(ctx, opts):
+        if name not in analysed or name == ctx.label:
             continue
         scores, card = analysed[name]
         init = (card.get("train_config") or {}).get("init")
@@ -258,7 +265,9 @@ def shipped_pushback() -> dict[str, Any] | None:
 def _data_models(ctx: Context, n: int | None = None) -> list[dict[str, Any]]:
     """Clean and PGD accuracy (Wilson intervals) on the first n of the run's images (None: all) of
     the models trained on the built datasets, when shipped (the §3.4 table on Fashion-MNIST)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if not _builtin(ctx) or ctx.config.compare is not None:  # they were built from the shipped vanilla model
+        return rows
     attack = model_level_attacks(ctx, 0.1)[0]
     x, y = ctx.split.x[:n], ctx.split.y[:n]
     index = torch.arange(len(y))
@@ -303,28 +312,31 @@ def pushback_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
     opts: PushbackOptions = stage_options(PushbackOptions, options, "pushback")
     warnings: list[str] = []
-    if opts.compute is True:
+    shipped = shipped_pushback()
+    own = (shipped is not None and ctx.builtin_reference
+           and shipped.get("model_hash") == ctx.store.model_hash(ctx.model))  # fmt: skip
+    if opts.compute is not True and not own and (opts.compute is False or opts.compute == "reliance"):
+        raise AnalysisUnavailable("the shipped pushback results belong to the shipped vanilla smallcnn on "
+                                  "Fashion-MNIST, not to this run's model and data; set pushback.compute to true")
+    if opts.compute is True or (opts.compute == "auto" and not own):
         payload = compute_pushback(ctx, opts)
-        origin = "computed in this run"
+        origin = "Computed in this run"
     else:
-        shipped = shipped_pushback()
-        if shipped is None:
-            raise AnalysisUnavailable("no shipped pushback results; run with --full (compute: true)")
+        assert shipped is not None
         payload = shipped
-        origin = f"shipped results for {payload['model']} (computed with --full; not recomputed in this run)"
-        if payload.get("model_hash") != ctx.store.model_hash(ctx.model):
-            warnings.append(f"the shipped pushback results are for {payload['model']}, not the run's model")
+        origin = (f"Shipped results for {payload['model']} on Fashion-MNIST (computed by this stage with --full; "
+                  "not recomputed in this run)")  # fmt: skip
         if opts.compute == "reliance":
             fopts = _feature_options(ctx, opts.feature_n)
             fs = feature_scores(ctx, options=fopts)
             reliance, transitions, rel_warnings = compute_reliance(ctx, opts, fopts, fs)
             payload = {**payload, "reliance": reliance, "transitions": transitions, "reliance_warnings": rel_warnings,
-                       "model_hash": ctx.store.model_hash(ctx.model), "model": ctx.config.model}  # fmt: skip
+                       "model_hash": ctx.store.model_hash(ctx.model), "model": ctx.label}  # fmt: skip
             origin = (f"reliance shift and transitions computed in this run; purification and D_bp criterion: "
                       f"{origin}")  # fmt: skip
         else:  # say what the shipped results lack now, not what they lacked when computed
             have = {r["model"] for r in payload["reliance"]}
-            absent = [m for m in opts.compare if m not in have and m != payload["model"]]
+            absent = [m for m in _compare(ctx, opts) if m not in have and m != payload["model"]]
             late = [m for m in absent if m in shipped_checkpoints()]
             if late:
                 warnings.append(f"{', '.join(late)} {'is' if len(late) == 1 else 'are'} shipped but not in the shipped "
@@ -356,7 +368,7 @@ def pushback_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         ctx.run.write_table("pushback_datasets", data_rows)
         tables.append({"file": "tables/pushback_datasets.csv", "title": f"Models trained on built datasets: clean "
                        f"and {data_rows[0]['n']} images under PGD (Wilson 95% intervals)", "show": True})  # fmt: skip
-    else:
+    elif _builtin(ctx) and ctx.config.compare is None:
         warnings.append("no model trained on D_bp / D_R / D_NR / D_rand / D_det is shipped; build the sets with "
                         "`robustdissect robust-data` and train on --data robust-data:PATH")  # fmt: skip
     crit = payload["criterion"]

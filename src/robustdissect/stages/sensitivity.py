@@ -321,7 +321,7 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     if "compare" in opts.experiments:
         others, missing = ctx.comparison_models(opts.compare)
         warnings += missing
-        models = {ctx.config.model: model, **others}
+        models = {ctx.label: model, **others}
         if len(models) > 1:
             # each model on its own conv layers (the same names when the architectures match)
             advs: dict[str, Any] = {}
