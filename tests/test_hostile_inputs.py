@@ -303,6 +303,42 @@ def idx_truncated(tmp: Path) -> list[str]:
     return ["run", "--data", "mnist", "--data-dir", str(d), "--out", "out"]
 
 
+def idx_files(images: bytes, labels: bytes | None = None) -> Setup:
+    """MNIST IDX files in a folder, gzipped (the train images as given, the rest small and valid)."""
+
+    def setup(tmp: Path) -> list[str]:
+        import gzip
+
+        d = tmp / "mnist"
+        d.mkdir()
+        small = b"\x00\x00\x08\x03" + struct.pack(">III", 10, 28, 28) + bytes(7840)
+        small_labels = b"\x00\x00\x08\x01" + struct.pack(">I", 10) + bytes(10)
+        for stem, content in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels or small_labels),
+                              ("t10k-images-idx3-ubyte", small), ("t10k-labels-idx1-ubyte", small_labels)):  # fmt: skip
+            (d / f"{stem}.gz").write_bytes(gzip.compress(content, compresslevel=1))
+        return ["run", "--data", "mnist", "--data-dir", str(d), "--out", "out"]
+
+    return setup
+
+
+def cifar_tar(members: list[tuple[str, int, bytes]]) -> Setup:
+    """A cifar-10-python.tar.gz of (name, declared size, data) members (headers can lie)."""
+
+    def setup(tmp: Path) -> list[str]:
+        import gzip
+        import tarfile
+
+        raw = b""
+        for name, size, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            raw += info.tobuf(format=tarfile.GNU_FORMAT) + data + bytes(-len(data) % 512)
+        (tmp / "c.tar.gz").write_bytes(gzip.compress(raw + bytes(1024)))
+        return ["run", "--data", "cifar10", "--data-dir", str(tmp / "c.tar.gz"), "--out", "out"]
+
+    return setup
+
+
 x_ok, y_ok = good_images()
 X_NPY, Y_NPY = npy_bytes(x_ok), npy_bytes(y_ok)
 HUGE_HEADER = npy_header((10**12, 28, 28), "<f4")
@@ -464,6 +500,22 @@ CASES = [
     Case("cifar-label-255", cifar_run([255, 1]), "labels must lie"),
     Case("cifar-code-pickle", cifar_run([0, 0], pickle.dumps(os.system)), "not a CIFAR-10"),
     Case("mnist-truncated-idx", idx_truncated, "truncated"),
+    Case(
+        "mnist-idx-declares-huge-shape",
+        idx_files(b"\x00\x00\x08\x03" + struct.pack(">III", 4_000_000_000, 28, 28)),
+        "over the input limit",
+    ),
+    Case(
+        "mnist-idx-gzip-more-than-declared",
+        idx_files(b"\x00\x00\x08\x03" + struct.pack(">III", 10, 28, 28) + bytes(50 * 2**20)),
+        "found more",
+    ),
+    Case("cifar-tar-huge-member", cifar_tar([("cifar-10-batches-py/data_batch_1", 10**11, b"")]), "input limit"),
+    Case(
+        "cifar-repeated-reference",
+        cifar_run([0, 0], pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [np.zeros(10**6)] * 2})),
+        "'labels' must be a list of integers",
+    ),
     # report
     Case("report-missing-dir", lambda t: ["report", "nowhere"], "not a run directory"),
     Case("report-a-file", with_file("r", ["report", "r"]), "not a run directory"),

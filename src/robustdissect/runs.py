@@ -436,8 +436,8 @@ class RunDir:
         try:
             if self.results_path.is_file() and self.results().get("stages"):
                 return True
-            evidence = self.path / "evidence"
-            return evidence.is_dir() and any(p.is_file() for p in evidence.rglob("*"))
+            evidence = self.path / "evidence"  # store.EVIDENCE_DIR; ".NAME.tmp" files are unfinished writes
+            return evidence.is_dir() and any(p.is_file() and not p.name.startswith(".") for p in evidence.rglob("*"))
         except (OSError, UserError):
             return True  # unreadable: keep it rather than remove work
 

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UserError
 from .base import DATASETS, Dataset, Split, split_train_val
+from .files import check_input_size
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -51,8 +52,19 @@ class _SafeUnpickler(pickle.Unpickler):
 def _load_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         d = _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
-        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(d[b"labels"], dtype=np.int64)
+        images, label_list = d[b"data"], d[b"labels"]
+        # a pickle can repeat one reference many times: a list of one big array N times would make
+        # numpy build N copies, so only the types CIFAR-10 batches hold are accepted
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+            raise ValueError(f"'data' must be a uint8 array, got {type(images).__name__}")
+        if isinstance(label_list, list) and not all(isinstance(v, (int, np.integer)) for v in label_list):
+            raise ValueError("'labels' must be a list of integers")
+        if not isinstance(label_list, list) and not (
+            isinstance(label_list, np.ndarray) and np.issubdtype(label_list.dtype, np.integer)
+        ):
+            raise ValueError(f"'labels' must be a list of integers, got {type(label_list).__name__}")
+        data = images.reshape(-1, 3, 32, 32)
+        labels = np.asarray(label_list, dtype=np.int64)
     except Exception as e:  # any malformed batch is the user's file problem
         raise UserError(f"{where} is not a CIFAR-10 python batch: {' '.join(str(e).split())[:200]}") from None
     if labels.ndim != 1 or len(labels) != len(data):
@@ -73,18 +85,25 @@ def _read_batches(path: Path) -> dict[str, bytes]:
             if not (base / n).is_file():
                 raise UserError(f"missing {n} in {base}; expected the CIFAR-10 python batches")
             try:
+                check_input_size((base / n).stat().st_size, f"{base / n}")
                 out[n] = (base / n).read_bytes()
             except OSError as e:
                 raise UserError(f"cannot read {base / n}: {e.strerror}") from None
     elif path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
         try:
             with tarfile.open(path, "r:gz") as tar:
-                for member in tar.getmembers():
+                total = 0
+                for member in tar:  # one member at a time; sizes come from the tar headers
+                    total += member.size
+                    # even skipping a member inflates it: a huge one is refused, not skipped
+                    check_input_size(total, f"{path} (up to member {member.name})")
                     stem = Path(member.name).name
                     if stem in names and member.isfile():
                         f = tar.extractfile(member)
                         if f is not None:
-                            out[stem] = f.read()
+                            out[stem] = f.read(member.size)
+                    if len(out) == len(names):
+                        break
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise UserError(f"cannot read {path}: {e}") from None
         missing = [n for n in names if n not in out]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -13,6 +14,7 @@ import torch
 
 from ..errors import UserError
 from .base import DATASETS, Dataset, split_train_val
+from .files import check_input_size
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = (
@@ -32,27 +34,34 @@ _IDX_DTYPES: dict[int, str | type] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2"
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file; a truncated or malformed file raises UserError."""
+    """Read one IDX file; a truncated, malformed or oversized file raises UserError. The header
+    is read first, so a gzip bomb or a header declaring a huge shape is refused before its data
+    is inflated or read."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise UserError(f"{path} is not an IDX file (bad magic number)")
+            ndim = head[3]
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise UserError(f"{path} is truncated (header incomplete)")
+            shape = struct.unpack(f">{ndim}I", dims)
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            count = math.prod(shape)
+            expected = count * dtype.itemsize
+            # the raw data plus the float32 copy the loader makes of it
+            check_input_size(expected + 4 * count, f"{path} (shape {shape}, {dtype})")
+            data = f.read(expected + 1)  # one byte more: trailing data is an error too
     except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"cannot read IDX file {path}: {e}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise UserError(f"{path} is not an IDX file (bad magic number)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise UserError(f"{path} is truncated (header incomplete)")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
+    if len(data) != expected:
         raise UserError(
-            f"{path} is truncated or corrupt: header promises {expected} bytes of data, found {len(data) - header}"
+            f"{path} is truncated or corrupt: header promises {expected} bytes of data, found "
+            f"{len(data) if len(data) <= expected else 'more'}"
         )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _find(directory: Path, stem: str) -> Path:
