@@ -829,6 +829,24 @@ def test_an_interrupt_inside_a_stage_is_reported_once(
     ], err
 
 
+@pytest.mark.parametrize(
+    ("image", "needle"),
+    [(png_header(20_000, 20_000), "too large to decode safely"), (png_header(10_000, 10_000), "too large"),
+     (b"\x89PNG\r\n\x1a\nbroken", "cannot read image")],
+)  # fmt: skip
+def test_broden_images_are_decoded_safely(tmp_path: Path, image: bytes, needle: str) -> None:
+    from robustdissect.data.concepts import load_broden
+
+    root = tmp_path / "broden"
+    (root / "images").mkdir(parents=True)
+    (root / "label.csv").write_text("number,name,category\n0,-,-\n1,red-c,color(1)\n")
+    (root / "index.csv").write_text("image,split,color\nbomb.png,train,\n")
+    (root / "images" / "bomb.png").write_bytes(image)
+    with pytest.raises(UserError, match=needle) as caught:
+        load_broden(root, (3, 8, 8))
+    assert "\n" not in str(caught.value)
+
+
 BOMB_PROBE = """
 import resource, sys, time
 from robustdissect.data import load_dataset

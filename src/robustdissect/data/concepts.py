@@ -17,6 +17,7 @@ import csv
 import hashlib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .files import check_input_size
 
 log = logging.getLogger(__name__)
 
@@ -484,6 +486,7 @@ def load_broden(
     for p in (index, labels):
         if not p.is_file():
             raise UserError(f"{base} is not a Broden directory: {p.name} is missing")
+        check_input_size(8 * p.stat().st_size, f"{p}")  # parsed rows take several times the text
     c, h, w = (int(v) for v in image_shape)
     names: dict[int, str] = {}
     label_cat: dict[int, str] = {}
@@ -522,7 +525,17 @@ def load_broden(
             raise UserError(f"{index}: {name} points outside {base}")
         if not p.is_file():
             raise UserError(f"{index} lists {name}, which is missing under {base / 'images'}")
-        return Image.open(p).convert(mode)
+        try:  # Pillow's decompression-bomb warning is an error here, as for image folders
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(p) as raw:
+                    return raw.convert(mode)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UserError(
+                f"{p} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); resize it first"
+            ) from None
+        except Exception as e:  # an undecodable file is the user's data problem
+            raise UserError(f"cannot read image {p}: {' '.join(str(e).split())[:200]}") from None
 
     for r in rows:
         img = open_image(r["image"], "L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
