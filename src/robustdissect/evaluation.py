@@ -129,14 +129,14 @@ def check_attack_options(opts: EvaluateOptions) -> None:
         ATTACKS.get(str(name))  # unknown attack names fail with close matches
         if not isinstance(params, dict):
             raise UserError(f"attack_options.{name} must be a mapping of parameter -> value, got {params!r}")
-        for param, value in params.items():
-            try:
-                build_attack(name, opts, 0, extra={param: value})
-            except (UserError, TypeError, ValueError) as e:
-                raise UserError(f"attack option {name}.{param}={value}: {_reason(e)}") from None
         try:
             build_attack(name, opts, 0)
         except (UserError, TypeError, ValueError) as e:
+            for param, value in params.items():  # name the option that fails on its own, if one does
+                try:
+                    build_attack(name, opts, 0, extra={param: value})
+                except (UserError, TypeError, ValueError) as alone:
+                    raise UserError(f"attack option {name}.{param}={value}: {_reason(alone)}") from None
             given = ", ".join(f"{name}.{k}={v}" for k, v in params.items())
             raise UserError(f"attack options {given}: {_reason(e)}") from None
     eps = parse_eps(opts.eps)

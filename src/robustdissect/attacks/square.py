@@ -54,8 +54,8 @@ def _loss(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
 
 def _bump(h: int, w: int) -> Tensor:
     """Pseudo-Gaussian bump (h, w): concentric rectangles; a pixel at Chebyshev distance d from
-    the centre gets sum_{m = d+1}^{n+1} 1/m^2, n = h // 2; unit L2 norm."""
-    n = h // 2
+    the centre (h // 2, w // 2) gets sum_{m = d+1}^{n+1} 1/m^2, n = max(h, w) // 2; unit L2 norm."""
+    n = max(h, w) // 2
     ci, cj = h // 2, w // 2
     i = torch.arange(h).view(-1, 1)
     j = torch.arange(w).view(1, -1)
