@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_pat_on_a_user_model_with_cifar_data_loads_back_and_evaluates(tmp_path: 
 
     # evaluate with the arguments the card names
     ev = tmp_path / "ev"
-    code, _out, err = cli(["evaluate", *card["loads_with"].split(), "--data", "cifar10", "--data-dir",
+    code, _out, err = cli(["evaluate", *shlex.split(card["loads_with"]), "--data", "cifar10", "--data-dir",
                            str(data_dir), "--n", "50", "--attacks", "fgsm", "--curves", "none", "--corruptions",
                            "none", "--out", str(ev)])  # fmt: skip
     assert code == 0, err
@@ -120,6 +121,14 @@ def test_sns_on_a_one_channel_user_model(tmp_path: Path, cli: Cli) -> None:
     ds = load_dataset("fashion-mnist")
     model, _card = resolve_model(spec, str(run / "model.safetensors"), {"in_channels": 1}, ds)
     assert accuracy(model, ds.test.x, ds.test.y) == pytest.approx(card["test_accuracy"], abs=1e-4)
+    # the card's load line, factory arguments included, works on an analysing command
+    ev = tmp_path / "ev"
+    code, _out, err = cli(["evaluate", *shlex.split(card["loads_with"]), "--data", "fashion-mnist", "--n", "40",
+                           "--attacks", "fgsm", "--curves", "none", "--corruptions", "none",
+                           "--out", str(ev)])  # fmt: skip
+    assert code == 0, err
+    results = json.loads((ev / "results.json").read_text())
+    assert results["clean_accuracy"] == pytest.approx(accuracy(model, ds.test.x[:40], ds.test.y[:40]), abs=1e-6)
 
 
 def test_user_model_errors_are_one_line(tmp_path: Path, cli: Cli) -> None:
