@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,17 @@ def test_layers_and_list(cli) -> None:
     assert code == 0 and "fmnist-smallcnn-vanilla" in out
     code, _, err = cli(["list", "nonsense"])
     _one_line_error(code, err, "cannot list")
+
+
+def test_quick_caps_n_at_200_and_says_so_once(tmp_path: Path, cli, fmnist, caplog) -> None:
+    cfg = tmp_path / "overview.yaml"
+    cfg.write_text("stages: [overview]\n")
+    out = tmp_path / "q"
+    with caplog.at_level(logging.INFO):
+        code, _, err = cli(["run", "--quick", "--config", str(cfg), "--n", "10000000", "--out", str(out)])
+    assert code == 0, err
+    capped = [m for m in caplog.messages if "--quick analyses" in m]
+    assert capped == ["--quick analyses 200 images, not 10000000; drop --quick to analyse them all"], caplog.messages
+    assert json.loads((out / "results.json").read_text())["dataset"]["analysed_n"] == 200
+    code, help_text, _ = cli(["run", "--help"])
+    assert code == 0 and "200" in help_text and "300" not in help_text

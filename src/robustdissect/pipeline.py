@@ -485,4 +485,6 @@ def quick_config(cfg: RunConfig) -> RunConfig:
     """A first look: at most 200 images, the reduced budgets and the lighter stage settings of
     FIRST_LOOK (options the config already sets win)."""
     stages = {name: {**FIRST_LOOK.get(name, {}), **opts} for name, opts in cfg.stages.items()}
+    if cfg.n is None or cfg.n > 200:
+        log.info("--quick analyses 200 images, not %s; drop --quick to analyse them all", cfg.n or "the whole split")
     return cfg.replace(n=min(cfg.n or 200, 200), quick=True, stages=stages)
