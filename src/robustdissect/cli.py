@@ -2,7 +2,9 @@
 
 Exit codes: 0 done; 2 a mistake the user can fix (one line on stderr, nothing left behind);
 1 an unexpected error (one line; the traceback goes to DIR.partial/error.log, or to the terminal
-with --verbose); 130 interrupted (one line that says how to resume).
+with --verbose), or a problem found after finished work was kept (a full disk, user code that
+called sys.exit: one line with the resume hint); 130 interrupted by Ctrl-C, 143 by SIGTERM (one
+line that says how to resume).
 """
 
 from __future__ import annotations
