@@ -189,3 +189,18 @@ def test_quick_run_from_the_wheel(installed: Installed) -> None:
     assert (out / "results.json").is_file() and (out / "report.html").is_file()
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == "fmnist-smallcnn-vanilla"
+
+
+def test_wheel_requires_ranges_never_exact_pins(installed: Installed) -> None:
+    """The package installs beside the user's PyTorch: every Requires-Dist is a range, none `==`;
+    the exact pin lives only in the setup's constraints.txt."""
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        metadata = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+        requires = [line.split(":", 1)[1].strip() for line in wheel.read(metadata).decode().splitlines()
+                    if line.startswith("Requires-Dist:")]  # fmt: skip
+    assert any(r.startswith("torch") for r in requires)
+    pinned = [r for r in requires if "==" in r or "===" in r]
+    assert pinned == [], f"exact pins in the wheel's requirements: {pinned}"
+    torch_req = next(r for r in requires if r.split(">")[0].split("<")[0].split(";")[0].strip() == "torch")
+    assert ">=" in torch_req
+    assert "torch==2.13.0" in (REPO / "constraints.txt").read_text()

@@ -144,8 +144,9 @@ def add_input_normalization(model: nn.Module, mean: Sequence[float], std: Sequen
     wrapper), so layer names and module paths stay the user's own. Returns the same model."""
     if hasattr(model, "input_mean"):
         raise UserError("the model already normalises its inputs (input_mean is set); drop --normalize")
-    model.register_buffer("input_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-    model.register_buffer("input_std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+    # not persistent: the weights the user saved (without normalisation) load as they are
+    model.register_buffer("input_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), False)
+    model.register_buffer("input_std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), False)
 
     def standardise(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x = args[0]
