@@ -188,7 +188,7 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     table("concept_categories", cat_rows, "Per layer and category: detectors and unique detectors", show=True)
     figure(
         "concept_label_counts",
-        plot_label_counts(cat_rows, f"{ctx.config.model}: concept detectors per layer"),
+        plot_label_counts(cat_rows, f"{ctx.label}: concept detectors per layer"),
         "Detector units per layer, stacked by concept category; unique concepts above each bar (NetDissect style)",
     )
     dets = [u for u in diss.units if u.detector]
@@ -238,7 +238,7 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         table("concept_enrichment", enrich,
               "Are NRU (dangerous) units enriched for texture / high-frequency concepts? One-sided Fisher exact",
               show=True)  # fmt: skip
-        figure("concept_fragility", plot_fragility(frag_cats, frag_concepts, ctx.config.model),
+        figure("concept_fragility", plot_fragility(frag_cats, frag_concepts, ctx.label),
                "Concept fragility per category and model (γ̂ is an upper bound of γ, so 1 − r is a lower bound), "
                "share of detectors in the dangerous quadrant, and the most fragile concepts")  # fmt: skip
         data.update(fragility_categories=frag_cats, enrichment=enrich)
@@ -274,10 +274,12 @@ def _answers(main: ConceptFragility, enrich: list[dict[str, Any]], worst: list[d
         if r["model"] != main.model or r["units"] != "detectors":
             continue
         share_in, share_out = r["nru_share_in_group"], r["nru_share_outside"]
+        odds = r["odds_ratio"]
+        odds_text = f"odds ratio {odds:.2g}" if math.isfinite(odds) else "odds ratio undefined (an empty cell)"
         lines.append(
             f"{main.model}: {r['nru_in_group']} of {r['nru_in_group'] + r['other_in_group']} {r['concepts']} detectors "
             f"are dangerous (NRU) against {r['nru_outside']} of {r['nru_outside'] + r['other_outside']} other "
-            f"detectors ({_pct(share_in)} vs {_pct(share_out)}; odds ratio {r['odds_ratio']:.2g}, one-sided Fisher "
+            f"detectors ({_pct(share_in)} vs {_pct(share_out)}; {odds_text}, one-sided Fisher "
             f"p = {r['p_value']:.3g})."
         )
     if worst:
@@ -303,7 +305,7 @@ def _join(
     scored = list(fo.layers) if fo.layers else default_conv_layers(ctx.model, "conv", ctx.split.x[:1])
     if scored != layers:
         raise AnalysisUnavailable(f"the features score {', '.join(scored)}, the concepts dissect {', '.join(layers)}")
-    models: list[tuple[str, nn.Module]] = [(ctx.config.model, ctx.model)]
+    models: list[tuple[str, nn.Module]] = [(ctx.label, ctx.model)]
     others, missing = ctx.comparison_models(opts.compare)
     warnings += missing
     models += list(others.items())
@@ -374,7 +376,7 @@ def _gradcam_panels(
     )
 
     fo = fopts or stage_feature_options(ctx)
-    scores = feature_scores(ctx, options=fo, model_name=ctx.config.model)
+    scores = feature_scores(ctx, options=fo, model_name=ctx.label)
     n = min(opts.gradcam_images, int(scores.y.shape[0]))
     split = ctx.split
     x, y = split.x[: scores.y.shape[0]], split.y[: scores.y.shape[0]]
