@@ -452,7 +452,7 @@ CASES = [
     Case("sensitivity-eps-above-one", lambda t: ["sensitivity", "--eps", "2", "--out", "o"], "above 1"),
     Case("evaluate-unknown-attack", lambda t: ["evaluate", "--attacks", "pgd-linff", "--out", "o"], "pgd-linf"),
     Case("evaluate-empty-attacks", lambda t: ["evaluate", "--attacks", ",", "--out", "o"], "--attacks"),
-    Case("sensitivity-unknown-checkpoint", lambda t: ["sensitivity", "--models", "nope", "--out", "o"], "nope"),
+    Case("sensitivity-unknown-checkpoint", lambda t: ["sensitivity", "--compare", "nope", "--out", "o"], "nope"),
     Case("sensitivity-other-attack", lambda t: ["sensitivity", "--attack", "fgsm", "--out", "o"], "pgd-linf"),
     Case("run-unknown-model", lambda t: ["run", "--model", "no-such-model", "--out", "o"], "no-such-model"),
     Case(
