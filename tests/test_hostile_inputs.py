@@ -778,12 +778,15 @@ def test_a_full_disk_says_so_and_how_to_resume(
     (work / "alone.yaml").write_text(f"stages: [{name}]\nn: 20\n")
     before = snapshot(work)
     code, _, err = cli(["run", "--config", "alone.yaml", "--out", "a"])
-    assert_one_line(code, err, 2, "the disk is full (no space left on device")
+    line = assert_one_line(code, err, 2, "the disk is full (no space left on device")
+    assert line.endswith("; free some space")
     assert snapshot(work) == before  # nothing was computed: nothing is left
     (work / "two.yaml").write_text(f"stages: [overview, {name}]\nn: 20\n")
     code, _, err = cli(["run", "--config", "two.yaml", "--out", "r"])
     line = assert_one_line(code, err, 1, "the disk is full")
-    assert "free some space; finished work is kept in r.partial; then rerun the same command with --resume" in line
+    assert line.endswith(
+        "; finished work is kept in r.partial; free some space, then rerun the same command with --resume to continue"
+    )
     assert json.loads((work / "r.partial" / "results.json").read_text())["stages"].keys() == {"overview"}
     assert not (work / "r.partial" / "error.log").exists()  # not an unexpected error
 

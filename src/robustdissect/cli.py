@@ -837,9 +837,9 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
-def _os_problem(e: BaseException) -> str | None:
-    """One line for an OS error the user can fix (a full disk, a folder that is not writable),
-    or None. Also recognises the same errors reported by libraries that do not raise OSError
+def _os_problem(e: BaseException) -> tuple[str, str] | None:
+    """(what happened, what to do) for an OS error the user can fix (a full disk, a folder that
+    is not writable), or None. Also recognises the same errors reported by libraries that do not raise OSError
     (safetensors' SafetensorError, torch.save's "file write failed")."""
     import errno
 
@@ -851,53 +851,53 @@ def _os_problem(e: BaseException) -> str | None:
         name = x.filename if isinstance(x.filename, (str, os.PathLike)) else None
         target = f" writing {name}" if name else ""
         if x.errno in (errno.ENOSPC, errno.EDQUOT):
-            return f"the disk is full (no space left on device{target}); free some space"
+            return f"the disk is full (no space left on device{target})", "free some space"
         if x.errno == errno.EROFS:
-            return f"cannot write {name or 'the run directory'}: the file system is read-only"
+            return f"cannot write {name or 'the run directory'}: the file system is read-only", ""
         if x.errno in (errno.EACCES, errno.EPERM) and name:
             file = Path(name)
             folder = file.parent
             if not os.access(folder, os.W_OK | os.X_OK):
-                return f"cannot write {file}: {folder} is not writable"
+                return f"cannot write {file}: {folder} is not writable", ""
             if file.exists() and not os.access(file, os.W_OK):
-                return f"cannot write {file}: it is not writable"
-            return f"permission denied: {file}"
+                return f"cannot write {file}: it is not writable", ""
+            return f"permission denied: {file}", ""
     text = " ".join(str(x).lower() for x in _chain(e))
     run = runs.current_run()
     where = f" in {run.path}" if run is not None else ""
     if any(k in text for k in _NO_SPACE):
-        return f"the disk is full (no space left on device writing{where or ' a file'}); free some space"
+        return f"the disk is full (no space left on device writing{where or ' a file'})", "free some space"
     if any(k in text for k in _NO_WRITE) and not isinstance(e, OSError):
-        return f"cannot write{where or ' a file'}: permission denied or a read-only file system"
+        return f"cannot write{where or ' a file'}: permission denied or a read-only file system", ""
     held = runs.held_locks()
     if "file write failed" in text and held:  # torch.save reports no errno
         free = _free_bytes(held[-1].work)
         if free is not None and free < 2**20:
-            return f"the disk is full (no space left on device writing in {held[-1].work}); free some space"
+            return f"the disk is full (no space left on device writing in {held[-1].work})", "free some space"
     return None
 
 
-def _stopped(message: str) -> int:
-    """Report a problem that stopped a command: with nothing computed yet, the run directory is
-    removed and the exit code is 2 (fix it and rerun); with finished work kept, 1 and how to
-    resume."""
+def _stopped(message: str, action: str = "") -> int:
+    """Report a problem that stopped a command, with what to do (`action`, may be empty): with
+    nothing computed yet, the run directory is removed and the exit code is 2; with finished work
+    kept, 1 and how to resume."""
     from . import runs
 
     run = runs.current_run()
-    if run is not None and not run.computed():
-        run.discard()
-        print(f"robustdissect: error: {message}", file=sys.stderr)
-        return 2
-    if run is not None:
-        hint = f"finished work is kept in {run.path}; then rerun the same command with --resume to continue"
-        print(f"robustdissect: error: {message}; {hint}", file=sys.stderr)
-        return 1
     held = runs.held_locks()
-    if held and held[-1].hint:
-        print(f"robustdissect: error: {message}; {held[-1].hint}", file=sys.stderr)
-        return 1
-    print(f"robustdissect: error: {message}", file=sys.stderr)
-    return 2
+    if run is not None and run.computed():
+        then = f"{action}, then rerun" if action else "rerun"
+        hint = f"finished work is kept in {run.path}; {then} the same command with --resume to continue"
+        code = 1
+    elif run is None and held and held[-1].hint:  # e.g. train: its own way to continue
+        hint = f"{action}; {held[-1].hint}" if action else held[-1].hint
+        code = 1
+    else:
+        if run is not None:
+            run.discard()
+        hint, code = action, 2
+    print(f"robustdissect: error: {message}{'; ' + hint if hint else ''}", file=sys.stderr)
+    return code
 
 
 def _foreign_exit(e: SystemExit, verbose: bool) -> int:
@@ -915,7 +915,7 @@ def _foreign_exit(e: SystemExit, verbose: bool) -> int:
     if verbose:
         print("".join(traceback.format_exception(e)), end="", file=sys.stderr)
     status = "0" if e.code is None else str(e.code) if isinstance(e.code, int) else repr(e.code)
-    return _stopped(f"code the run called exited with status {status} (SystemExit{at}); the run did not finish")
+    return _stopped(f"code the run called exited with status {status} (SystemExit{at}) before the run finished")
 
 
 def _broken_pipe(e: SystemExit) -> bool:
@@ -964,7 +964,7 @@ def _invoke(args: list[str]) -> int:
                 import traceback
 
                 print("".join(traceback.format_exception(e)), end="", file=sys.stderr)
-            code = _stopped(_one_line(problem))
+            code = _stopped(_one_line(problem[0]), problem[1])
     finally:
         runs.release_all()
     return code
