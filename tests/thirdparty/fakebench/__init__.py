@@ -1,0 +1,1 @@
+"""A stand-in for robustbench.utils.load_model's calling convention."""

@@ -1,0 +1,1 @@
+"""A stand-in for torchvision.models' calling conventions (the library never imports torchvision)."""
