@@ -1,5 +1,5 @@
 """Steering the evaluation: every attack parameter from the CLI, exactly the images asked for,
-worst case per threat model, masking warnings on a saturating model, user models in --models."""
+worst case per threat model, masking warnings on a saturating model, user models in --compare."""
 
 from __future__ import annotations
 
@@ -116,13 +116,13 @@ def make_tiny_cnn() -> nn.Module:
     ).eval()
 
 
-def test_models_overlay_takes_a_user_factory(cli, tmp_path: Path, fmnist: Any) -> None:
+def test_compare_overlay_takes_a_user_factory(cli, tmp_path: Path, fmnist: Any) -> None:
     out = tmp_path / "sens"
-    code, _, _err = cli(["sensitivity", "--models", f"{__name__}:make_tiny_cnn", "--experiments", "profiles,compare",
-                 "--n", "20", "--steps", "2", "--out", str(out)])  # fmt: skip
+    code, _, _err = cli(["sensitivity", "--compare", f"tiny={__name__}:make_tiny_cnn", "--experiments",
+                         "profiles,compare", "--n", "20", "--steps", "2", "--out", str(out)])  # fmt: skip
     assert code == 0
     assert (out / "figures" / "compare_profiles.png").is_file()
     entry = json.loads((out / "results.json").read_text())["stages"]["sensitivity"]
     assert not any("not compared" in w for w in entry["warnings"])
-    assert cli(["sensitivity", "--models", "nowhere.py:make", "--out", str(tmp_path / "x")])[0] == 2
+    assert cli(["sensitivity", "--compare", "nowhere.py:make", "--out", str(tmp_path / "x")])[0] == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()

@@ -114,3 +114,31 @@ def test_compare_entries_and_their_mistakes(tmp_path: Path, cli: Cli, user_model
     code, _o, err = cli(["evaluate", "--model", user_model.spec, "--weights", str(user_model.weights),
                          "--normalize", "0.1,0.2/0.3", "--out", str(out)])  # fmt: skip
     assert code == 2 and "gives 2 mean and 1 std values for 1-channel images" in err and not out.exists()
+
+
+def test_train_a_user_model_with_pat_then_compare_the_pair(tmp_path: Path, cli: Cli) -> None:
+    """A two-layer user model trained for one short epoch, standard and PAT, on a CIFAR-format
+    fixture; then `run --compare` on the pair: the PAT twin is the counterpart and the judge."""
+    from test_training_user import write_cifar, write_net
+
+    net, data = write_net(tmp_path / "code"), write_cifar(tmp_path / "cifar")
+    spec = f"{net}:make"
+    for objective in ("vanilla", "pat"):
+        code, _o, err = cli(["train", "--model", spec, "--data", "cifar10", "--data-dir", str(data), "--objective",
+                             objective, "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / objective)])
+        assert code == 0, err
+    out = tmp_path / "run"
+    stages = tmp_path / "stages.yaml"
+    stages.write_text("stages: [overview, evaluate, compare, diagnose]\n")
+    code, _o, err = cli(["run", "--quick", "--n", "40", "--model", f"std={spec}", "--weights",
+                         str(tmp_path / "vanilla" / "model.safetensors"), "--compare", f"pat={spec}",
+                         "--compare-weights", str(tmp_path / "pat" / "model.safetensors"), "--data", "cifar10",
+                         "--data-dir", str(data), "--config", str(stages), "--out", str(out)])  # fmt: skip
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["model"]: r for r in results["stages"]["compare"]["comparison"]}
+    assert list(rows) == ["std", "pat"]
+    assert rows["pat"]["objective"] == "pat" and rows["pat"]["epochs"] == 1  # from the card beside the weights
+    assert rows["std"]["objective"] == "vanilla"
+    assert results["stages"]["diagnose"]["judge"] == "pat"
+    assert "fmnist" not in (out / "report.html").read_text()

@@ -119,6 +119,7 @@ def resolve_model(
             "arch": {"name": spec, **args},
             "weights": None if weights is None else str(weights),
             "user_model": True,
+            **(_training_record(Path(weights)) if weights else {}),
         }
     else:
         raise unknown_name("model", spec, list_models())
@@ -152,3 +153,21 @@ def _card_channels(card: dict[str, Any]) -> int:
     arch = card.get("arch") or {}
     channels = arch.get("in_channels", 3) if isinstance(arch, dict) else 3
     return int(channels) if isinstance(channels, int) else 3
+
+
+TRAINING_KEYS = ("dataset", "objective", "epochs", "train_seconds", "test_accuracy", "seed")
+
+
+def _training_record(weights: Path) -> dict[str, Any]:
+    """What the card beside weights written by `robustdissect train` (`NAME.json` next to
+    `NAME.safetensors`) says of their training; {} when there is no such card."""
+    import json
+
+    side = weights.with_suffix(".json")
+    if weights.suffix != ".safetensors" or not side.is_file() or side.stat().st_size > 1 << 20:
+        return {}
+    try:
+        card = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: card[k] for k in TRAINING_KEYS if isinstance(card, dict) and k in card}
