@@ -1,12 +1,19 @@
-"""Attack speed and strength: PGD-k overhead, and robustdissect side by side with peer libraries.
+"""Attack speed and strength: PGD and APGD per step against a plain loop, PGD-k overhead, and
+robustdissect side by side with peer libraries.
 
+(s) Time per step of PGD (keep-best, no early stop) and APGD-CE against an independent plain PGD
+    loop with the same number of steps (random start, sign step, clamp projections, one forward for
+    the predictions) and against torchattacks' PGD / APGD at equal steps: a LeNet-5-sized model and
+    the shipped fmnist-smallcnn-vanilla, the same images, repetitions interleaved; target ours /
+    plain <= 1.10. Then where the remaining time goes: model passes of each (counted) and the
+    operators whose time exceeds the plain loop's (torch.profiler, ms per step).
 (a) PGD-k wall time / (k x one forward+backward to the input), same model and batch; target <= 1.10.
 (b) FGSM, PGD-Linf, PGD-L2 and C&W against torchattacks and foolbox (optional `bench` extra), same
     model, batch, eps, steps, step size and start: time ratio ours/theirs (target <= 1.0) and robust
     accuracy (target: ours <= theirs + 0.5 point). Every library must deliver predictions on x_adv:
     ours and foolbox return them, so torchattacks is timed with the one forward that gets them.
 
-Usage: python bench/attacks.py [--device cuda] [--quick] [--threads N]
+Usage: python bench/attacks.py [--device cuda] [--quick] [--threads N] [--only s|a|b]
 Peers: pip install -c constraints.txt -e '.[bench]' && pip install -c constraints.txt --no-deps torchattacks
 """
 
@@ -79,6 +86,134 @@ def _data(shape: tuple[int, int, int], n: int, device: torch.device) -> tuple[Te
             pass
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, *shape, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
+
+def lenet5() -> nn.Module:
+    """LeNet-5-sized: conv 6@5x5, pool, conv 16@5x5, pool, 120, 84, 10 (random init, 28x28 input)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+    )  # fmt: skip
+
+
+def plain_pgd(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float, steps: int, g: torch.Generator
+) -> Tensor:
+    """The reference: the textbook L-inf PGD loop, then one forward for the predictions (N,)."""
+    x_adv = (x + (2 * torch.rand(x.shape, generator=g, device=x.device) - 1) * eps).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    with torch.no_grad():
+        return model(x_adv).argmax(1)
+
+
+class _Counter(nn.Module):
+    """Counts forward passes (with / without autograd) and images of a wrapped model."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.grad_calls = self.nograd_calls = self.images = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.grad_calls += 1
+        else:
+            self.nograd_calls += 1
+        self.images += x.shape[0]
+        out: Tensor = self.inner(x)
+        return out
+
+
+def _op_times(fn: Callable[[], Any]) -> dict[str, float]:
+    """Self CPU time (s) per operator name of one call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+
+
+def per_step(device: torch.device, quick: bool, n: int, eps: float) -> None:
+    have_ta = importlib.util.find_spec("torchattacks") is not None
+    k_pgd, k_apgd = (20, 50) if quick else (40, 100)
+    reps = 3 if quick else 5
+    print(f"\n(s) time per step against a plain PGD loop (target <= 1.10) and torchattacks, {n} images, "
+          f"L-inf eps {eps}, PGD-{k_pgd} (alpha 2.5eps/k), APGD-CE {k_apgd} steps, {reps} interleaved "
+          "repetitions")  # fmt: skip
+    if not have_ta:
+        print("    torchattacks is not installed (pip install -c constraints.txt --no-deps torchattacks): "
+              "no peer column")  # fmt: skip
+    models: list[tuple[str, Callable[[], tuple[nn.Module, str]]]] = [
+        ("lenet5", lambda: (_frozen(lenet5().to(device)), "LeNet-5-sized (random init)")),
+        ("smallcnn", lambda: _smallcnn(device)),
+    ]
+    for _key, make in models:
+        model, label = make()
+        x, y = _data((1, 28, 28), n, device)
+        _per_step_model(model, label, x, y, device, eps, k_pgd, k_apgd, reps, have_ta)
+
+
+def _per_step_model(
+    model: nn.Module, label: str, x: Tensor, y: Tensor, device: torch.device, eps: float, k_pgd: int,
+    k_apgd: int, reps: int, have_ta: bool,
+) -> None:  # fmt: skip
+    """Section (s) on one model: interleaved timings, ratios, model passes and operator excess."""
+    n = x.shape[0]
+    alpha = 2.5 * eps / k_pgd
+    g = torch.Generator(device=device)
+    runners: dict[str, tuple[int, Callable[[], Any]]] = {
+        "plain PGD": (k_pgd, lambda: plain_pgd(model, x, y, eps, alpha, k_pgd, g)),
+        "ours PGD": (k_pgd, lambda: rda.PGD(eps, steps=k_pgd, alpha=alpha)(model, x, y)),
+        "plain PGD@apgd": (k_apgd, lambda: plain_pgd(model, x, y, eps, 2.5 * eps / k_apgd, k_apgd, g)),
+        "ours APGD-CE": (k_apgd, lambda: rda.APGDCE(eps, steps=k_apgd)(model, x, y)),
+    }
+    if have_ta:
+        import torchattacks as ta
+
+        ta_pgd = ta.PGD(model, eps=eps, alpha=alpha, steps=k_pgd, random_start=True)
+        ta_apgd = ta.APGD(model, norm="Linf", eps=eps, steps=k_apgd, n_restarts=1, loss="ce")
+        runners["torchattacks PGD"] = (k_pgd, lambda: _acc(model, ta_pgd(x, y), y))
+        runners["torchattacks APGD"] = (k_apgd, lambda: _acc(model, ta_apgd(x, y), y))
+    rda.PGD(eps, steps=2)(model, x[:8], y[:8])
+    plain_pgd(model, x[:8], y[:8], eps, alpha, 2, g)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(reps):  # interleaved: load changes on a shared machine hit every runner alike
+        for name, (_steps, fn) in runners.items():
+            times[name].append(_median_time(fn, device, 1))
+    per = {name: statistics.median(t) / runners[name][0] for name, t in times.items()}
+    print(f"  {label}: batch {n}")
+    print(f"    {'runner':<20} {'ms/step':>8} {'vs plain':>9} {'vs torchattacks':>16}")
+    for name in runners:
+        ref = per["plain PGD@apgd" if "APGD" in name or name == "plain PGD@apgd" else "plain PGD"]
+        peer = per.get("torchattacks APGD" if "APGD" in name else "torchattacks PGD")
+        vs_peer = f"{per[name] / peer:16.3f}" if peer and name.startswith("ours") else " " * 16
+        print(f"    {name:<20} {1000 * per[name]:8.2f} {per[name] / ref:9.3f} {vs_peer}")
+    # where the remaining time goes: model passes, then the operators beyond the plain loop's
+    counted = _Counter(model)
+    rda.PGD(eps, steps=k_pgd, alpha=alpha)(counted, x, y)
+    pgd_passes = (counted.grad_calls, counted.nograd_calls, counted.images / n)
+    counted = _Counter(model)
+    rda.APGDCE(eps, steps=k_apgd)(counted, x, y)
+    apgd_passes = (counted.grad_calls, counted.nograd_calls, counted.images / n)
+    print(f"    model passes: plain PGD-{k_pgd}: {k_pgd} with gradient + 1 without; ours PGD-{k_pgd}: "
+          f"{pgd_passes[0]} + {pgd_passes[1]} ({pgd_passes[2]:.2f} x the batch in images); ours APGD-{k_apgd}: "
+          f"{apgd_passes[0]} + {apgd_passes[1]} ({apgd_passes[2]:.2f} x) against plain {k_apgd} + 1")  # fmt: skip
+    for name, steps, fn, ref_fn in (
+        ("PGD", k_pgd, runners["ours PGD"][1], runners["plain PGD"][1]),
+        ("APGD-CE", k_apgd, runners["ours APGD-CE"][1], runners["plain PGD@apgd"][1]),
+    ):
+        ours_ops, plain_ops = _op_times(fn), _op_times(ref_fn)
+        extra = {op: t - plain_ops.get(op, 0.0) for op, t in ours_ops.items()}
+        total = sum(ours_ops.values()) - sum(plain_ops.values())
+        top = sorted(extra.items(), key=lambda kv: -kv[1])[:6]
+        shown = ", ".join(f"{op.replace('aten::', '')} {1000 * t / steps:+.2f}" for op, t in top if t > 0)
+        share = 100 * total / max(sum(plain_ops.values()), 1e-9)
+        print(f"    {name}: operator time beyond the plain loop {1000 * total / steps:+.2f} ms/step "
+              f"(profiled, {share:+.1f}%); largest: {shown}")  # fmt: skip
 
 
 def overhead(device: torch.device, quick: bool) -> None:
@@ -244,6 +379,9 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=0.02, help="L-inf budget of (b); small so accuracy is not 0")
     ap.add_argument("--eps-l2", type=float, default=0.3, help="L2 budget of (b), also where C&W is scored")
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--only", choices=("s", "a", "b"), help="run one section: s (per step), a (overhead), b (peers)")
+    ap.add_argument("--n", type=int, default=600, help="images of section (s)")
+    ap.add_argument("--step-eps", type=float, default=0.1, help="L-inf budget of section (s)")
     args = ap.parse_args()
     global _clock
     _clock = _CLOCKS[args.clock]
@@ -251,8 +389,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, clock {args.clock}")
-    overhead(device, args.quick)
-    if not args.skip_peers:
+    if args.only in (None, "s"):
+        per_step(device, args.quick, args.n, args.step_eps)
+    if args.only in (None, "a"):
+        overhead(device, args.quick)
+    if not args.skip_peers and args.only in (None, "b"):
         peers(device, args.quick, args.eps, args.eps_l2)
 
 

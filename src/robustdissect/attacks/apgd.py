@@ -117,22 +117,28 @@ class APGD(Attack):
         since_check = 0
         for i in range(n_iter):
             with torch.no_grad():
-                a = self.momentum if i > 0 else 1.0
-                z = project(x_adv + step.view(shape) * threat.direction(grad))
-                x_new = project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev))
+                # z = P(x + eta * dir(grad)); x' = P(x + a (z - x) + (1 - a)(x - x_prev)), with as few
+                # full-size temporaries as possible (on small models these ops are the overhead)
+                z = project(torch.addcmul(x_adv, step.view(shape), threat.direction(grad)))
+                if i == 0:
+                    x_new = z  # a = 1: the plain step
+                else:
+                    x_new = project(torch.lerp(x_adv, z, self.momentum).add_(x_adv - x_prev, alpha=1 - self.momentum))
                 x_prev, x_adv = x_adv, x_new
             loss, grad, logits = self._loss_grad(model, x_adv, y, targets)
             with torch.no_grad():
                 losses[i + 1] = loss
                 ok = self._success(logits, y, targets)
-                x_succ = torch.where(ok.view(shape), x_adv, x_succ)
-                logits_succ = torch.where(ok[:, None], logits, logits_succ)
-                ever |= ok
+                if bool(ok.any()):
+                    x_succ[ok] = x_adv[ok]
+                    logits_succ[ok] = logits[ok]
+                    ever |= ok
                 better = loss > loss_best
-                x_best = torch.where(better.view(shape), x_adv, x_best)
-                grad_best = torch.where(better.view(shape), grad, grad_best)
-                logits_best = torch.where(better[:, None], logits, logits_best)
-                loss_best = torch.where(better, loss, loss_best)
+                if bool(better.any()):
+                    x_best[better] = x_adv[better]
+                    grad_best[better] = grad[better]
+                    logits_best[better] = logits[better]
+                    loss_best = torch.where(better, loss, loss_best)
                 since_check += 1
                 if since_check == k:
                     window = losses[i + 1 - k : i + 2]
