@@ -1,0 +1,89 @@
+"""The user documents stay true to the code: docs/config.md is what scripts/config_doc.py generates
+from the option dataclasses, every key in it has a meaning, and every `METHODS §X.Y` the code cites
+is a section of docs/methods.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def config_doc() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("config_doc", ROOT / "scripts" / "config_doc.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["config_doc"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_md_is_what_the_script_generates(config_doc: ModuleType) -> None:
+    expected = config_doc.generate()
+    current = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    assert current == expected, "docs/config.md is stale: run .venv/bin/python scripts/config_doc.py"
+
+
+def _table_keys(text: str, heading: str) -> dict[str, list[str]]:
+    """Key -> its row's cells in the first table after `heading`."""
+    section = text.split(heading, 1)[1]
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines()[2:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("| `"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_every_key_of_every_option_class_is_listed_with_type_default_and_meaning(config_doc: ModuleType) -> None:
+    from robustdissect.config import RunConfig
+    from robustdissect.pipeline import STAGES, load_stages
+
+    load_stages()
+    text = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    sections = {"## Run config (top level)": RunConfig}
+    for entry in STAGES:
+        cls = getattr(entry.factory, "options_class", None)
+        if cls is not None:
+            sections[f"### `{entry.name}`"] = cls
+    assert len(sections) >= 10
+    for heading, cls in sections.items():
+        rows = _table_keys(text, heading)
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert list(rows) == names, heading
+        for f in dataclasses.fields(cls):
+            cells = rows[f.name]
+            assert cells[-1] not in ("", "—"), f"{heading} {f.name} has no meaning"
+            assert cells[2].strip("`") == config_doc.render_value(config_doc._default(f)), (heading, f.name)
+    # the reduced profile of the default run is shown beside the full default
+    evaluate = _table_keys(text, "### `evaluate`")
+    assert evaluate["cw_steps"][2:4] == ["`300`", "`50`"]
+
+
+def test_docstring_clauses_are_split_at_the_top_level_only(config_doc: ModuleType) -> None:
+    @dataclasses.dataclass
+    class Opts:
+        """Options. a / b: two keys (None: x; y); c (note): third. an extra sentence for c; d_*: prefixed."""
+
+        a: int = 0
+        b: int = 0
+        c: int = 0
+        d_one: int = 0
+        e: int = 0  # the comment
+
+    clauses = config_doc.docstring_clauses(Opts)
+    assert clauses["a"] == clauses["b"] == "two keys (None: x; y)"
+    assert clauses["c"] == "third (note). an extra sentence for c"
+    assert clauses["d_one"] == "prefixed"
+    assert "e" not in clauses
+    assert config_doc.field_comments(Opts)["e"] == "the comment"
