@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .attacks import ATTACKS, Attack, make_attack
+from .attacks import ATTACKS, Attack, check_black_box_breaks, check_margin_vs_ce, make_attack
 from .attacks.pgd import STEP_RULE_ALIASES, STEP_RULES
 from .config import parse_eps
 from .errors import UserError
@@ -320,3 +321,139 @@ def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, float]
         "l2_mean": float(l2.mean()),
         "l2_max": float(l2.max()),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation's tables (the `evaluate` stage and `robustdissect.api.evaluate` both build them here)
+
+
+def accuracy_row(name: str, correct: torch.Tensor, kind: str, settings: str = "") -> dict[str, Any]:
+    """A row of the robust-accuracy table: accuracy of correct (N,) bool with its Wilson interval."""
+    n, c = len(correct), int(correct.sum())
+    lo, hi = wilson_interval(c, n)
+    return {"attack": name, "kind": kind, "n": n, "accuracy": c / n if n else math.nan, "ci_low": lo, "ci_high": hi,
+            "settings": settings}  # fmt: skip
+
+
+def settings_text(s: Mapping[str, Any]) -> str:
+    """An attack's settings column: its budget, steps and search sizes."""
+    keep = ("eps", "steps", "alpha", "iterations", "search_steps", "n_samples", "population", "severity")
+    return ", ".join(f"{k}={s[k]:.4g}" if isinstance(s[k], float) else f"{k}={s[k]}" for k in keep if k in s)
+
+
+def black_box_subset(n: int, blackbox_n: int, seed: int) -> torch.Tensor:
+    """The sorted positions (min(n, blackbox_n),) of the seeded subset the black-box attacks run on."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(blackbox_n, n)].sort().values
+
+
+def in_threat(settings: Mapping[str, Any], norm: str, eps: float) -> bool:
+    """Whether an attack with these settings attacks the (norm, eps) threat model."""
+    e = settings.get("eps")
+    return settings.get("norm") == norm and isinstance(e, float) and math.isclose(e, eps, rel_tol=1e-9)
+
+
+def attack_kind(settings: Mapping[str, Any]) -> str:
+    return "white-box" if settings.get("white_box", True) else "black-box"
+
+
+def fold_robust(
+    robust: torch.Tensor, norm: str, label: str, idx: torch.Tensor, correct: torch.Tensor, kind: str
+) -> dict[str, Any]:
+    """Mark the points at idx (M,) that the attack broke (correct (M,) False) as not robust in
+    robust (N,), in place; the row of the worst-case table."""
+    before = robust[idx]
+    broke = before & ~correct.bool()
+    robust[idx[broke]] = False
+    att, brk = int(before.sum()), int(broke.sum())
+    return {
+        "threat_model": norm, "attack": label, "kind": kind, "attacked": att, "broken": brk,
+        "accuracy_on_attacked": (att - brk) / att if att else math.nan,
+        "cumulative_accuracy": float(robust.float().mean()),
+    }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    """The worst case of one threat model: robust (N,) bool per image, the table row, the rows of
+    who broke what (cascade) and the cascade's warnings."""
+
+    label: str
+    robust: torch.Tensor
+    row: dict[str, Any]
+    cascade: list[dict[str, Any]]
+    warnings: list[str]
+
+
+def worst_cases(
+    opts: EvaluateOptions,
+    seed: int,
+    clean_correct: torch.Tensor,
+    computed: Sequence[tuple[str, AttackOutcome]],
+    run: Callable[[Attack, torch.Tensor], AttackOutcome],
+) -> list[WorstCase]:
+    """Worst case per threat model (L-inf at opts.eps, L2 at opts.eps_l2): the per-image minimum
+    over every `computed` attack of that (norm, eps); for L-inf then the cascade `opts.worst_case`
+    (table attacks among them are folded, not rerun), then Square, each only on the points still
+    robust. clean_correct: (N,) bool; run(attack, idx) -> the attack's outcome on images idx (M,)."""
+    n = len(clean_correct)
+    done = dict(computed)
+    eps = parse_eps(opts.eps)
+    out: list[WorstCase] = []
+    for norm, budget in (("linf", eps), ("l2", parse_eps(opts.eps_l2))):
+        members = [(nm, o) for nm, o in computed if in_threat(o.settings, norm, budget)]
+        # cross-entropy white-box attacks first, then margin losses, then black-box ones (the table
+        # of who broke what reads as AutoAttack's cascade); the minimum does not depend on the order
+        order = {name: i for i, name in enumerate(opts.worst_case)}
+        members.sort(key=lambda m: (attack_kind(m[1].settings) == "black-box", m[1].settings.get("loss") == "dlr",
+                                    order.get(m[0], len(order))))  # fmt: skip
+        if not members and not (norm == "linf" and opts.worst_case):
+            continue
+        robust = clean_correct.clone()
+        rows = [fold_robust(robust, norm, label, o.index, o.correct, attack_kind(o.settings)) for label, o in members]
+        warnings: list[str] = []
+        if norm == "linf":
+            for name in opts.worst_case:
+                attack = build_attack(name, opts, seed)
+                table = done.get(name)
+                if table is not None and table.settings == attack.describe() and len(table.index) == n:
+                    continue  # a table attack: folded above
+                idx = robust.nonzero().squeeze(1)
+                correct = torch.ones(0, dtype=torch.bool)
+                if idx.numel():
+                    log.info("evaluate: worst case (L∞): %s on %d points still robust", name, idx.numel())
+                    correct = run(attack, idx).correct
+                rows.append(fold_robust(robust, norm, name, idx, correct, "white-box"))
+            broken = {r["attack"]: r["broken"] for r in rows}
+            warnings = check_margin_vs_ce({"apgd-dlr": broken.get("apgd-dlr", 0)}, n)
+        if norm in opts.square_norms and opts.square_queries > 0:
+            sq = build_attack(SQUARE[norm], opts, seed)
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel():
+                log.info("evaluate: worst case: %s on %d points still robust", sq.name, idx.numel())
+                rows.append(fold_robust(robust, norm, sq.name, idx, run(sq, idx).correct, "black-box"))
+                warnings += check_black_box_breaks(sq.name, rows[-1]["broken"], int(idx.numel()), n)
+        label = "worst case (L∞)" if norm == "linf" else "worst case (L2)"
+        text = f"eps={budget:g}; per-image minimum over {len(rows)} attacks"
+        out.append(WorstCase(label, robust, accuracy_row(label, robust, "worst case", text), rows, warnings))
+    return out
+
+
+def per_class_rows(
+    classes: Sequence[str],
+    y: torch.Tensor,
+    clean_correct: torch.Tensor,
+    outcomes: Mapping[str, AttackOutcome],
+    worst: Mapping[str, torch.Tensor],
+) -> list[dict[str, Any]]:
+    """Per class: clean accuracy, accuracy under each attack (on the images it ran on) and in each
+    worst case; y, clean_correct and the worst cases' robust flags are (N,)."""
+    rows: list[dict[str, Any]] = []
+    for c, cls in enumerate(classes):
+        row: dict[str, Any] = {"class": cls, "clean": float(clean_correct[y == c].float().mean())}
+        for name, out in outcomes.items():
+            mask = y[out.index] == c
+            row[name] = float(out.correct[mask].float().mean()) if mask.any() else math.nan
+        for label, flags in worst.items():
+            row[label] = float(flags[y == c].float().mean()) if bool((y == c).any()) else math.nan
+        rows.append(row)
+    return rows

@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.concepts import ConceptSet
+from ..data.base import Dataset
+from ..data.concepts import ConceptSet, generate_concept_set
 from ..errors import UserError
 from ..modelutil import eval_mode, model_device
 from ..probe import RunningTopK, record
@@ -713,6 +714,17 @@ def unit_masks(
     _, maps = next(_maps(model, [layer], images, max(1, images.shape[0])))
     up = _upsample(maps[layer][:, unit : unit + 1], (int(images.shape[2]), int(images.shape[3])))[:, 0].cpu()
     return up, up > threshold
+
+
+def generated_concepts(data: Dataset, n: int, *, foreground: float = 0.1, natural: bool = True,
+                       seed: int = 0) -> ConceptSet:  # fmt: skip
+    """The generated concept set of `n` images shaped like `data`'s, its garment concepts cut from
+    a seeded sample of max(n, 1000) training images (the `concepts` stage's default set)."""
+    train = data.train.subset(min(len(data.train), max(n, 1000)), seed=seed)
+    return generate_concept_set(
+        n, data.image_shape, class_images=train.x, class_labels=train.y, class_names=data.classes,
+        foreground=foreground, natural=natural, seed=seed,
+    )  # fmt: skip
 
 
 def cached_dissection(

@@ -38,6 +38,7 @@ from torch import nn
 from ..errors import UserError
 from ..models.layers import aliases_of, default_conv_layers, resolve_layer
 from ..modelutil import eval_mode, model_device
+from .sensitivity import mean_ratio_sensitive, neuron_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -656,6 +657,29 @@ class Diagnosis:
                 "sigma_ratio": float((sigma_ratio or {}).get(name, math.nan)),
             })  # fmt: skip
         return rows
+
+    def per_example_rows(self) -> list[dict[str, Any]]:
+        """One row per judged adversarial example: its image (position in x), label, adversarial
+        class, flip layer (the first l whose explanation the judge reads as the adversarial
+        class; "none") and the judge's class at every l = 0..L."""
+        vul, names = self.vulnerability, ["input", *self.layers]
+        return [{"image": int(self.adv_index[i]), "label": int(vul.y[i]), "adversarial": int(vul.y_adv[i]),
+                 "flip_layer": names[f] if f >= 0 else "none",
+                 **{f"judge_{name}": int(vul.classes[i, j]) for j, name in enumerate(names)}}
+                for i, f in enumerate(vul.flip.tolist())]  # fmt: skip
+
+    def correlation_rows(self) -> list[dict[str, Any]]:
+        """Spearman(IL_l, V_l) and Spearman(IL_l, V_l^soft) with their bootstrap intervals."""
+        return [{"with": c.what, "spearman": c.rho, "ci_low": c.low, "ci_high": c.high,
+                 "resamples": c.resamples, "defined": c.defined} for c in self.correlations]  # fmt: skip
+
+
+def layer_sigma_ratio(
+    model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, layers: Sequence[str]
+) -> dict[str, float]:
+    """Mean σ_Ratio of the top-10% sensitive neurons per layer between x and x_adv (N, C, H, W),
+    the column beside the diagnosis; raises UserError for layers σ cannot be hooked at."""
+    return mean_ratio_sensitive(neuron_sensitivity(model, (x, x_adv), list(layers)))
 
 
 def diagnose(

@@ -67,6 +67,7 @@ from ..modelutil import eval_mode, model_device
 from ..probe import Welford, record, spatial_reduce
 
 if TYPE_CHECKING:
+    from ..evaluation import EvaluateOptions
     from ..pipeline import Context
 
 log = logging.getLogger(__name__)
@@ -826,17 +827,25 @@ def model_level_attacks(ctx: Context, eps: float) -> list[Attack]:
     """Model-level PGD and FGSM with the evaluate stage's settings of this run (ε replaced by the
     features' ε when they differ), so the examples are store hits when evaluate ran on the same
     images."""
-    from ..config import parse_eps, stage_options
-    from ..evaluation import EvaluateOptions, build_attack
+    from ..config import stage_options
+    from ..evaluation import EvaluateOptions
     from ..pipeline import stage_settings
 
     if "evaluate" in ctx.config.stages:
         eopts: EvaluateOptions = stage_settings("evaluate", ctx.config)
     else:
         eopts = stage_options(EvaluateOptions, {}, "evaluate")
+    return evaluation_attacks(eopts, eps, ctx.config.seed)
+
+
+def evaluation_attacks(eopts: EvaluateOptions, eps: float, seed: int) -> list[Attack]:
+    """The model-level attack set: the evaluation's L-inf PGD and FGSM under `eopts`, at ε `eps`."""
+    from ..config import parse_eps
+    from ..evaluation import build_attack
+
     if parse_eps(eopts.eps) != eps:
         eopts = dataclasses.replace(eopts, eps=eps)
-    return [build_attack("pgd-linf", eopts, ctx.config.seed), build_attack("fgsm", eopts, ctx.config.seed)]
+    return [build_attack("pgd-linf", eopts, seed), build_attack("fgsm", eopts, seed)]
 
 
 def feature_scores(

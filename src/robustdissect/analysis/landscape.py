@@ -29,10 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attacks import PGD
 from ..errors import UserError
 from ..modelutil import eval_mode, model_device
 
-__all__ = ["DIRECTIONS", "NORMS", "LandscapeResult", "decision_margin", "landscape", "landscape_directions"]
+__all__ = [
+    "DIRECTIONS", "NORMS", "LandscapeResult", "decision_margin", "landscape", "landscape_attack",
+    "landscape_directions",
+]  # fmt: skip
 
 NORMS = ("linf", "l2")
 DIRECTIONS = ("pgd", "gradient")
@@ -143,6 +147,29 @@ class LandscapeResult:
             "model_calls": self.model_calls,
             "seconds": self.seconds,
         }
+
+    def per_image_rows(self, y: Tensor, model: str = "model") -> list[dict[str, float | int | str]]:
+        """One row per image (labels y (N,)): margin D(x), boundary distance a*, steepness."""
+        return [
+            {"model": model, "image": i, "label": int(y[i]), "margin": float(self.margin[i]),
+             "boundary_distance": float(self.boundary[i]), "steepness": float(self.steepness[i])}
+            for i in range(int(self.margin.numel()))
+        ]  # fmt: skip
+
+    def mean_surface_rows(self, model: str = "model") -> list[dict[str, float | str]]:
+        """One row per grid point (a, b) of the mean decision and CE surfaces."""
+        dec, loss = self.mean_decision, self.mean_loss
+        return [
+            {"model": model, "a": a, "b": b, "decision": float(dec[i, j]), "loss": float(loss[i, j])}
+            for i, a in enumerate(self.a.tolist()) for j, b in enumerate(self.b.tolist())
+        ]  # fmt: skip
+
+
+def landscape_attack(eps: float, norm: str = "linf", steps: int = 20, seed: int = 0) -> PGD:
+    """The PGD whose example gives d₁ (`direction="pgd"`): from x itself (no random start) and
+    every step run (no early stop), α = 2.5ε/k; a random start or an early stop would make δ
+    mostly the start's noise, not the adversarial path."""
+    return PGD(eps, norm=norm, steps=steps, step_rule="madry", random_start=False, seed=seed, batch_size=500)
 
 
 def _evaluate_points(

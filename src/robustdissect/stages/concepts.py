@@ -17,6 +17,7 @@ from ..analysis.concepts import (
     ConceptFragility,
     cached_dissection,
     concept_fragility,
+    generated_concepts,
     grad_cam,
     unit_masks,
 )
@@ -34,7 +35,6 @@ from ..data.concepts import (
     HIGH_FREQUENCY,
     ConceptSet,
     concept_dir_identity,
-    generate_concept_set,
     load_broden,
     load_concept_dir,
 )
@@ -118,11 +118,8 @@ def _concept_set(ctx: Context, opts: ConceptsOptions) -> ConceptSet:
                              "natural": opts.natural_textures}  # fmt: skip
 
     def make() -> ConceptSet:
-        train = ctx.data.train.subset(min(len(ctx.data.train), max(opts.n, 1000)), seed=seed)
-        return generate_concept_set(
-            opts.n, ctx.data.image_shape, class_images=train.x, class_labels=train.y, class_names=ctx.data.classes,
-            foreground=opts.foreground, natural=opts.natural_textures, seed=seed,
-        )  # fmt: skip
+        return generated_concepts(ctx.data, opts.n, foreground=opts.foreground, natural=opts.natural_textures,
+                                  seed=seed)  # fmt: skip
 
     return ctx.store.memo("concept_set", parts, make)
 

@@ -23,6 +23,7 @@ from ..analysis.diagnose import (
     OptimisationInverter,
     diagnose,
     diagnosis_layers,
+    layer_sigma_ratio,
 )
 from ..config import parse_eps, stage_options
 from ..errors import UserError
@@ -193,7 +194,6 @@ def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[s
 def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     """Layer diagnosis on the stored adversarial examples of the evaluate stage's L∞ PGD."""
     from ..analysis.plots_diagnose import layer_bars, strips
-    from ..analysis.sensitivity import mean_ratio_sensitive, neuron_sensitivity
 
     opts: DiagnoseOptions = stage_options(DiagnoseOptions, options, "diagnose")
     ig1 = load_study(opts.study, ctx)  # a wrong folder fails before any work
@@ -239,22 +239,15 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         raise AnalysisUnavailable(str(e)) from e
     sigma_ratio: dict[str, float] = {}
     try:
-        sens = neuron_sensitivity(ctx.model, (x, x_adv), layers)
-        sigma_ratio = mean_ratio_sensitive(sens)
+        sigma_ratio = layer_sigma_ratio(ctx.model, x, x_adv, layers)
     except UserError as e:
         warnings.append(f"σ_Ratio not computed for these layers: {e}")
     rows = diag.layer_rows(sigma_ratio)
     run = ctx.run
     run.write_table("diagnose_layers", rows)
     vul = diag.vulnerability
-    flips = vul.flip.tolist()
-    per_image = [{"image": int(diag.adv_index[i]), "label": int(vul.y[i]), "adversarial": int(vul.y_adv[i]),
-                  "flip_layer": (["input", *layers][f] if f >= 0 else "none"),
-                  **{f"judge_{name}": int(vul.classes[i, j]) for j, name in enumerate(["input", *layers])}}
-                 for i, f in enumerate(flips)]  # fmt: skip
-    run.write_table("diagnose_per_example", per_image)
-    corr_rows = [{"with": c.what, "spearman": c.rho, "ci_low": c.low, "ci_high": c.high,
-                  "resamples": c.resamples, "defined": c.defined} for c in diag.correlations]  # fmt: skip
+    run.write_table("diagnose_per_example", diag.per_example_rows())
+    corr_rows = diag.correlation_rows()
     run.write_table("diagnose_correlation", corr_rows)
     classes = list(ctx.data.classes)
     shown = diag.shown

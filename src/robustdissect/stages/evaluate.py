@@ -5,24 +5,27 @@ gradient-masking warnings."""
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from ..attacks import PGD, Attack, check_black_box_breaks, check_margin_vs_ce, make_attack, masking_checks
+from ..attacks import PGD, Attack, make_attack, masking_checks
 from ..config import parse_eps, stage_options
 from ..evaluation import (
     BLACK_BOX,
     QUICK_EVALUATE,
-    SQUARE,
     AttackOutcome,
     EvaluateOptions,
+    accuracy_row,
+    black_box_subset,
     build_attack,
     clean_predictions,
+    per_class_rows,
     perturbation_norms,
+    settings_text,
     wilson_interval,
+    worst_cases,
 )
 from ..pipeline import STAGES, Context, section
 from ..report import plots
@@ -36,51 +39,6 @@ def _table_pgd(opts: EvaluateOptions, eps: float, steps: int, seed: int) -> PGD:
     attack = build_attack("pgd-linf", opts, seed, eps=eps, steps=steps)
     assert isinstance(attack, PGD)
     return attack
-
-
-def _in_threat(settings: dict[str, Any], norm: str, eps: float) -> bool:
-    """Whether an attack with these settings attacks the (norm, eps) threat model."""
-    e = settings.get("eps")
-    return settings.get("norm") == norm and isinstance(e, float) and math.isclose(e, eps, rel_tol=1e-9)
-
-
-def _kind(settings: dict[str, Any]) -> str:
-    return "white-box" if settings.get("white_box", True) else "black-box"
-
-
-def _fold(
-    robust: torch.Tensor, norm: str, label: str, idx: torch.Tensor, correct: torch.Tensor, kind: str
-) -> dict[str, Any]:
-    """Mark the points at idx (M,) that the attack broke (correct (M,) False) as not robust in
-    robust (N,), in place; the row of the worst-case table."""
-    before = robust[idx]
-    broke = before & ~correct.bool()
-    robust[idx[broke]] = False
-    att, brk = int(before.sum()), int(broke.sum())
-    return {
-        "threat_model": norm, "attack": label, "kind": kind, "attacked": att, "broken": brk,
-        "accuracy_on_attacked": (att - brk) / att if att else math.nan,
-        "cumulative_accuracy": float(robust.float().mean()),
-    }  # fmt: skip
-
-
-def _row(name: str, correct: torch.Tensor, kind: str, settings: str = "") -> dict[str, Any]:
-    n, c = len(correct), int(correct.sum())
-    lo, hi = wilson_interval(c, n)
-    return {
-        "attack": name,
-        "kind": kind,
-        "n": n,
-        "accuracy": c / n if n else math.nan,
-        "ci_low": lo,
-        "ci_high": hi,
-        "settings": settings,
-    }
-
-
-def _settings_text(s: dict[str, Any]) -> str:
-    keep = ("eps", "steps", "alpha", "iterations", "search_steps", "n_samples", "population", "severity")
-    return ", ".join(f"{k}={s[k]:.4g}" if isinstance(s[k], float) else f"{k}={s[k]}" for k in keep if k in s)
 
 
 @STAGES.register("evaluate", "robust accuracy under every attack, worst case, curves, per-class, grids, masking checks")
@@ -98,10 +56,10 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     eps = parse_eps(opts.eps)
 
     clean_correct = clean_predictions(ctx.store, model, x, index, ctx.images_id, opts.batch_size) == y
-    rows = [_row("clean", clean_correct, "clean")]
+    rows = [accuracy_row("clean", clean_correct, "clean")]
     outcomes: dict[str, AttackOutcome] = {}
-    bb_n = min(opts.blackbox_n, n)
-    bb_index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:bb_n].sort().values
+    bb_index = black_box_subset(n, opts.blackbox_n, seed)
+    bb_n = len(bb_index)
     names = opts.attack_names()
     for i, name in enumerate(names):
         attack = build_attack(name, opts, seed)
@@ -110,7 +68,7 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         out = ctx.attack(attack, x[idx], y[idx], idx)
         outcomes[name] = out
         kind = "black-box" if name in BLACK_BOX else "white-box"
-        rows.append(_row(name, out.correct, kind, _settings_text(out.settings)))
+        rows.append(accuracy_row(name, out.correct, kind, settings_text(out.settings)))
 
     # curves (L-inf PGD) and the gradient-masking checks on a fixed subset; every PGD of the
     # sweeps at the table's eps is an attack of the L-inf threat model and joins its worst case
@@ -141,49 +99,12 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
     # worst case per threat model: the per-image minimum over every attack of that (norm, eps) that
     # the run computed; the cascade's other attacks, then Square, run only on the points still robust
-    cascade_rows: list[dict[str, Any]] = []
-    cascade_warnings: list[str] = []
-    worst_robust: dict[str, torch.Tensor] = {}
-    for norm, budget in (("linf", eps), ("l2", parse_eps(opts.eps_l2))):
-        members = [(nm, o) for nm, o in [*outcomes.items(), *extra_runs] if _in_threat(o.settings, norm, budget)]
-        # cross-entropy white-box attacks first, then margin losses, then black-box ones (the table
-        # of who broke what reads as AutoAttack's cascade); the minimum does not depend on the order
-        order = {name: i for i, name in enumerate(opts.worst_case)}
-        members.sort(key=lambda m: (_kind(m[1].settings) == "black-box", m[1].settings.get("loss") == "dlr",
-                                    order.get(m[0], len(order))))  # fmt: skip
-        if not members and not (norm == "linf" and opts.worst_case):
-            continue
-        robust = clean_correct.clone()
-        steps_rows: list[dict[str, Any]] = []
-        for label, o in members:
-            steps_rows.append(_fold(robust, norm, label, o.index, o.correct, _kind(o.settings)))
-        if norm == "linf":
-            for name in opts.worst_case:
-                attack = build_attack(name, opts, seed)
-                done = outcomes.get(name)
-                if done is not None and done.settings == attack.describe() and len(done.index) == n:
-                    continue  # a table attack: folded above
-                idx = robust.nonzero().squeeze(1)
-                correct = torch.ones(0, dtype=torch.bool)
-                if idx.numel():
-                    log.info("evaluate: worst case (L∞): %s on %d points still robust", name, idx.numel())
-                    correct = ctx.attack(attack, x[idx], y[idx], idx).correct
-                steps_rows.append(_fold(robust, norm, name, idx, correct, "white-box"))
-            broken = {r["attack"]: r["broken"] for r in steps_rows}
-            cascade_warnings = check_margin_vs_ce({"apgd-dlr": broken.get("apgd-dlr", 0)}, n)
-        if norm in opts.square_norms and opts.square_queries > 0:
-            sq = build_attack(SQUARE[norm], opts, seed)
-            idx = robust.nonzero().squeeze(1)
-            if idx.numel():
-                log.info("evaluate: worst case: %s on %d points still robust", sq.name, idx.numel())
-                out = ctx.attack(sq, x[idx], y[idx], idx)
-                steps_rows.append(_fold(robust, norm, sq.name, idx, out.correct, "black-box"))
-                cascade_warnings += check_black_box_breaks(sq.name, steps_rows[-1]["broken"], int(idx.numel()), n)
-        cascade_rows += steps_rows
-        label = "worst case (L∞)" if norm == "linf" else "worst case (L2)"
-        text = f"eps={budget:g}; per-image minimum over {len(steps_rows)} attacks"
-        rows.append(_row(label, robust, "worst case", text))
-        worst_robust[label] = robust
+    cases = worst_cases(opts, seed, clean_correct, [*outcomes.items(), *extra_runs],
+                        lambda attack, idx: ctx.attack(attack, x[idx], y[idx], idx))  # fmt: skip
+    cascade_rows = [r for wc in cases for r in wc.cascade]
+    cascade_warnings = [w for wc in cases for w in wc.warnings]
+    rows += [wc.row for wc in cases]
+    worst_robust = {wc.label: wc.robust for wc in cases}
 
     # corruptions at five severities
     scale = opts.noise_scale
@@ -202,15 +123,7 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             )
 
     # per-class robust accuracy and perturbation norms
-    per_class: list[dict[str, Any]] = []
-    for c, cls in enumerate(classes):
-        row: dict[str, Any] = {"class": cls, "clean": float(clean_correct[y == c].float().mean())}
-        for name, out in outcomes.items():
-            mask = y[out.index] == c
-            row[name] = float(out.correct[mask].float().mean()) if mask.any() else math.nan
-        for label, flags in worst_robust.items():
-            row[label] = float(flags[y == c].float().mean()) if bool((y == c).any()) else math.nan
-        per_class.append(row)
+    per_class = per_class_rows(classes, y, clean_correct, outcomes, worst_robust)
     norms = [{"attack": name, **perturbation_norms(x[out.index], out.x_adv)} for name, out in outcomes.items()]
 
     # files

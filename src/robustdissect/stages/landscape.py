@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.landscape import DIRECTIONS, NORMS, LandscapeResult, landscape
-from ..attacks import PGD
+from ..analysis.landscape import DIRECTIONS, NORMS, LandscapeResult, landscape, landscape_attack
 from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..pipeline import STAGES, Context, section
@@ -83,10 +82,7 @@ def landscape_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     for name, model in models.items():
         x_adv = None
         if opts.direction == "pgd":
-            # from x itself and to the last step: a random start or an early stop would make δ mostly
-            # the start's noise, not the adversarial path
-            attack = PGD(eps, norm=opts.norm, steps=opts.attack_steps, step_rule="madry", random_start=False,
-                         seed=ctx.config.seed, batch_size=500)  # fmt: skip
+            attack = landscape_attack(eps, opts.norm, opts.attack_steps, ctx.config.seed)
             x_adv = ctx.attack(attack, x, y, index, model=model).x_adv
         log.info("landscape: %s, %d images, %dx%d grid", name, n, opts.grid, opts.grid)
         r = landscape(model, x, y, eps=eps, radius=opts.radius, grid=opts.grid, norm=opts.norm,
@@ -94,20 +90,11 @@ def landscape_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
                       chunk_size=opts.chunk_size, seed=ctx.config.seed)  # fmt: skip
         results[name] = r
         rows.append({"model": name, **r.summary()})
-        per_image += [
-            {"model": name, "image": i, "label": int(y[i]), "margin": float(r.margin[i]),
-             "boundary_distance": float(r.boundary[i]), "steepness": float(r.steepness[i])}
-            for i in range(n)
-        ]  # fmt: skip
+        per_image += r.per_image_rows(y, name)
     run = ctx.run
     run.write_table("landscape_summary", rows)
     run.write_table("landscape_per_image", per_image)
-    mean_rows = []
-    for name, r in results.items():
-        for i, a in enumerate(r.a.tolist()):
-            for j, b in enumerate(r.b.tolist()):
-                mean_rows.append({"model": name, "a": a, "b": b, "decision": float(r.mean_decision[i, j]),
-                                  "loss": float(r.mean_loss[i, j])})  # fmt: skip
+    mean_rows = [row for name, r in results.items() for row in r.mean_surface_rows(name)]
     run.write_table("landscape_mean_surfaces", mean_rows)
     run.save_figure("landscape_decision_contours", landscape_contours(results, "decision"))
     run.save_figure("landscape_loss_contours", landscape_contours(results, "loss"))
