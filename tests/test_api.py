@@ -25,7 +25,7 @@ from robustdissect.runs import read_table
 
 N = 60  # analysed images of the run
 STAGES: dict[str, dict[str, Any]] = {
-    "evaluate": {"attacks": ["fgsm", "pgd-linf"], "curves": False},
+    "evaluate": {"attacks": ["fgsm", "pgd-linf"], "curve_n": 40},
     "sensitivity": {"experiments": ["profiles"], "n": N},
     "features": {"n": 40, "reference_n": 300, "permutations": 20, "bootstrap": 20, "feature_steps": 5},
     "concepts": {"n": 120, "permutations": 10, "join": False, "figure_concepts": 0, "gradcam_images": 0},
@@ -52,7 +52,7 @@ def model() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def ev(model: torch.nn.Module, fmnist: Dataset) -> rd.EvaluateReport:
     return rd.evaluate(model, (fmnist.test.x[:N], fmnist.test.y[:N]), ["fgsm", "pgd-linf"], 0.1,
-                       options={"curves": False}, classes=fmnist.classes)  # fmt: skip
+                       options={"curve_n": 40}, classes=fmnist.classes)  # fmt: skip
 
 
 def same(table: list[dict[str, str]], records: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> None:
@@ -85,6 +85,14 @@ def test_evaluate_equals_the_runs_tables(run: Path, ev: rd.EvaluateReport) -> No
     same(read_table(run / "tables" / "worst_case_cascade.csv"), ev.cascade)
     same(read_table(run / "tables" / "robust_accuracy_per_class.csv"), ev.per_class)
     same(read_table(run / "tables" / "perturbation_norms.csv"), ev.norms)
+    same(read_table(run / "tables" / "accuracy_vs_eps.csv"), [{"eps": e, "accuracy": a}
+                                                              for e, a in ev.accuracy_vs_eps.items()])  # fmt: skip
+    same(read_table(run / "tables" / "accuracy_vs_steps.csv"), [{"steps": k, "accuracy": a}
+                                                                for k, a in ev.accuracy_vs_steps.items()])  # fmt: skip
+    assert list(ev.accuracy_vs_steps) == [1, 5, 20]
+    # the curves' PGD at the table's ε with other step counts join the L∞ worst case
+    cascade = [r["attack"] for r in ev.cascade]
+    assert "pgd-linf k=1 (curves)" in cascade and "apgd-ce" in cascade
     acc = ev.accuracy
     assert acc["worst case (L∞)"] <= min(acc["fgsm"], acc["pgd-linf"]) < acc["clean"]
     assert ev.outcomes["pgd-linf"].x_adv.shape == (N, 1, 28, 28)
@@ -101,8 +109,8 @@ def test_evaluate_takes_a_loader_a_split_and_a_dataset(model: torch.nn.Module, f
     assert from_loader.accuracy["pgd-linf"] == ev.accuracy["pgd-linf"]
     assert from_loader.accuracy["clean"] == ev.accuracy["clean"]
     split = rd.data.Split(x, y)
-    assert rd.evaluate(model, split, ["fgsm"], 0.1, options={"square_queries": 0, "worst_case": ["fgsm"]}
-                       ).accuracy["fgsm"] == ev.accuracy["fgsm"]  # fmt: skip
+    only = {"square_queries": 0, "worst_case": ["fgsm"], "curves": False}
+    assert rd.evaluate(model, split, ["fgsm"], 0.1, options=only).accuracy["fgsm"] == ev.accuracy["fgsm"]
     with pytest.raises(UserError, match=r"\[0, 1\]"):
         rd.evaluate(model, (x * 255, y), ["fgsm"])
     with pytest.raises(UserError, match="DataLoader"):

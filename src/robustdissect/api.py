@@ -53,6 +53,7 @@ from .evaluation import (
     per_class_rows,
     perturbation_norms,
     settings_text,
+    sweep_curves,
     worst_cases,
 )
 from .models import default_conv_layers
@@ -155,14 +156,19 @@ def _run(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, index: Tensor) 
 class EvaluateReport(_Report):
     """Robust accuracy: `table` (tables/robust_accuracy.csv: clean, each attack, the worst case per
     threat model, 95% Wilson intervals), `cascade` (worst_case_cascade.csv: who broke what),
-    `per_class` and `norms` (perturbation norms per attack); `outcomes[name]` holds each table
-    attack's x_adv (M, C, H, W), correct (M,), pred (M,) and image positions index (M,)."""
+    `per_class` and `norms` (perturbation norms per attack), the curves (L∞ PGD accuracy against
+    ε and steps) with the gradient-masking `warnings` and measurements (`masking`);
+    `outcomes[name]` holds each table attack's x_adv (M, C, H, W), correct (M,), pred (M,) and
+    image positions index (M,)."""
 
     table: Records
     cascade: Records
     per_class: Records
     norms: Records
     outcomes: Mapping[str, AttackOutcome]
+    accuracy_vs_eps: dict[float, float]
+    accuracy_vs_steps: dict[int, float]
+    masking: dict[str, Any]
     warnings: list[str]
     options: EvaluateOptions
 
@@ -195,11 +201,11 @@ def evaluate(
 
     attacks: names from the evaluation table ("fgsm", "pgd-linf", "pgd-l2", "cw-l2", "apgd-ce",
     "apgd-dlr", "spsa", "nattack"); eps / eps_l2: the L∞ / L2 budgets; quick: the default run's
-    reduced budgets (`--full`: False); options: any other `evaluate` option of the run YAML. The
-    worst case of each threat model is the per-image minimum over its table attacks, then the
-    cascade `worst_case` and Square on the points still robust, as the stage computes it; the
-    stage's accuracy-against-ε and -steps curves (whose extra PGD runs also join its L∞ worst
-    case) and corruptions are not run here (a run with `curves: false` matches exactly).
+    reduced budgets (`--full`: False); options: any other `evaluate` option of the run YAML. As
+    the stage: the curves and masking checks on the first `curve_n` images (`curves`), then the
+    worst case of each threat model, the per-image minimum over its table and curve attacks, then
+    the cascade `worst_case` and Square on the points still robust. Corruptions and image grids
+    are the stage's only.
     """
     x, y = as_tensors(data)
     names = attacks.split(",") if isinstance(attacks, str) else (list(attacks) if attacks is not None else None)
@@ -218,8 +224,11 @@ def evaluate(
         outcomes[name] = out
         table.append(accuracy_row(name, out.correct, "black-box" if name in BLACK_BOX else "white-box",
                                   settings_text(out.settings)))  # fmt: skip
-    cases = worst_cases(opts, seed, clean_correct, list(outcomes.items()),
-                        lambda attack, idx: _run(model, attack, x[idx], y[idx], idx))  # fmt: skip
+    def run(attack: Attack, idx: Tensor) -> AttackOutcome:
+        return _run(model, attack, x[idx], y[idx], idx)
+
+    curves = sweep_curves(model, x, y, opts, seed, table, outcomes, run)
+    cases = worst_cases(opts, seed, clean_correct, [*outcomes.items(), *curves.extra], run)
     table += [wc.row for wc in cases]
     labels = list(classes) if classes is not None else (
         list(data.classes) if isinstance(data, Dataset) else [str(c) for c in range(int(y.max()) + 1)])  # fmt: skip
@@ -227,7 +236,8 @@ def evaluate(
         table=table, cascade=[r for wc in cases for r in wc.cascade],
         per_class=per_class_rows(labels, y, clean_correct, outcomes, {wc.label: wc.robust for wc in cases}),
         norms=[{"attack": name, **perturbation_norms(x[out.index], out.x_adv)} for name, out in outcomes.items()],
-        outcomes=outcomes, warnings=[w for wc in cases for w in wc.warnings], options=opts,
+        outcomes=outcomes, accuracy_vs_eps=curves.accuracy_vs_eps, accuracy_vs_steps=curves.accuracy_vs_steps,
+        masking=curves.masking, warnings=curves.warnings + [w for wc in cases for w in wc.warnings], options=opts,
     )  # fmt: skip
 
 

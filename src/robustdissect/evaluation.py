@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .attacks import ATTACKS, Attack, check_black_box_breaks, check_margin_vs_ce, make_attack
+from .attacks import ATTACKS, PGD, Attack, check_black_box_breaks, check_margin_vs_ce, make_attack, masking_checks
 from .attacks.pgd import STEP_RULE_ALIASES, STEP_RULES
 from .config import parse_eps
 from .errors import UserError
@@ -370,6 +370,67 @@ def fold_robust(
         "accuracy_on_attacked": (att - brk) / att if att else math.nan,
         "cumulative_accuracy": float(robust.float().mean()),
     }  # fmt: skip
+
+
+def table_pgd(opts: EvaluateOptions, eps: float, steps: int, seed: int) -> PGD:
+    """The table's L-inf PGD at another eps or step count (the masking sweeps use it, so their
+    point at the table's (eps, steps) is the table's attack)."""
+    attack = build_attack("pgd-linf", opts, seed, eps=eps, steps=steps)
+    assert isinstance(attack, PGD)
+    return attack
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Accuracy against ε and against PGD steps (L-inf PGD on the first n images), the
+    gradient-masking warnings and measurements, and the sweeps' PGD runs that are no table attack
+    (`extra`: those at the table's ε join the L-inf worst case)."""
+
+    accuracy_vs_eps: dict[float, float]
+    accuracy_vs_steps: dict[int, float]
+    warnings: list[str]
+    masking: dict[str, Any]
+    extra: list[tuple[str, AttackOutcome]]
+    n: int
+
+
+def sweep_curves(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opts: EvaluateOptions,
+    seed: int,
+    table_rows: Sequence[Mapping[str, Any]],
+    table: Mapping[str, AttackOutcome],
+    run: Callable[[Attack, torch.Tensor], AttackOutcome],
+) -> Curves:
+    """The curves and masking checks (`opts.curves`; none when off) on the first `opts.curve_n` of
+    x (N, C, H, W), y (N,), beside the table's rows and outcomes; run(attack, idx) -> the attack's
+    outcome on images idx (M,)."""
+    cn = min(opts.curve_n, len(y))
+    if not opts.curves:
+        return Curves({}, {}, [], {}, [], cn)
+    extra: list[tuple[str, AttackOutcome]] = []
+
+    def same(a: AttackOutcome, b: AttackOutcome) -> bool:
+        return a.settings == b.settings and len(a.index) == len(b.index) and bool(torch.equal(a.index, b.index))
+
+    def sweep_accuracy(attack: Attack) -> float:
+        out = run(attack, torch.arange(cn))
+        if not any(same(out, o) for o in [*table.values(), *(o for _, o in extra)]):
+            extra.append((f"{attack.name} k={attack.describe().get('steps')} (curves)", out))
+        return out.accuracy()
+
+    attacked = [r for r in table_rows if r["kind"] in ("white-box", "black-box")]
+    report = masking_checks(
+        model, x[:cn], y[:cn], eps=parse_eps(opts.eps), large_eps=opts.large_eps, eps_values=opts.eps_grid(),
+        steps_values=opts.steps_sweep, steps=opts.pgd_steps, seed=seed,
+        accuracies={r["attack"]: r["accuracy"] for r in attacked},
+        white_box={r["attack"]: r["kind"] == "white-box" for r in attacked},
+        accuracy=sweep_accuracy, pgd=lambda e, k: table_pgd(opts, e, k, seed),
+    )  # fmt: skip
+    masking = {"zero_gradient_share": report.zero_gradient_share, **asdict(report.randomness)}
+    return Curves(report.accuracy_vs_eps, report.accuracy_vs_steps, list(report.warnings), masking, extra, cn)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..attacks import PGD, Attack, make_attack, masking_checks
+from ..attacks import make_attack
 from ..config import parse_eps, stage_options
 from ..evaluation import (
     BLACK_BOX,
@@ -24,6 +24,7 @@ from ..evaluation import (
     per_class_rows,
     perturbation_norms,
     settings_text,
+    sweep_curves,
     wilson_interval,
     worst_cases,
 )
@@ -31,14 +32,6 @@ from ..pipeline import STAGES, Context, section
 from ..report import plots
 
 log = logging.getLogger(__name__)
-
-
-def _table_pgd(opts: EvaluateOptions, eps: float, steps: int, seed: int) -> PGD:
-    """The table's L-inf PGD at another eps or step count (the masking sweeps use it, so their
-    point at the table's (eps, steps) is the table's stored attack)."""
-    attack = build_attack("pgd-linf", opts, seed, eps=eps, steps=steps)
-    assert isinstance(attack, PGD)
-    return attack
 
 
 @STAGES.register("evaluate", "robust accuracy under every attack, worst case, curves, per-class, grids, masking checks")
@@ -72,30 +65,10 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
     # curves (L-inf PGD) and the gradient-masking checks on a fixed subset; every PGD of the
     # sweeps at the table's eps is an attack of the L-inf threat model and joins its worst case
-    cn = min(opts.curve_n, n)
-    eps_curve: dict[float, float] = {}
-    steps_curve: dict[int, float] = {}
-    warnings: list[str] = []
-    masking: dict[str, Any] = {}
-    extra_runs: list[tuple[str, AttackOutcome]] = []  # computed outside the table
-
-    def sweep_accuracy(attack: Attack) -> float:
-        out = ctx.attack(attack, x[:cn], y[:cn], index[:cn])
-        known = [o.key for o in outcomes.values()] + [o.key for _, o in extra_runs]
-        if out.key not in known:
-            extra_runs.append((f"{attack.name} k={attack.describe().get('steps')} (curves)", out))
-        return out.accuracy()
-
-    if opts.curves:
-        table = {r["attack"]: r["accuracy"] for r in rows if r["kind"] in ("white-box", "black-box")}
-        white = {r["attack"]: r["kind"] == "white-box" for r in rows if r["kind"] in ("white-box", "black-box")}
-        report = masking_checks(
-            model, x[:cn], y[:cn], eps=eps, large_eps=opts.large_eps, eps_values=opts.eps_grid(),
-            steps_values=opts.steps_sweep, steps=opts.pgd_steps, seed=seed, accuracies=table, white_box=white,
-            accuracy=sweep_accuracy, pgd=lambda e, k: _table_pgd(opts, e, k, seed),
-        )  # fmt: skip
-        eps_curve, steps_curve, warnings = report.accuracy_vs_eps, report.accuracy_vs_steps, list(report.warnings)
-        masking = {"zero_gradient_share": report.zero_gradient_share, **asdict(report.randomness)}
+    curves = sweep_curves(model, x, y, opts, seed, rows, outcomes,
+                          lambda attack, idx: ctx.attack(attack, x[idx], y[idx], idx))  # fmt: skip
+    cn, eps_curve, steps_curve = curves.n, curves.accuracy_vs_eps, curves.accuracy_vs_steps
+    warnings, masking, extra_runs = list(curves.warnings), curves.masking, curves.extra
 
     # worst case per threat model: the per-image minimum over every attack of that (norm, eps) that
     # the run computed; the cascade's other attacks, then Square, run only on the points still robust
