@@ -87,3 +87,41 @@ def test_docstring_clauses_are_split_at_the_top_level_only(config_doc: ModuleTyp
     assert clauses["d_one"] == "prefixed"
     assert "e" not in clauses
     assert config_doc.field_comments(Opts)["e"] == "the comment"
+
+
+CITATION = re.compile(r"METHODS\s*(§?\s*[0-9][0-9.]*(?:\s*(?:,|/|and|–|-)\s*§?\s*[0-9][0-9.]*)*)")
+SECTION = re.compile(r"§?\s*([0-9]+(?:\.[0-9]+)?)")
+
+
+def cited_sections(text: str) -> set[str]:
+    """Section numbers cited as `METHODS §X.Y` (with lists and ranges such as `§6.1–§6.4, §3.5`)."""
+    found: set[str] = set()
+    for m in CITATION.finditer(text):
+        found.update(s.rstrip(".") for s in SECTION.findall(m.group(1)))
+    return found
+
+
+def methods_headings() -> set[str]:
+    text = (ROOT / "docs" / "methods.md").read_text(encoding="utf-8")
+    return {m.group(1) for m in re.finditer(r"^#{2,3} ([0-9]+(?:\.[0-9]+)?)[. ]", text, re.MULTILINE)}
+
+
+def test_citation_parser_reads_lists_and_ranges() -> None:
+    text = "see METHODS §6.1–§6.4, §3.5): and METHODS §2.4. and (METHODS §1.6 / §8.3 IG-1) METHODS 3.2"
+    assert cited_sections(text) == {"6.1", "6.4", "3.5", "2.4", "1.6", "8.3", "3.2"}
+    assert cited_sections("METHODS' K = 20; the METHODS document") == set()
+
+
+def test_every_methods_section_cited_in_the_code_is_a_heading_of_docs_methods_md() -> None:
+    headings = methods_headings()
+    assert {"0.4", "1.5", "2.3", "5.4", "6.5", "8.3", "1", "9"} <= headings
+    missing: dict[str, list[str]] = {}
+    count = 0
+    for path in sorted(p for p in (ROOT / "src").rglob("*") if p.suffix in (".py", ".yaml", ".j2")):
+        text = path.read_text(encoding="utf-8")
+        for section in cited_sections(text):
+            count += 1
+            if section not in headings:
+                missing.setdefault(section, []).append(str(path.relative_to(ROOT)))
+    assert count > 40  # the code cites the methods reference throughout
+    assert not missing, f"METHODS sections cited in src/ but absent from docs/methods.md: {missing}"
