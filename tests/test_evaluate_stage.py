@@ -120,17 +120,17 @@ def test_same_evidence_key_is_computed_once(tmp_path: Path, fmnist: Any, shipped
 
 
 def test_stages_share_the_vanilla_attacks(tmp_path: Path, fmnist: Any) -> None:
-    """The training stage's vanilla row is the evaluate stage's evidence, not a second attack."""
+    """The compare stage's row of the run's model is the evaluate stage's evidence, not a second attack."""
     stages = {
         "evaluate": {"attacks": ["pgd-linf", "fgsm"], "worst_case": ["pgd-linf"], "curves": False, "corruptions": []},
-        "training": {"models": ["fmnist-smallcnn-vanilla"], "attacks": ["pgd-linf", "fgsm"]},
+        "compare": {"models": ["fmnist-smallcnn-vanilla"], "attacks": ["pgd-linf", "fgsm"]},
     }
     run = run_pipeline(RunConfig(n=40, stages=stages), tmp_path / "run")
     res = json.loads((run / "results.json").read_text())
     assert res["evidence"]["hits"]["adv"] >= 2 and res["evidence"]["misses"]["adv"] == 2
     table = {r["model"]: r for r in read_table(run / "tables" / "compare_accuracy.csv")}
     evaluate = {r["attack"]: r for r in read_table(run / "tables" / "robust_accuracy.csv")}
-    assert table["vanilla"]["pgd-linf"] == evaluate["pgd-linf"]["accuracy"]
+    assert table["fmnist-smallcnn-vanilla"]["pgd-linf"] == evaluate["pgd-linf"]["accuracy"]
 
 
 @STAGES.register("test-interrupt", "raises KeyboardInterrupt (tests of --resume)")

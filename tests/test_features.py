@@ -291,7 +291,7 @@ def test_feature_scores_is_computed_once_per_run(tmp_path: Path, fmnist) -> None
 def test_cli_refuses_bad_input_before_any_work(tmp_path: Path, cli) -> None:
     for i, (args, needle, before_work) in enumerate(
         (
-            (["--models", "no-such-checkpoint"], "no-such-checkpoint", True),
+            (["--compare", "no-such-checkpoint"], "no-such-checkpoint", True),
             (["--eps", "-1"], "eps", True),
             (["--layers", "conv99"], "conv99", True),  # checked against the model before any stage runs
         )

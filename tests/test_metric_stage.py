@@ -28,12 +28,12 @@ def test_metric_and_landscape_stages(tmp_path: Path, fmnist: Any) -> None:
                    "study": str(study)},
         "landscape": {"n": 4, "grid": 5, "line_points": 11, "attack_steps": 5},
     }  # fmt: skip
-    cfg = RunConfig(model="fmnist-smallcnn-vanilla", n=40, quick=False, stages=stages)
+    cfg = RunConfig(model="fmnist-smallcnn-vanilla", compare=["fmnist-smallcnn-pat"], n=40, quick=False, stages=stages)
     run = run_pipeline(cfg, tmp_path / "run")
     res = json.loads((run / "results.json").read_text())
     metric = res["stages"]["metric"]
     psi = {r["model"]: r for r in read_table(run / "tables" / "metric_psi.csv")}
-    assert list(psi) == ["fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat"]  # PAT beside the shipped smallcnn
+    assert list(psi) == ["fmnist-smallcnn-vanilla", "fmnist-smallcnn-pat"]  # the run's counterpart
     assert float(psi["fmnist-smallcnn-vanilla"]["psi_mean"]) > 10 * float(psi["fmnist-smallcnn-pat"]["psi_mean"])
     assert float(psi["fmnist-smallcnn-vanilla"]["pgd_accuracy"]) < float(psi["fmnist-smallcnn-pat"]["pgd_accuracy"])
     assert all(float(r["seconds"]) > 0 for r in psi.values())
@@ -113,7 +113,7 @@ def test_read_study_refuses_a_missing_study(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["metric", "--calibration", "softmax"], "calibration must be one of"),
-        (["metric", "--models", "fmnist-smallcnn-pta"], "fmnist-smallcnn-pta"),
+        (["metric", "--compare", "fmnist-smallcnn-pta"], "fmnist-smallcnn-pta"),
         (["metric", "--study", "no-such-folder"], "no YU-1 study in no-such-folder"),
         (["landscape", "--grid", "10"], "grid must be an odd integer"),
         (["landscape", "--norm", "l1"], "norm must be one of"),
@@ -131,9 +131,9 @@ def test_cli_metric_prints_psi_and_seconds(tmp_path: Path, cli, fmnist: Any) -> 
     code, out, err = cli(["metric", "--model", "fmnist-smallcnn4-w8-vanilla", "--n", "30", "--steps", "3",
                            "--evaluate", "--out", str(tmp_path / "m")])  # fmt: skip
     assert code == 0, err
-    line = next(s for s in out.splitlines() if s.strip().startswith("Ψ fmnist-smallcnn4-w8-vanilla"))
+    line = next(s for s in out.splitlines() if s.strip().startswith("Ψ, fmnist-smallcnn4-w8-vanilla"))
     assert " in " in line and line.rstrip().endswith(" s")
-    assert any(s.strip().startswith("PGD-100 accuracy fmnist-smallcnn4-w8-vanilla") for s in out.splitlines())
+    assert any(s.strip().startswith("PGD-100 accuracy, fmnist-smallcnn4-w8-vanilla") for s in out.splitlines())
 
 
 def test_psi_steps_agreement_and_summary_report_the_k20_ranking() -> None:

@@ -34,7 +34,7 @@ from .errors import UserError
 from .evaluation import AttackOutcome, attack_evidence
 from .models.io import shipped_checkpoints
 from .models.resolve import resolve_model as resolve_model
-from .models.spec import parse_compare, short_label, unique_labels
+from .models.spec import parse_compare, short_label, split_label, unique_labels
 from .registry import Registry
 from .runs import RunDir, read_json, write_json
 from .store import EVIDENCE_DIR, EvidenceStore
@@ -319,9 +319,10 @@ def _check_resume(run: RunDir, identity: dict[str, str], cfg: RunConfig) -> None
         )
 
 
-def validate_stages(cfg: RunConfig, model: nn.Module | None = None) -> None:
+def validate_stages(cfg: RunConfig, model: nn.Module | None = None, prepared: Prepared | None = None) -> None:
     """Check every stage name and its option block before any work starts; with the model, also
-    the layer names an option block gives (`layers`)."""
+    the layer names an option block gives (`layers`); with the prepared run, the model names its
+    options give (`compare`, a stage's own `check(prepared, options)`)."""
     from .config import stage_options
 
     for name, options in cfg.stages.items():
@@ -335,8 +336,35 @@ def validate_stages(cfg: RunConfig, model: nn.Module | None = None) -> None:
 
                 for layer in layers:  # every named layer exists, before any stage runs
                     resolve_layer(model, str(layer))
+            if prepared is not None:
+                _check_model_names(name, getattr(opts, "compare", None), prepared)
+                check = getattr(fn, "check", None)
+                if check is not None:
+                    check(prepared, opts)
         elif options:
             raise UserError(f"stage '{name}' takes no options, got {sorted(options)}")
+
+
+def check_model_name(spec: str, prepared: Prepared, what: str) -> None:
+    """`spec` names the run's model, one of its counterparts, a shipped checkpoint, a checkpoint
+    file with its card or a factory: anything else is a UserError naming `what`."""
+    if spec in (prepared.label, *prepared.compared) or spec in shipped_checkpoints():
+        return
+    _label, bare = split_label(spec)
+    if bare.endswith((".safetensors", ".json")):
+        for path in (Path(bare).with_suffix(".safetensors"), Path(bare).with_suffix(".json")):
+            if not path.is_file():
+                raise UserError(f"{what} {spec}: {path} does not exist (a checkpoint needs its weights and card)")
+        return
+    if ":" not in bare:
+        names = ", ".join([prepared.label, *prepared.compared]) or "none"
+        raise UserError(f"{what} {spec} is neither a model of this run ({names}) nor a shipped checkpoint "
+                        "(robustdissect list checkpoints) nor a checkpoint file")  # fmt: skip
+
+
+def _check_model_names(stage: str, names: Sequence[str] | None, prepared: Prepared) -> None:
+    for spec in names or []:
+        check_model_name(str(spec), prepared, f"{stage}: compare")
 
 
 def _profiled(fn: StageFn, cfg: RunConfig, options: dict[str, Any]) -> dict[str, Any]:
@@ -363,7 +391,7 @@ def run_pipeline(
     validate_stages(cfg)
     prepared = prepare(cfg)
     model, card, data, device = prepared.model, prepared.card, prepared.data, prepared.device
-    validate_stages(cfg, model)
+    validate_stages(cfg, model, prepared)
     identity = _identity(cfg, model)
     run = RunDir.create(out, overwrite=overwrite, resume=resume)
     if resume:

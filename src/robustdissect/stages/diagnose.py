@@ -28,7 +28,7 @@ from ..analysis.diagnose import (
 from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack
-from ..pipeline import STAGES, AnalysisUnavailable, Context, section, stage_settings
+from ..pipeline import STAGES, AnalysisUnavailable, Context, Prepared, check_model_name, section, stage_settings
 from ..resources import shipped_result
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,10 @@ class DiagnoseOptions:
 QUICK_DIAGNOSE: dict[str, Any] = {"n": 32, "inverter": "optim", "inversion_steps": 40, "resamples": 200, "show": 3}
 
 
-def _check(model: nn.Module, opts: DiagnoseOptions) -> None:
-    if opts.layers:
-        from ..models.layers import resolve_layers
-
-        resolve_layers(model, list(opts.layers))
+def _check(prepared: Prepared, opts: DiagnoseOptions) -> None:
+    """Before any work: the judge is a model of the run, a shipped checkpoint or a checkpoint file."""
+    if opts.judge not in (None, "self"):
+        check_model_name(str(opts.judge), prepared, "diagnose: judge")
 
 
 def _judge(ctx: Context, option: str | None) -> tuple[nn.Module, str, list[str], bool]:
