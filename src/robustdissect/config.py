@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .errors import UserError, unknown_name
@@ -136,8 +137,6 @@ def check_device(name: Any, where: str = "--device") -> None:
         raise UserError(f"{where}: {_DEVICE_HELP}, got {name!r}")
     if name in ("auto", "cpu"):
         return
-    import torch
-
     if name == "mps":
         if not torch.backends.mps.is_available():
             raise UserError(f"{where}: device mps is not available on this machine; use auto or cpu")
@@ -147,6 +146,14 @@ def check_device(name: Any, where: str = "--device") -> None:
     if index >= count:
         have = f"{count} CUDA device(s)" if count else "no CUDA device"
         raise UserError(f"{where}: device {name} is not available (this machine has {have}); use auto or cpu")
+
+
+def pick_device(name: str) -> torch.device:
+    """The torch device for `name` (auto = CUDA when present); absent devices are a UserError."""
+    check_device(name, "device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _count_values(data: Any, limit: int) -> int:

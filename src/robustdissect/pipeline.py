@@ -28,7 +28,7 @@ from torch import nn
 
 from . import __version__, resources
 from .attacks import Attack
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, pick_device
 from .data import Dataset, Split, load_dataset
 from .errors import UserError
 from .evaluation import AttackOutcome, attack_evidence
@@ -38,7 +38,6 @@ from .models.spec import parse_compare, short_label, split_label, unique_labels
 from .registry import Registry
 from .runs import RunDir, read_json, write_json
 from .store import EVIDENCE_DIR, EvidenceStore
-from .training import pick_device
 
 if TYPE_CHECKING:
     from .analysis.sensitivity import SensitivityResult

@@ -13,32 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError, unknown_name
+from ..errors import UserError
 from ..modelutil import eval_mode, model_device
+from ..probe.hooks import aliases_of as aliases_of
+from ..probe.hooks import call_counts
+from ..probe.hooks import resolve_layer as resolve_layer
+from ..probe.hooks import resolve_layers as resolve_layers
 
 # an example input: images (N, C, H, W) or the shape (C, H, W) of one image
 Example = torch.Tensor | Sequence[int]
-
-
-def aliases_of(model: nn.Module) -> dict[str, str]:
-    """alias -> module path for zoo models (empty for user models)."""
-    aliases = getattr(model, "layer_aliases", None)
-    return dict(aliases) if isinstance(aliases, dict) else {}
-
-
-def resolve_layer(model: nn.Module, name: str) -> str:
-    """Map an alias or a module path to the module path; unknown names list close matches."""
-    modules = dict(model.named_modules())
-    aliases = aliases_of(model)
-    if name in aliases:
-        return aliases[name]
-    if name in modules and name != "":
-        return name
-    raise unknown_name("layer", name, [*aliases, *(m for m in modules if m)])
-
-
-def resolve_layers(model: nn.Module, names: list[str]) -> list[str]:
-    return [resolve_layer(model, n) for n in names]
 
 
 def _example_input(model: nn.Module, example: Example) -> torch.Tensor:
@@ -54,8 +37,6 @@ def reused_layers(model: nn.Module, example: Example) -> list[str]:
     """Module paths of the submodules that run more than once in one forward pass of `example`
     (images (N, C, H, W), of which the first is used, or one image's shape (C, H, W)), in
     `named_modules()` order."""
-    from ..probe.hooks import call_counts  # the probe package imports this module
-
     return [path for path, n in call_counts(model, _example_input(model, example)).items() if n > 1]
 
 

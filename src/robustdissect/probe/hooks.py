@@ -16,23 +16,47 @@ from typing import Literal, TypeVar
 import torch
 from torch import nn
 
-from ..errors import ReusedModuleError, UserError
-from ..models.layers import resolve_layer
+from ..errors import ReusedModuleError, UserError, unknown_name
 from ..modelutil import eval_mode, model_device
 
 __all__ = [
     "ChannelEdit",
     "LayerCallback",
     "Recording",
+    "aliases_of",
     "call_counts",
     "gated",
     "intervene",
     "record",
     "replace_channels",
+    "resolve_layer",
+    "resolve_layers",
     "scale_channels",
     "spatial_reduce",
     "zero_channels",
 ]
+
+def aliases_of(model: nn.Module) -> dict[str, str]:
+    """alias -> module path for zoo models (empty for user models)."""
+    aliases = getattr(model, "layer_aliases", None)
+    return dict(aliases) if isinstance(aliases, dict) else {}
+
+
+def resolve_layer(model: nn.Module, name: str) -> str:
+    """Map an alias or a module path to the module path; unknown names list close matches."""
+    modules = dict(model.named_modules())
+    aliases = aliases_of(model)
+    if name in aliases:
+        return aliases[name]
+    if name in modules and name != "":
+        return name
+    raise unknown_name("layer", name, [*aliases, *(m for m in modules if m)])
+
+
+def resolve_layers(model: nn.Module, names: list[str]) -> list[str]:
+    """`resolve_layer` of each name."""
+    return [resolve_layer(model, n) for n in names]
+
 
 T = TypeVar("T")
 LayerCallback = Callable[[str, torch.Tensor], None]

@@ -1,7 +1,7 @@
 """Training: one loop, pluggable objectives."""
 
 from ..modelutil import accuracy
-from .loop import TrainConfig, TrainResult, make_model_for, make_objective, pick_device, train
+from .loop import TrainConfig, TrainResult, make_model_for, make_objective, train
 from .objectives import OBJECTIVES, Objective, StepOutput, Vanilla
 from .robust import ALP, PAT, TRADES, FastAT
 from .sns import SNS
@@ -21,6 +21,5 @@ __all__ = [
     "accuracy",
     "make_model_for",
     "make_objective",
-    "pick_device",
     "train",
 ]

@@ -18,6 +18,7 @@ command-line arguments that load the trained weights back (`loads_with`).
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import logging
 import math
@@ -31,7 +32,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from ..config import pick_device
 from ..data import DATASETS, Dataset, augment, load_dataset
 from ..errors import UserError, unknown_name
 from ..models import MODELS, save_checkpoint
@@ -154,16 +157,6 @@ class TrainResult:
     model: nn.Module
     card: dict[str, Any]
     history: list[dict[str, float]]
-
-
-def pick_device(name: str) -> torch.device:
-    """The torch device for `name` (auto = CUDA when present); absent devices are a UserError."""
-    from ..config import check_device
-
-    check_device(name, "device")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def model_kind(spec: str) -> str:
@@ -560,8 +553,6 @@ def _save_state(
     history: list[dict[str, float]],
     cfg: TrainConfig,
 ) -> None:
-    import io
-
     buf = io.BytesIO()
     torch.save(
         {
@@ -580,6 +571,4 @@ def _save_state(
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

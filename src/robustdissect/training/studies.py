@@ -31,6 +31,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from ..config import pick_device
 from ..data import Dataset, load_dataset
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack, wilson_interval
@@ -40,7 +41,7 @@ from ..report import plots
 from ..resources import read_train_config
 from ..runs import atomic_write_text, save_png
 from .distributed import dist_env
-from .loop import TrainConfig, pick_device, train
+from .loop import TrainConfig, train
 
 __all__ = ["layer_selection_study", "layer_study_figure", "main", "read_layer_study"]
 
