@@ -6,8 +6,10 @@ most rho = 0.75 of the steps since the last checkpoint, or (2) neither the step 
 loss changed since the last checkpoint; those samples restart from their best point. Updates use
 momentum alpha = 0.75:
     z = P(x_k + eta * dir(grad)),  x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1})).
-Each sample returns its last successful iterate if any, else its highest-loss iterate. Restarts
-run on the samples that are still not successful. Cost: N_iter + 1 forward+backward passes.
+Each sample returns its last successful iterate if any, else its highest-loss iterate. Samples
+already misclassified (targeted: already on target) at x are not searched (AutoAttack's rule); their
+clean point is returned. Restarts run on the samples that are still not successful. Cost: one
+forward pass on x, then N_iter + 1 forward+backward passes on the correctly classified samples.
 """
 
 from __future__ import annotations
@@ -70,16 +72,22 @@ class APGD(Attack):
     def _search(
         self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
     ) -> SearchOutput:
-        out_x, out_logits, ok = self._run(model, x, y, targets, generator)
-        for _ in range(self.restarts - 1):
+        with torch.no_grad():
+            clean = model(x)
+        # points already misclassified (targeted: already on target) are not searched, as AutoAttack
+        ok = self._success(clean, y, targets)
+        out_x, out_logits = x.clone(), clean.clone()
+        for r in range(self.restarts):
             todo = (~ok).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
             sub_t = targets[todo] if targets is not None else None
             rx, rl, rok = self._run(model, x[todo], y[todo], sub_t, generator)
-            pick = todo[rok]
-            out_x[pick], out_logits[pick], ok[pick] = rx[rok], rl[rok], True
-        return SearchOutput(out_x, logits=out_logits)
+            keep = torch.ones_like(rok) if r == 0 else rok  # the first run's best-loss points stand in
+            pick = todo[keep]
+            out_x[pick], out_logits[pick] = rx[keep], rl[keep]
+            ok[todo] = rok
+        return SearchOutput(out_x, logits=out_logits, clean_logits=clean)
 
     def _loss_grad(
         self, model: nn.Module, x_adv: Tensor, y: Tensor, targets: Tensor | None
