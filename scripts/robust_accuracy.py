@@ -17,8 +17,8 @@ import torch
 
 from robustdissect.attacks import make_attack
 from robustdissect.data import load_dataset
-from robustdissect.evaluation import wilson_interval
 from robustdissect.models import load_checkpoint
+from robustdissect.stats import wilson_interval
 
 
 def accuracy_row(name: str, eps: float, n: int | None = None, batch_size: int = 500) -> dict[str, object]:

@@ -609,9 +609,8 @@ def test_files_follow_the_umask(work: Path, cli, fmnist: object) -> None:
 @pytest.fixture
 def exploding_stage() -> Iterator[str]:
     """A registered stage that fails with an error no validation foresaw."""
-    from robustdissect.pipeline import STAGES, load_stages
+    from robustdissect.pipeline import STAGES
 
-    load_stages()
     name = "exploding-test-stage"
 
     def stage_fn(ctx: object, options: dict[str, object]) -> dict[str, object]:
@@ -649,9 +648,8 @@ def test_unexpected_error_one_line_log_in_partial_and_resumable(
 @pytest.fixture
 def faulty_stage() -> Iterator[Callable[[Callable[[Any], None]], str]]:
     """Registers stages that call `fault(ctx)` (raise, exit, write) and otherwise finish."""
-    from robustdissect.pipeline import STAGES, load_stages, section
+    from robustdissect.pipeline import STAGES, section
 
-    load_stages()
     names: list[str] = []
 
     def register(fault: Callable[[Any], None]) -> str:
@@ -1195,3 +1193,16 @@ def test_fuzz_yaml_gives_a_config_or_a_user_error(tmp_path: Path, doc: object, r
         assert isinstance(train_config_from_dict(load_yaml(path), str(path)), TrainConfig)
     except UserError as e:
         assert "\n" not in str(e)
+
+
+def test_max_input_bytes_option(tmp_path: Path, cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-input-bytes is the command-line form of ROBUSTDISSECT_MAX_INPUT_BYTES."""
+    monkeypatch.delenv(MAX_INPUT_ENV, raising=False)
+    bomb = write_npz_bomb(tmp_path / "bomb.npz")
+    out = tmp_path / "out"
+    code, _o, err = cli(["evaluate", "--data", "npz", "--data-dir", str(bomb), "--max-input-bytes", "1G",
+                         "--out", str(out)])  # fmt: skip
+    assert code == 2 and "(972800, 1, 64, 64)" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    monkeypatch.delenv(MAX_INPUT_ENV, raising=False)
+    code, _o, err = cli(["evaluate", "--max-input-bytes", "lots", "--out", str(out)])
+    assert code == 2 and "--max-input-bytes 'lots'" in err and not out.exists()

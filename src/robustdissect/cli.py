@@ -152,6 +152,7 @@ class Target:
     resume: bool = False
     as_json: bool = False
     verbose: bool = False
+    max_input_bytes: str | None = None
 
     def run_config(self, base: Any) -> Any:
         """`base` (a RunConfig) with every option given on the command line applied."""
@@ -163,6 +164,15 @@ class Target:
             raise UserError("--quick and --full exclude each other (--quick: a first look, --full: full budgets)")
         if self.device is not None:
             check_device(self.device)
+        if self.max_input_bytes is not None:
+            from .data.files import MAX_INPUT_ENV, max_input_bytes
+
+            os.environ[MAX_INPUT_ENV] = self.max_input_bytes  # read by every data loader of this process
+            try:
+                max_input_bytes()
+            except UserError:
+                raise UserError(f"--max-input-bytes {self.max_input_bytes!r}: expected a positive number of "
+                                "bytes, e.g. 4294967296 or 4G") from None
         cfg = base.replace(model=model, label=label, weights=self.weights, dataset=self.data,
                            data_dir=self.data_dir, n=self.n, seed=self.seed, device=self.device,
                            normalize=self.normalize)  # fmt: skip
@@ -234,6 +244,9 @@ COMMON_OPTIONS: dict[str, tuple[Any, Any]] = {
     "as_json": (Annotated[bool, typer.Option("--json", help="print the summary of results.json as JSON")], False),
     "verbose": (Annotated[bool, typer.Option("--verbose", "-v", help="debug logs; tracebacks on the terminal")],
                 False),
+    "max_input_bytes": (Annotated[str | None, typer.Option(
+        "--max-input-bytes", help="the most memory one input file may need once loaded, e.g. 16G (default 4G; "
+        "also ROBUSTDISSECT_MAX_INPUT_BYTES)")], None),
 }  # fmt: skip
 
 
@@ -251,10 +264,14 @@ def analysis_command(name: str, out: str) -> Callable[[Callable[..., None]], Cal
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> None:
+            ctx = kwargs.pop("cli_context", None)
+            _GIVEN.clear()
+            _GIVEN.update(name for name in [*(p.name for p in own), *COMMON_OPTIONS] if _given(ctx, name))
             target = Target(**{key: kwargs.pop(key) for key in COMMON_OPTIONS})
             fn(**kwargs, target=target)
 
-        command.__signature__ = inspect.Signature([*own, *common])  # type: ignore[attr-defined]
+        context = inspect.Parameter("cli_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        command.__signature__ = inspect.Signature([*own, *common, context])  # type: ignore[attr-defined]
         command.__annotations__ = {}  # typer reads the signature above, not fn's annotations
         app.command(name)(command)
         return fn
@@ -262,16 +279,31 @@ def analysis_command(name: str, out: str) -> Callable[[Callable[..., None]], Cal
     return register
 
 
+# The command's own options given on the command line (not left at their defaults), set per call.
+_GIVEN: set[str] = set()
+# stage option -> the command-line option that sets it, where the names differ
+_CLI_NAME = {("evaluate", "pgd_steps"): "steps", ("concepts", "n"): "concept_n", ("metric", "evaluation"): "evaluate"}
+
+
+def _given(ctx: Any, name: str) -> bool:
+    """Whether option `name` came from the command line (True when that cannot be told)."""
+    source = getattr(ctx, "get_parameter_source", lambda _n: None)(name) if ctx is not None else None
+    return source is None or source.name != "DEFAULT"
+
+
 def _stage_run(stage: str, stage_options: dict[str, Any], target: Target) -> None:
     """Run the overview stage plus one analysis stage into a run directory, with the run's reduced
     budgets unless --full (as `run`). With --config (a run YAML), its settings and its block for
-    this stage are the base; options given on the command line win."""
+    this stage are the base; options given on the command line win (a command-line default does
+    not override a key the block sets)."""
     from .config import RunConfig, load_config
     from .runs import check_out
 
     check_out(target.out, target.overwrite)
     base = load_config(target.config) if target.config else RunConfig()
-    options = {**base.stages.get(stage, {}), **stage_options}
+    block = base.stages.get(stage, {})
+    given = {k: v for k, v in stage_options.items() if k not in block or _CLI_NAME.get((stage, k), k) in _GIVEN}
+    options = {**block, **given}
     cfg = target.run_config(base.replace(stages={"overview": {}, stage: options}))
     _execute(cfg, target)
 
@@ -539,7 +571,7 @@ def robust_data(
     (rerunning the same command resumes an interrupted build; under `torchrun --standalone
     --nproc_per_node W -- robustdissect robust-data ...` the W processes share the batches — the
     `--` keeps torchrun from reading --n as its own option); train on it with --data robust-data:OUT."""
-    from .data.robust_data import build_dataset
+    from .training.robust_data import build_dataset
 
     _setup_logging(verbose)
     path = build_dataset(kind, n, out, model=model, dataset=data or "fashion-mnist", data_dir=data_dir, seed=seed,

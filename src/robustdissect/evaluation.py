@@ -22,6 +22,8 @@ from .attacks.pgd import STEP_RULE_ALIASES, STEP_RULES
 from .config import parse_eps
 from .errors import UserError
 from .modelutil import model_device
+from .stats import proportion_interval
+from .stats import wilson_interval as wilson_interval  # re-exported for older imports
 from .store import EvidenceStore, evidence_key, index_hash
 
 log = logging.getLogger(__name__)
@@ -218,17 +220,6 @@ def _build_attack(
     return make(name, **common)
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion correct / n."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 @dataclass
 class AttackOutcome:
     """One attack on a set of images: x_adv (N, C, H, W), correct (N,) bool, pred (N,) int64."""
@@ -329,10 +320,9 @@ def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, float]
 
 def accuracy_row(name: str, correct: torch.Tensor, kind: str, settings: str = "") -> dict[str, Any]:
     """A row of the robust-accuracy table: accuracy of correct (N,) bool with its Wilson interval."""
-    n, c = len(correct), int(correct.sum())
-    lo, hi = wilson_interval(c, n)
-    return {"attack": name, "kind": kind, "n": n, "accuracy": c / n if n else math.nan, "ci_low": lo, "ci_high": hi,
-            "settings": settings}  # fmt: skip
+    n = len(correct)
+    acc, lo, hi = proportion_interval(int(correct.sum()), n)
+    return {"attack": name, "kind": kind, "n": n, "accuracy": acc, "ci_low": lo, "ci_high": hi, "settings": settings}
 
 
 def settings_text(s: Mapping[str, Any]) -> str:

@@ -58,6 +58,7 @@ from ..errors import UserError
 from ..modelutil import eval_mode, model_device
 from ..probe import RunningTopK, record
 from ..probe.quantiles import StreamingQuantile, flat_nonzero
+from ..stats import wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -764,7 +765,6 @@ class ConceptFragility:
 
 def _group(rows: Sequence[Mapping[str, Any]], key: str, model: str) -> list[dict[str, Any]]:
 
-    from ..evaluation import wilson_interval
 
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in rows:

@@ -38,6 +38,7 @@ from torch import nn
 from ..errors import UserError
 from ..models.layers import aliases_of, default_conv_layers, resolve_layer
 from ..modelutil import eval_mode, model_device
+from ..stats import percentile_interval, resample_indices, spearman
 from .sensitivity import mean_ratio_sensitive, neuron_sensitivity
 
 log = logging.getLogger(__name__)
@@ -598,13 +599,9 @@ def layer_correlations(
     """Spearman of IL_l with V_l (flip) and with V_l^soft across layers. `adv_rows[i]` is the row
     of image i of `info` in `vul` (−1 when image i has no adversarial example), so a bootstrap
     resample of images resamples both sides together."""
-    from ..analysis.ranking import spearman
-
     n = info.err.shape[0]
     if len(adv_rows) != n:
         raise UserError(f"adv_rows has {len(adv_rows)} entries for {n} images")
-    rng = np.random.default_rng(seed)
-
     def stats(rows: NDArray[np.int64]) -> tuple[float, float]:
         il = info.IL(rows)
         a = adv_rows[rows]
@@ -612,13 +609,12 @@ def layer_correlations(
         return spearman(il, vul.V(a)[1:]), spearman(il, vul.V_soft(a))
 
     point = stats(np.arange(n))
-    draws = [np.asarray(rng.integers(0, n, n), dtype=np.int64) for _ in range(resamples)]
-    boots = np.array([stats(r) for r in draws]) if resamples else np.empty((0, 2))
+    boots = np.array([stats(r) for r in resample_indices(n, resamples, seed)]) if resamples else np.empty((0, 2))
     out = []
     for j, what in enumerate(("V", "V_soft")):
         vals = boots[:, j][np.isfinite(boots[:, j])] if len(boots) else np.empty(0)
-        lo, hi = (np.quantile(vals, [(1 - level) / 2, (1 + level) / 2]) if vals.size else (math.nan, math.nan))
-        out.append(LayerCorrelation(what, float(point[j]), float(lo), float(hi), resamples, int(vals.size)))
+        lo, hi = percentile_interval(vals, level)
+        out.append(LayerCorrelation(what, float(point[j]), lo, hi, resamples, int(vals.size)))
     return out
 
 

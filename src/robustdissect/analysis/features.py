@@ -65,6 +65,7 @@ from ..attacks import PGD, Attack
 from ..errors import UserError
 from ..modelutil import eval_mode, model_device
 from ..probe import Welford, record, spatial_reduce
+from ..stats import percentile_interval, resample_indices
 
 if TYPE_CHECKING:
     from ..evaluation import EvaluateOptions
@@ -765,8 +766,7 @@ def bootstrap_shares(
     for r in results:
         if r.y.shape[0] != n or not torch.equal(r.y, results[0].y):
             raise UserError("bootstrap_shares needs every model scored on the same images")
-    g = torch.Generator().manual_seed(seed)
-    draws = [torch.randint(0, n, (n,), generator=g) for _ in range(resamples)]
+    draws = list(torch.from_numpy(resample_indices(n, resamples, seed, generator="torch")))
 
     def shares(res: FeatureScores, idx: Tensor | None) -> dict[str, float]:
         if idx is None:
@@ -780,22 +780,21 @@ def bootstrap_shares(
 
     with one_thread():
         boot = [[shares(r, d) for d in draws] for r in results]
-    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
     rows = []
     for mi, res in enumerate(results):
         point = shares(res, None)
         base = shares(results[0], None)
         for qd in QUADRANTS:
-            vals = torch.tensor([b[qd] for b in boot[mi]], dtype=torch.float64)
-            diff = torch.tensor([b[qd] - b0[qd] for b, b0 in zip(boot[mi], boot[0], strict=True)], dtype=torch.float64)
+            vals = [b[qd] for b in boot[mi]]
+            diff = [b[qd] - b0[qd] for b, b0 in zip(boot[mi], boot[0], strict=True)]
             row: dict[str, Any] = {"model": res.model_name, "quadrant": qd, "share": point[qd],
                                    "importance_share": res.reliance(strict)[qd]}  # fmt: skip
             row.update(dict.fromkeys(("ci_low", "ci_high", "diff_vs_first", "diff_ci_low", "diff_ci_high"), math.nan))
             if resamples:
-                row.update(ci_low=float(torch.quantile(vals, lo_q)), ci_high=float(torch.quantile(vals, hi_q)))
+                row["ci_low"], row["ci_high"] = percentile_interval(vals, level)
                 if mi:
-                    row.update(diff_vs_first=point[qd] - base[qd], diff_ci_low=float(torch.quantile(diff, lo_q)),
-                               diff_ci_high=float(torch.quantile(diff, hi_q)))  # fmt: skip
+                    row["diff_vs_first"] = point[qd] - base[qd]
+                    row["diff_ci_low"], row["diff_ci_high"] = percentile_interval(diff, level)
             rows.append(row)
     return rows
 

@@ -57,6 +57,7 @@ from ..models.io import shipped_checkpoints
 from ..models.resolve import resolve_model
 from ..modelutil import accuracy
 from ..runs import atomic_write_text, jsonable, save_png
+from ..stats import kendall, percentile_interval, resample_indices, spearman
 from ..store import model_hash
 from .landscape import landscape
 from .metric import DEFAULT_STEPS, clear_calibration_cache, robustness_metric
@@ -230,10 +231,7 @@ def landscape_readouts(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def _corr(method: str, a: np.ndarray, b: np.ndarray) -> float:
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return math.nan
-    r = stats.spearmanr(a, b) if method == "spearman" else stats.kendalltau(a, b)
-    return float(r.statistic)
+    return spearman(a, b) if method == "spearman" else kendall(a, b)
 
 
 def rank_correlations(
@@ -242,8 +240,7 @@ def rank_correlations(
     """Spearman and Kendall between −Ψ (psi_mean) and each accuracy column over the models, with
     95% percentile bootstrap intervals (models resampled with replacement)."""
     neg_psi = -np.array([float(r["psi_mean"]) for r in rows])
-    rng = np.random.default_rng(seed)
-    boots = [rng.integers(0, len(rows), len(rows)) for _ in range(n_boot)]
+    boots = resample_indices(len(rows), n_boot, seed)
     out: dict[str, dict[str, float]] = {}
     for col in columns:
         acc = np.array([float(r[col]) for r in rows])
@@ -251,9 +248,7 @@ def rank_correlations(
         for method in ("spearman", "kendall"):
             entry[method] = _corr(method, neg_psi, acc)
             vals = [_corr(method, neg_psi[i], acc[i]) for i in boots]
-            vals = [v for v in vals if not math.isnan(v)]
-            lo, hi = np.percentile(vals, [2.5, 97.5]) if vals else (math.nan, math.nan)
-            entry[f"{method}_low"], entry[f"{method}_high"] = float(lo), float(hi)
+            entry[f"{method}_low"], entry[f"{method}_high"] = percentile_interval(vals)
         entry["p_spearman"] = float(stats.spearmanr(neg_psi, acc).pvalue) if np.ptp(acc) > 0 else math.nan
         out[col] = entry
     return out

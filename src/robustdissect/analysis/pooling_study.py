@@ -47,15 +47,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..attacks import PGD
 from ..errors import UserError
-from ..evaluation import wilson_interval
 from ..modelutil import eval_mode
 from ..runs import atomic_write_text
+from ..stats import newcombe_interval, t_interval, wilson_interval
 from .diagnose import (
     DecoderBank,
     DecoderSettings,
@@ -239,27 +238,6 @@ METRICS: dict[str, Callable[[Mapping[str, Any]], float]] = {
     "V_soft_pooling_layers": lambda r: _pool_sum(r, "V_soft"),
 }
 CI_KEYS = {"pgd_accuracy": "pgd_ci", "clean_accuracy": "clean_ci"}
-
-
-def newcombe_interval(p1: float, ci1: Sequence[float], p2: float, ci2: Sequence[float]) -> tuple[float, float]:
-    """Newcombe's hybrid score interval for p1 − p2 from the two Wilson intervals (independent
-    samples; conservative when both were measured on the same images)."""
-    d = p1 - p2
-    lo = d - math.sqrt((p1 - ci1[0]) ** 2 + (ci2[1] - p2) ** 2)
-    hi = d + math.sqrt((ci1[1] - p1) ** 2 + (p2 - ci2[0]) ** 2)
-    return lo, hi
-
-
-def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): the t interval of the mean; (mean, nan, nan) with fewer than 2 values."""
-    from scipy import stats
-
-    d = np.asarray(values, dtype=np.float64)
-    mean = float(d.mean()) if d.size else math.nan
-    if d.size < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf((1 + level) / 2, d.size - 1)) * float(d.std(ddof=1)) / math.sqrt(d.size)
-    return mean, mean - half, mean + half
 
 
 def comparisons(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

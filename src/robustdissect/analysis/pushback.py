@@ -40,9 +40,9 @@ from torch import Tensor, nn
 
 from ..attacks import PGD
 from ..errors import UserError
-from ..evaluation import wilson_interval
 from ..modelutil import eval_mode, model_device
 from ..probe import record, spatial_reduce
+from ..stats import percentile_interval, resample_indices, wilson_interval
 from .features import balanced_usefulness, responses
 
 if TYPE_CHECKING:
@@ -370,8 +370,7 @@ def reliance_bootstrap(
         "boot_ablation": torch.zeros(0, dtype=torch.float64),
     }
     if resamples:
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randint(0, n, (resamples, n), generator=g)
+        idx = torch.from_numpy(resample_indices(n, resamples, seed, generator="torch"))
         ones = torch.ones(resamples, n, dtype=torch.float64)
         w = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, ones)  # (B, N) counts
         out["boot_phi"] = rs((w @ imp_phi) / n)
@@ -383,24 +382,16 @@ def reliance_bootstrap(
 def reliance_rows(estimates: Sequence[tuple[str, dict[str, Any]]], level: float = 0.95) -> list[dict[str, Any]]:
     """One row per model: RS (both importances) with percentile intervals and the paired
     difference to the first model with its interval (NaN without replicates)."""
-    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
-
-    def ci(v: Tensor) -> tuple[float, float]:
-        v = v[torch.isfinite(v)]
-        if not len(v):
-            return math.nan, math.nan
-        return float(torch.quantile(v, lo_q)), float(torch.quantile(v, hi_q))
-
     rows = []
     first = estimates[0][1] if estimates else {}
     for i, (name, est) in enumerate(estimates):
         row: dict[str, Any] = {"model": name}
         for imp in ("phi", "ablation"):
             boot = est[f"boot_{imp}"]
-            lo, hi = ci(boot)
+            lo, hi = percentile_interval(boot, level)
             row.update({f"rs_{imp}": est[f"rs_{imp}"], f"rs_{imp}_lo": lo, f"rs_{imp}_hi": hi})
             if i and len(boot) and len(boot) == len(first[f"boot_{imp}"]):
-                dlo, dhi = ci(boot - first[f"boot_{imp}"])
+                dlo, dhi = percentile_interval(boot - first[f"boot_{imp}"], level)
                 row.update({f"rs_{imp}_diff": est[f"rs_{imp}"] - first[f"rs_{imp}"], f"rs_{imp}_diff_lo": dlo,
                             f"rs_{imp}_diff_hi": dhi})  # fmt: skip
             else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Literal
 
@@ -16,6 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ..errors import UserError
+from ..stats import spearman
 
 __all__ = [
     "average_pairwise_similarity",
@@ -127,23 +127,6 @@ def total_jaccard(sets: Sequence[Iterable[Hashable]]) -> float:
     if not union:
         return 1.0
     return len(set.intersection(*ss)) / len(union)
-
-
-def spearman(a: ArrayLike, b: ArrayLike) -> float:
-    """Spearman's rank correlation (Eq. 6) with average ranks for ties (scipy.stats.spearmanr).
-
-    NaN when either input is constant (the coefficient is undefined)."""
-    from scipy.stats import spearmanr
-
-    xa, xb = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    if xa.shape != xb.shape:
-        raise UserError(f"spearman needs inputs of equal length, got {xa.size} and {xb.size}")
-    if xa.size < 2 or np.all(xa == xa[0]) or np.all(xb == xb[0]):
-        return math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = spearmanr(xa, xb)
-    return float(res.statistic)
 
 
 def rank_order(primary: ArrayLike, tie_break: ArrayLike | None = None) -> NDArray[np.int64]:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..evaluation import wilson_interval
+from ..stats import wilson_interval
 from .labels import ATTACK_LABELS, finite, pct, short_name, sig
 
 INTERVAL_NOTE = "numbers in brackets are 95% intervals"

@@ -43,11 +43,11 @@ from ..evaluation import (
     EvaluateOptions,
     build_attack,
     clean_predictions,
-    wilson_interval,
 )
 from ..pipeline import STAGES, Context, section
 from ..report import plots
 from ..runs import RunDir
+from ..stats import proportion_interval
 from ..training.studies import layer_study_figure, read_layer_study
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,8 @@ class CompareStageOptions:
 
 def _ci(correct: torch.Tensor) -> tuple[int, float, float, float]:
     """(n, accuracy, Wilson low, Wilson high) of a boolean vector (N,)."""
-    n, c = len(correct), int(correct.sum())
-    lo, hi = wilson_interval(c, n)
-    return n, (c / n if n else math.nan), lo, hi
+    n = len(correct)
+    return (n, *proportion_interval(int(correct.sum()), n))
 
 
 def _short(name: str) -> str:

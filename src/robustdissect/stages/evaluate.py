@@ -25,11 +25,11 @@ from ..evaluation import (
     perturbation_norms,
     settings_text,
     sweep_curves,
-    wilson_interval,
     worst_cases,
 )
 from ..pipeline import STAGES, Context, section
 from ..report import plots
+from ..stats import wilson_interval
 
 log = logging.getLogger(__name__)
 

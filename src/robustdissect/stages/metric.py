@@ -16,9 +16,9 @@ from ..analysis.metric import CALIBRATIONS, DEFAULT_STEPS, MetricResult, robustn
 from ..attacks import PGD, Attack
 from ..config import parse_eps, stage_options
 from ..errors import UserError
-from ..evaluation import wilson_interval
 from ..pipeline import STAGES, Context, section
 from ..resources import shipped_result
+from ..stats import wilson_interval
 
 log = logging.getLogger(__name__)
 

@@ -43,11 +43,11 @@ from ..analysis.pushback import (
 from ..attacks import PGD
 from ..config import parse_eps
 from ..errors import UserError
-from ..evaluation import wilson_interval
 from ..models import shipped_checkpoints
 from ..models.resolve import resolve_model
 from ..pipeline import STAGES, AnalysisUnavailable, Context, retrain_hint, section
 from ..resources import shipped_result
+from ..stats import wilson_interval
 
 log = logging.getLogger(__name__)
 
