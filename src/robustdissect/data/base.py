@@ -1,19 +1,25 @@
-"""In-memory image datasets: float32 NCHW images in [0, 1] with integer labels."""
+"""Image datasets: float32 NCHW images in [0, 1] with integer labels, held in memory or read
+lazily (`LazyImages`: files decoded per batch, stored as uint8)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 
 from ..errors import UserError
 from ..registry import Registry
+from .lazy import LazyImages
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a dataset. `x`: (N, C, H, W) float32 in [0, 1]; `y`: (N,) int64."""
+    """One split of a dataset. `x`: (N, C, H, W) float32 in [0, 1]; `y`: (N,) int64.
+
+    `x` is a tensor, or a `LazyImages` view for data read from files: it indexes like a tensor
+    (`x[:n]`, `x[idx]` decode and return only those images), so the stages need not know."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -21,21 +27,56 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @staticmethod
+    def lazy(x: LazyImages, y: torch.Tensor) -> Split:
+        """A split over lazily read images."""
+        if len(x) != y.shape[0]:
+            raise ValueError(f"{len(x)} images but {y.shape[0]} labels")
+        return Split(cast(torch.Tensor, x), y)
+
+    @property
+    def is_lazy(self) -> bool:
+        return isinstance(self.x, LazyImages)
+
+    def take(self, idx: torch.Tensor | slice) -> Split:
+        """The images `idx` selects (in that order); lazy stays lazy (nothing decoded)."""
+        x: Any = self.x
+        if isinstance(x, LazyImages):
+            return Split.lazy(x.view(idx), self.y[idx])
+        return Split(x[idx], self.y[idx])
+
+    def materialized(self) -> Split:
+        """The same split with its images in memory (float32); an in-memory split as is."""
+        x: Any = self.x
+        return Split(x.materialize(), self.y) if isinstance(x, LazyImages) else self
+
     def subset(self, n: int | None, seed: int = 0) -> Split:
-        """The first `n` images of a seeded permutation (all of them when n is None)."""
+        """The first `n` images of a seeded permutation (all of them when n is None); a subset
+        is for analysis, so lazily read images are decoded (only those n)."""
         if n is None or n >= len(self):
             return self
         if n <= 0:
             raise UserError(f"--n must be positive, got {n}")
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self), generator=g)[:n].sort().values
-        return Split(self.x[idx], self.y[idx])
+        return self.take(idx).materialized()
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (x, y) mini-batches; a given generator makes the order reproducible."""
+        """Yield (x, y) mini-batches; a given generator makes the order reproducible. A lazy
+        split streams through a DataLoader (workers and pinned memory when `device` is CUDA)."""
         order = torch.randperm(len(self), generator=generator) if shuffle else None
+        x: Any = self.x
+        if isinstance(x, LazyImages):
+            view = x.view(order) if order is not None else x
+            ys = self.y[order] if order is not None else self.y
+            start = 0
+            for xb in view.batches(batch_size, device=device):
+                yield xb, ys[start : start + xb.shape[0]]
+                start += xb.shape[0]
+            return
         for start in range(0, len(self), batch_size):
             if order is None:
                 yield self.x[start : start + batch_size], self.y[start : start + batch_size]
@@ -72,18 +113,40 @@ class Dataset:
         return split
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the training split (for the model's Normalize)."""
-        x = self.train.x
+        """Per-channel mean and std of the training split (for the model's Normalize); a lazy
+        split is streamed (float64 sums), not loaded."""
+        x: Any = self.train.x
+        if isinstance(x, LazyImages):
+            return _streamed_stats(x)
         mean = x.mean(dim=(0, 2, 3))
         std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
         return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
+def _streamed_stats(x: LazyImages, batch_size: int = 256) -> tuple[list[float], list[float]]:
+    c = x.shape[1]
+    total, sq, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
+    for xb in x.batches(batch_size):
+        xd = xb.double()
+        total += xd.sum(dim=(0, 2, 3))
+        sq += (xd * xd).sum(dim=(0, 2, 3))
+        count += xb.shape[0] * xb.shape[2] * xb.shape[3]
+    mean = total / max(count, 1)
+    var = (sq - count * mean * mean) / max(count - 1, 1)  # unbiased, as Tensor.std
+    std = var.clamp_min(0).sqrt().clamp_min(1e-6)
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
 
 
 DATASETS: Registry[object] = Registry("dataset")
 
 
 def validate_images(x: torch.Tensor, y: torch.Tensor, where: str) -> None:
-    """Refuse NaN/inf, values outside [0, 1], wrong rank and label/image count mismatches."""
+    """Refuse NaN/inf, values outside [0, 1], wrong rank and label/image count mismatches. Lazy
+    images (decoded from 8-bit files: in range by construction) are checked for shape only."""
+    if isinstance(x, LazyImages):
+        if y.ndim != 1 or y.shape[0] != len(x):
+            raise UserError(f"{where}: {len(x)} images but labels of shape {tuple(y.shape)}")
+        return
     if x.ndim != 4:
         raise UserError(f"{where}: images must have shape (N, C, H, W), got {tuple(x.shape)}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
@@ -108,4 +171,5 @@ def split_train_val(x: torch.Tensor, y: torch.Tensor, val_size: int, seed: int =
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
-    return Split(x[train_idx], y[train_idx]), Split(x[val_idx], y[val_idx])
+    whole = Split(x, y)
+    return whole.take(train_idx), whole.take(val_idx)

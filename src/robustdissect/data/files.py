@@ -5,43 +5,22 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from ..errors import UserError
 from .base import DATASETS, Dataset, Split, split_train_val, validate_images
+from .lazy import ArraySource, FileSource, LazyImages, image_header
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 MAX_CLASSES = 100_000
-
-
-def _open_image(f: Path, size: int | None, grayscale: bool) -> np.ndarray:
-    """Decode one image file to uint8 (H, W) or (H, W, 3); Pillow's decompression-bomb limit
-    (a warning above MAX_IMAGE_PIXELS, an error above twice that) is a UserError."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(f) as raw:
-                im = raw.convert("L" if grayscale else "RGB")
-                if size is not None:
-                    im = im.resize((size, size), Image.Resampling.BILINEAR)
-                return np.asarray(im, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(
-            f"{f} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); resize it first"
-        ) from None
-    except Exception as e:  # any undecodable file is the user's data problem
-        raise UserError(f"cannot read image {f}: {' '.join(str(e).split())[:200]}") from None
 
 
 def _listdir(directory: Path) -> list[Path]:
@@ -51,49 +30,109 @@ def _listdir(directory: Path) -> list[Path]:
         raise UserError(f"cannot list {directory}: {e.strerror}") from None
 
 
-def _read_folder(directory: Path, size: int | None, grayscale: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _list_folder(directory: Path) -> tuple[list[Path], list[int], list[str]]:
+    """The image files of DIR/<class>/<image> in sorted order, their labels and the classes."""
     classes = [p.name for p in _listdir(directory) if p.is_dir()]
     if not classes:
         raise UserError(f"{directory} has no class sub-folders (expected DIR/<class>/<image>)")
-    images: list[np.ndarray] = []
+    files: list[Path] = []
     labels: list[int] = []
-    shape: tuple[int, ...] | None = None
     for label, cls in enumerate(classes):
         for f in _listdir(directory / cls):
-            if f.suffix.lower() not in _IMAGE_SUFFIXES or not f.is_file():
-                continue
-            a = _open_image(f, size, grayscale)
-            if shape is None:
-                shape = a.shape
-            elif a.shape != shape:
-                raise UserError(f"{f} has size {a.shape}, others {shape}; pass --image-size to resize all images")
-            images.append(a)
-            labels.append(label)
-    if not images:
+            if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file():
+                files.append(f)
+                labels.append(label)
+    if not files:
         raise UserError(f"no images found under {directory}")
-    x = torch.from_numpy(np.stack(images).astype(np.float32) / 255.0)
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
-    return x, torch.tensor(labels, dtype=torch.int64), classes
+    return files, labels, classes
 
 
-@DATASETS.register("image-folder", "class sub-folders of images: DIR/train/<class>/*, DIR/test/<class>/*")
+@dataclass(frozen=True)
+class FolderTransform:
+    """The evaluation transform of image files: grayscale or RGB, the shorter side resized to
+    `resize`, then a centred `crop` x `crop` square (each optional)."""
+
+    grayscale: bool = False
+    resize: int | None = None
+    crop: int | None = None
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of a `width` x `height` image after the transform."""
+        if self.resize is not None and min(width, height) != self.resize:
+            width, height = (
+                (self.resize, max(1, int(self.resize * height / width)))
+                if width <= height
+                else (max(1, int(self.resize * width / height)), self.resize)
+            )
+        if self.crop is not None:
+            if self.crop > width or self.crop > height:
+                raise UserError(f"cannot centre-crop {self.crop}x{self.crop} from a {width}x{height} image; "
+                                "give a resize of at least the crop")  # fmt: skip
+            return self.crop, self.crop
+        return width, height
+
+
+def _folder_source(directory: Path, tf: FolderTransform) -> tuple[FileSource, torch.Tensor, list[str]]:
+    """The folder's images as a lazily decoded source, after reading every file's header (so a
+    bomb, an unreadable file or a size mismatch is refused before any work)."""
+    files, labels, classes = _list_folder(directory)
+    size: tuple[int, int] | None = None
+    first: Path | None = None
+    for f in files:
+        out = tf.output_size(*image_header(f))
+        if size is None:
+            size, first = out, f
+        elif out != size:
+            raise UserError(
+                f"{f} has size {out[0]}x{out[1]}, {first} {size[0]}x{size[1]}; pass --image-size to resize all images"
+            )
+    assert size is not None
+    shape = (1 if tf.grayscale else 3, size[1], size[0])
+    source = FileSource(files, shape, tf.grayscale, tf.resize, tf.crop)
+    return source, torch.tensor(labels, dtype=torch.int64), classes
+
+
+def _read_folder(directory: Path, tf: FolderTransform, lazy: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    source, y, classes = _folder_source(directory, tf)
+    images = LazyImages(source)
+    return (cast(torch.Tensor, images) if lazy else images.read(images.indices)), y, classes
+
+
+def _size_option(name: str, value: Any) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096):
+        raise UserError(f"{name} must be an integer in [1, 4096], got {value!r}")
+    return value
+
+
+@DATASETS.register(
+    "image-folder", "class sub-folders of images: DIR/train/<class>/*, DIR/test/<class>/* (read lazily; "
+    "image_size S: shorter side to S and a centred SxS crop, or resize / crop separately)"
+)
 def image_folder(
-    data_dir: str | None = None, seed: int = 0, image_size: int | None = None, grayscale: bool = False
+    data_dir: str | None = None, seed: int = 0, image_size: int | None = None, grayscale: bool = False,
+    resize: int | None = None, crop: int | None = None, lazy: bool = True,
 ) -> Dataset:
+    """Images are decoded per batch (uint8 until then) unless `lazy` is False."""
     if data_dir is None:
         raise UserError("image-folder needs --data-dir")
-    if image_size is not None and (not isinstance(image_size, int) or not 1 <= image_size <= 4096):
-        raise UserError(f"image_size must be an integer in [1, 4096], got {image_size!r}")
+    image_size = _size_option("image_size", image_size)
+    resize, crop = _size_option("resize", resize), _size_option("crop", crop)
+    if image_size is not None:
+        resize, crop = resize or image_size, crop or image_size
+    tf = FolderTransform(bool(grayscale), resize, crop)
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"data directory {root} does not exist")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        xtr, ytr, classes = _read_folder(root / "train", image_size, grayscale)
-        xte, yte, test_classes = _read_folder(root / "test", image_size, grayscale)
+        xtr, ytr, classes = _read_folder(root / "train", tf, lazy)
+        xte, yte, test_classes = _read_folder(root / "test", tf, lazy)
         if test_classes != classes:
             raise UserError(f"{root}: train and test class folders differ")
+        if tuple(xte.shape[1:]) != tuple(xtr.shape[1:]):
+            raise UserError(f"{root}: test images are {tuple(xte.shape[1:])}, train images {tuple(xtr.shape[1:])}; "
+                            "pass --image-size to resize all images")  # fmt: skip
     else:  # one folder: hold out a seeded 20% as test
-        x, y, classes = _read_folder(root, image_size, grayscale)
+        x, y, classes = _read_folder(root, tf, lazy)
         xtr, ytr, xte, yte = _hold_out(x, y, seed, str(root))
     train, val = split_train_val(xtr, ytr, val_size=max(1, len(ytr) // 10), seed=seed)
     return Dataset("image-folder", tuple(classes), train, val, Split(xte, yte), source=str(root))
@@ -263,8 +302,8 @@ def _short(e: BaseException) -> str:
 def _npz_split(x: np.ndarray, y: np.ndarray, xkey: str, ykey: str, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if x.ndim not in (3, 4):
         raise UserError(f"{path}: '{xkey}' must have shape (N, C, H, W), (N, H, W, C) or (N, H, W), got {x.shape}")
-    if x.dtype == np.uint8:
-        xt = torch.from_numpy(x.astype(np.float32) / 255.0)
+    if x.dtype == np.uint8:  # kept as uint8, converted per batch (a quarter of the memory)
+        xt = torch.from_numpy(np.ascontiguousarray(x))
     elif np.issubdtype(x.dtype, np.floating):
         with np.errstate(over="ignore", invalid="ignore"):
             xt = torch.from_numpy(x.astype(np.float32))
@@ -281,6 +320,10 @@ def _npz_split(x: np.ndarray, y: np.ndarray, xkey: str, ykey: str, path: Path) -
     if y.ndim == 1 and y.size and (int(y.max()) >= MAX_CLASSES or int(y.min()) < 0):
         raise UserError(f"{path}: labels in '{ykey}' must lie in [0, {MAX_CLASSES}), found [{y.min()}, {y.max()}]")
     yt = torch.from_numpy(y.astype(np.int64))
+    if xt.dtype == torch.uint8:
+        if xt.ndim != 4:
+            raise UserError(f"{path}: '{xkey}' must have shape (N, C, H, W), got {tuple(xt.shape)}")
+        xt = cast(torch.Tensor, LazyImages(ArraySource(xt)))
     validate_images(xt, yt, f"{path}[{xkey}]")
     return xt, yt
 
