@@ -81,7 +81,8 @@ def test_percentile_interval_and_resamples() -> None:
     # each row is the next draw of the seeded generator (rows do not depend on how many are drawn)
     assert np.array_equal(resample_indices(17, 2, seed=3), a[:2])
     g = torch.Generator().manual_seed(3)
-    assert np.array_equal(resample_indices(17, 5, seed=3, generator="torch"), torch.randint(0, 17, (5, 17), generator=g))
+    drawn = torch.randint(0, 17, (5, 17), generator=g)
+    assert np.array_equal(resample_indices(17, 5, seed=3, generator="torch"), drawn)
     assert resample_indices(4, 0, seed=0).shape == (0, 4)
 
 
