@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from robustdissect.analysis.features import responses
 from robustdissect.analysis.pushback import UnitSets, back_perturb
-from robustdissect.data.robust_data import match_representation
 from robustdissect.models import load_checkpoint
+from robustdissect.training.robust_data import match_representation
 
 LAYERS = [f"conv{i}" for i in range(1, 7)]
 

@@ -326,11 +326,9 @@ def _summary(obj: Any) -> str:
 def generate() -> str:
     """The text of docs/config.md."""
     from robustdissect.config import DEFAULT_STAGES, RunConfig
-    from robustdissect.pipeline import STAGES, load_stages
+    from robustdissect.pipeline import STAGES
     from robustdissect.training.loop import TrainConfig
     from robustdissect.training.objectives import OBJECTIVES
-
-    load_stages()
     lines = [
         "# Configuration reference",
         "",

@@ -293,7 +293,7 @@ def test_pnas_thresholds_are_taken_after_upsampling() -> None:
 
 
 def test_fragility_figure_takes_wilson_bounds_rounded_inside_the_share() -> None:
-    from robustdissect.analysis.plots_concepts import plot_fragility
+    from robustdissect.report.plots_concepts import plot_fragility
 
     row = {"model": "m", "category": "class", "concept": "Bag", "units": 3, "nru": 3, "fragility": 1.1,
            "fragility_se": float("nan"), "nru_share": 1.0, "nru_low": 0.44, "nru_high": 1.0 - 1e-12}  # fmt: skip

@@ -149,9 +149,8 @@ def test_decoder_losses_are_the_methods_squared_norms(reduction: str) -> None:
 
 def test_decoders_are_the_default_inverter_and_the_default_run_inverts_by_optimisation() -> None:
     from robustdissect.config import RunConfig
-    from robustdissect.pipeline import load_stages, stage_settings
+    from robustdissect.pipeline import stage_settings
 
-    load_stages()
     assert stage_settings("diagnose", RunConfig(quick=False)).inverter == "decoder"
     assert stage_settings("diagnose", RunConfig(quick=True)).inverter == "optim"
     assert stage_settings("diagnose", RunConfig(quick=True, stages={"diagnose": {"inverter": "decoder"}})).inverter \

@@ -47,9 +47,8 @@ def _table_keys(text: str, heading: str) -> dict[str, list[str]]:
 
 def test_every_key_of_every_option_class_is_listed_with_type_default_and_meaning(config_doc: ModuleType) -> None:
     from robustdissect.config import RunConfig
-    from robustdissect.pipeline import STAGES, load_stages
+    from robustdissect.pipeline import STAGES
 
-    load_stages()
     text = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
     sections = {"## Run config (top level)": RunConfig}
     for entry in STAGES:

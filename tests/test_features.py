@@ -271,8 +271,8 @@ def test_stage_end_to_end(tmp_path: Path, fmnist) -> None:
 
 
 def test_feature_scores_is_computed_once_per_run(tmp_path: Path, fmnist) -> None:
-    from robustdissect.analysis.features import feature_scores, stage_feature_options
     from robustdissect.pipeline import Context, prepare
+    from robustdissect.stages.common import feature_scores, stage_feature_options
     from robustdissect.store import EvidenceStore
 
     opts = {**TINY.__dict__, "n": 40, "candidates_per_bin": 0, "compare": []}
@@ -307,7 +307,8 @@ def test_cli_refuses_bad_input_before_any_work(tmp_path: Path, cli) -> None:
 def test_joining_stages_get_reduced_budgets_without_a_features_stage() -> None:
     from types import SimpleNamespace
 
-    from robustdissect.analysis.features import QUICK_FEATURES, stage_feature_options
+    from robustdissect.analysis.features import QUICK_FEATURES
+    from robustdissect.stages.common import stage_feature_options
 
     for quick in (True, False):
         ctx = SimpleNamespace(config=RunConfig(quick=quick, stages={"overview": {}}))

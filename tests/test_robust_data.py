@@ -12,16 +12,16 @@ from scipy import stats
 from torch import nn
 
 from robustdissect.data import load_dataset
-from robustdissect.data.robust_data import (
+from robustdissect.data.robust_data import load_robust_data
+from robustdissect.errors import UserError
+from robustdissect.training.robust_data import (
     RobustDataSettings,
     build,
     draw_targets,
-    load_robust_data,
     match_representation,
     representation_batch_fn,
     targeted_batch_fn,
 )
-from robustdissect.errors import UserError
 
 
 class IdentityRep(nn.Module):
@@ -124,8 +124,8 @@ def test_selective_variant_matches_the_robust_units_only() -> None:
     from conftest import TinyNet
 
     from robustdissect.analysis.pushback import UnitSets
-    from robustdissect.data.robust_data import _selective_fn
     from robustdissect.probe import spatial_reduce
+    from robustdissect.training.robust_data import _selective_fn
 
     torch.manual_seed(0)
     net = TinyNet().eval()

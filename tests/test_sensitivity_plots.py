@@ -10,10 +10,10 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from robustdissect.analysis import plots_sensitivity as P
 from robustdissect.analysis.roi import regions_of_interest
 from robustdissect.analysis.sensitivity import neuron_sensitivity, sigma_profiles
 from robustdissect.models import build_model
+from robustdissect.report import plots_sensitivity as P
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from .analysis import plots_concepts, plots_diagnose, plots_features, plots_metric, plots_sensitivity
 from .analysis.concepts import ConceptDissection, dissect, generated_concepts
 from .analysis.diagnose import Diagnosis, InversionSettings, OptimisationInverter, diagnosis_layers, layer_sigma_ratio
 from .analysis.diagnose import diagnose as _diagnose
@@ -59,6 +58,7 @@ from .evaluation import (
 from .models import default_conv_layers
 from .modelutil import model_device, predict
 from .report import plots as report_plots
+from .report import plots_concepts, plots_diagnose, plots_features, plots_metric, plots_sensitivity
 
 __all__ = [
     "ConceptsReport", "DiagnoseReport", "EvaluateReport", "FeaturesReport", "LandscapeReport", "MetricReport",

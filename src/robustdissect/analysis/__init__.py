@@ -1,5 +1,5 @@
-"""Analyses of trained classifiers. Figure helpers (matplotlib) live in submodules named
-`plots_*` and are not imported here."""
+"""Analyses of trained classifiers: pure functions from a model and tensors (or a loader) to
+typed results. Their figures are drawn in `report.plots_*`."""
 
 from .importance import (
     ImportanceResult,

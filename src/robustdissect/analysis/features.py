@@ -31,16 +31,11 @@ raw magnitude, so rescaling one layer changes nothing.
 
 Entry points:
 
-    feature_scores(ctx, model=None, options=None) -> FeatureScores
-        The one memoized entry point for stages (features, concepts, ...): the same
-        (model weights, analysed images, options) is computed once per run
-        (`ctx.store.memo("features", ...)`), every adversarial example comes from `ctx.attack`
-        (model-level PGD and FGSM with the evaluate stage's settings, so they are store hits).
-        options: a `FeatureOptions`; None = the `features` stage's options of this run (its
-        budget profile applied), so any stage gets the result the features stage reports.
-
     score_features(model, x, y, x_ref, layers, options, ...) -> FeatureScores
-        The same computation without a run directory (tests, notebooks).
+        The dissection of one model on images x (N, C, H, W) with labels y (N,) against clean
+        reference images x_ref; `model_attacks` / `run_attack` choose the attacks and how they
+        run (the stages' memoized `stages.common.feature_scores(ctx)` routes them through the
+        run's evidence store).
 
 `FeatureScores` holds per-unit tensors (layer, unit, ρ, c*, γ, r, s, q̄, φ̄, quadrant, ...),
 per-sample tensors (f clean / worst low / worst high / under PGD, q, φ; (N, U)) for bootstraps,
@@ -56,20 +51,18 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..attacks import PGD, Attack
+from ..config import parse_eps
 from ..errors import UserError
+from ..evaluation import EvaluateOptions, build_attack
 from ..modelutil import eval_mode, model_device
 from ..probe import Welford, record, spatial_reduce
 from ..stats import percentile_interval, resample_indices
-
-if TYPE_CHECKING:
-    from ..evaluation import EvaluateOptions
-    from ..pipeline import Context
 
 log = logging.getLogger(__name__)
 
@@ -804,97 +797,8 @@ def _fixed_tau_s(res: FeatureScores) -> float | None:
     return None if tau is None else float(tau)
 
 
-# --------------------------------------------------------------------------------------------
-# the memoized entry point for stages
-
-
-def stage_feature_options(ctx: Context) -> FeatureOptions:
-    """The `features` stage's options of this run (profile applied); when the run has no `features`
-    stage, the reduced budgets whatever the profile: a stage that only joins the quadrants (e.g.
-    `concepts` alone) should not start the full per-unit attack budget (hours on a CPU); add a
-    `features` stage with its options to choose them."""
-    from ..config import stage_options
-    from ..pipeline import STAGES, load_stages, stage_settings
-
-    load_stages()
-    if "features" in ctx.config.stages and "features" in STAGES:
-        return stage_settings("features", ctx.config)
-    return stage_options(FeatureOptions, dict(QUICK_FEATURES), "features")
-
-
-def model_level_attacks(ctx: Context, eps: float) -> list[Attack]:
-    """Model-level PGD and FGSM with the evaluate stage's settings of this run (ε replaced by the
-    features' ε when they differ), so the examples are store hits when evaluate ran on the same
-    images."""
-    from ..config import stage_options
-    from ..evaluation import EvaluateOptions
-    from ..pipeline import stage_settings
-
-    if "evaluate" in ctx.config.stages:
-        eopts: EvaluateOptions = stage_settings("evaluate", ctx.config)
-    else:
-        eopts = stage_options(EvaluateOptions, {}, "evaluate")
-    return evaluation_attacks(eopts, eps, ctx.config.seed)
-
-
 def evaluation_attacks(eopts: EvaluateOptions, eps: float, seed: int) -> list[Attack]:
     """The model-level attack set: the evaluation's L-inf PGD and FGSM under `eopts`, at ε `eps`."""
-    from ..config import parse_eps
-    from ..evaluation import build_attack
-
     if parse_eps(eopts.eps) != eps:
         eopts = dataclasses.replace(eopts, eps=eps)
     return [build_attack("pgd-linf", eopts, seed), build_attack("fgsm", eopts, seed)]
-
-
-def feature_scores(
-    ctx: Context,
-    model: nn.Module | None = None,
-    options: FeatureOptions | None = None,
-    model_name: str | None = None,
-) -> FeatureScores:
-    """The feature dissection of `model` (default the run's model) on the run's analysed images
-    (the first `options.n`), computed once per run: memoized under (model weights, image set,
-    options), every adversarial example through `ctx.attack` (the evidence store)."""
-    from ..config import parse_eps
-    from ..models import default_conv_layers
-
-    m = model if model is not None else ctx.model
-    opts = options or stage_feature_options(ctx)
-    split = ctx.split
-    n = len(split) if opts.n is None else min(opts.n, len(split))
-    x, y = split.x[:n], split.y[:n]
-    index = torch.arange(n)
-    layers = list(opts.layers) if opts.layers else default_conv_layers(m, "conv", x[:1])
-    if not layers:
-        from ..pipeline import AnalysisUnavailable
-
-        raise AnalysisUnavailable("the model has no conv layer with channels that can be hooked once per forward")
-    seed = ctx.config.seed
-    opt_parts = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("compare",)}
-    parts = {"model": ctx.store.model_hash(m), "images": ctx.images_id, "n": n, "layers": layers,
-             "options": opt_parts, "seed": seed}  # fmt: skip
-    eps = parse_eps(opts.eps)
-    name = model_name or (ctx.label if m is ctx.model else type(m).__name__)
-
-    def compute() -> FeatureScores:
-        ref_split = ctx.data.train.subset(opts.reference_n, seed=seed)
-        attacks = model_level_attacks(ctx, eps)
-        outcome_key: dict[str, Any] = {}
-
-        def run(attack: Attack, xx: Tensor, yy: Tensor) -> Tensor:
-            out = ctx.attack(attack, xx, yy, index, model=m)
-            if attack is attacks[0]:
-                outcome_key["pgd"] = out
-            return out.x_adv
-
-        def sigma(_x_adv: Tensor) -> Tensor:
-            res = ctx.sensitivity(outcome_key["pgd"], x, layers, model=m, batch_size=opts.batch_size)
-            return torch.cat([torch.as_tensor(res.layers[ln].sigma, dtype=torch.float32) for ln in layers])
-
-        return score_features(
-            m, x, y, ref_split.x, layers, opts, model_attacks=attacks, run_attack=run,
-            num_classes=len(ctx.data.classes), seed=seed, model_name=name, sigma_fn=sigma,
-        )  # fmt: skip
-
-    return ctx.store.memo("features", parts, compute)

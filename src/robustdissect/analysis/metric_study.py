@@ -355,7 +355,7 @@ def run_study(models: Sequence[str], out: Path, data: Dataset, n: int, restarts:
               psi_steps: int = DEFAULT_STEPS) -> dict[str, Any]:  # fmt: skip
     """Evaluate every model (rows cached in out/models/<name>.json with their settings; a row
     whose settings differ is recomputed) and write yu1.json, yu1.csv and yu1_scatter.png."""
-    from .plots_metric import study_scatter
+    from ..report.plots_metric import study_scatter
 
     check_models(models)
     test = data.test.subset(n, seed=seed)

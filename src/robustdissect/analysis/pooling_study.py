@@ -526,8 +526,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
     atomic_write_text(a.out / "study.json", json.dumps(study, indent=1))
+    from ..report.plots_diagnose import pooling_comparison
     from ..runs import save_png
-    from .plots_diagnose import pooling_comparison
 
     save_png(pooling_comparison(study), a.out / "ig1.png")
     print(study["note"])

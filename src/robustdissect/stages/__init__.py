@@ -1,6 +1,5 @@
-"""Pipeline stages; importing this package registers them in `pipeline.STAGES`."""
+"""Pipeline stages; importing this package registers them in `STAGES` (`stages.base`)."""
 
-from ..pipeline import STAGES
 from . import (  # noqa: F401
     compare,
     concepts,
@@ -14,5 +13,6 @@ from . import (  # noqa: F401
     pushback,
     sensitivity,
 )
+from .base import STAGES
 
 __all__ = ["STAGES"]

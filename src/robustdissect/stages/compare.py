@@ -44,11 +44,11 @@ from ..evaluation import (
     build_attack,
     clean_predictions,
 )
-from ..pipeline import STAGES, Context, section
 from ..report import plots
 from ..runs import RunDir
 from ..stats import proportion_interval
 from ..training.studies import layer_study_figure, read_layer_study
+from .base import STAGES, Context, section
 
 log = logging.getLogger(__name__)
 

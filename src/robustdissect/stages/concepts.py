@@ -21,14 +21,7 @@ from ..analysis.concepts import (
     grad_cam,
     unit_masks,
 )
-from ..analysis.plots_concepts import (
-    GradCamPanel,
-    UnitPanel,
-    plot_fragility,
-    plot_gradcam,
-    plot_label_counts,
-    plot_unit_images,
-)
+from ..analysis.features import responses, stratified_select
 from ..attacks import make_attack
 from ..config import parse_eps, stage_options
 from ..data.concepts import (
@@ -42,8 +35,17 @@ from ..errors import UserError
 from ..evaluation import attack_evidence
 from ..models import default_conv_layers
 from ..modelutil import predict
-from ..pipeline import STAGES, AnalysisUnavailable, Context, section, stage_settings
+from ..report.plots_concepts import (
+    GradCamPanel,
+    UnitPanel,
+    plot_fragility,
+    plot_gradcam,
+    plot_label_counts,
+    plot_unit_images,
+)
 from ..runs import SectionArtefacts
+from .base import STAGES, AnalysisUnavailable, Context, section, stage_settings
+from .common import feature_scores, model_level_attacks, stage_feature_options
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +139,6 @@ def _layers(ctx: Context, opts: ConceptsOptions) -> tuple[bool, Any, list[str]]:
     join = opts.join if opts.join is not None else "features" in ctx.config.stages
     fopts = None
     if join and not opts.layers:
-        from ..analysis.features import stage_feature_options
-
         fopts = stage_feature_options(ctx)
     layers = list(opts.layers or (fopts.layers if fopts is not None and fopts.layers else [])) or default_conv_layers(
         ctx.model, "conv", ctx.split.x[:1]
@@ -296,8 +296,6 @@ def _join(
 ) -> list[ConceptFragility]:  # fmt: skip
     """Feature scores (memoized: hits when the features stage ran) and dissection of the run's
     model and the comparison checkpoints, joined per unit."""
-    from ..analysis.features import feature_scores, stage_feature_options
-
     fo = fopts or stage_feature_options(ctx)
     scored = list(fo.layers) if fo.layers else default_conv_layers(ctx.model, "conv", ctx.split.x[:1])
     if scored != layers:
@@ -364,13 +362,6 @@ def _gradcam_panels(
 ) -> list[GradCamPanel]:
     """The first analysed images: Grad-CAM of the predicted class, clean and under the model-level
     PGD the features used (a store hit), with the concepts and quadrants of the top-q units."""
-    from ..analysis.features import (
-        feature_scores,
-        model_level_attacks,
-        responses,
-        stage_feature_options,
-        stratified_select,
-    )
 
     fo = fopts or stage_feature_options(ctx)
     scores = feature_scores(ctx, options=fo, model_name=ctx.label)

@@ -1,12 +1,14 @@
 """Stage `diagnose`: layer diagnosis (METHODS §1) of the run's model: per layer V_l, V_l^soft (read
 by an independent judge), IL_l, d_l and A_l beside σ_Ratio, the explanation strips E_0(x′) … E_L(x′)
 beside the clean strip, Spearman(IL_l, V_l) with a bootstrap interval, and the IG-1 pooling study
-when one has been run (`python -m robustdissect.analysis.pooling_study`)."""
+when one has been run (`python -m robustdissect.studies.ig1`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,9 @@ from ..analysis.diagnose import (
 from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack
-from ..pipeline import STAGES, AnalysisUnavailable, Context, Prepared, check_model_name, section, stage_settings
+from ..report.plots_diagnose import layer_bars, pooling_comparison, strips
 from ..resources import shipped_result
+from .base import STAGES, AnalysisUnavailable, Context, Prepared, check_model_name, section, stage_settings
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +141,37 @@ def _judge(ctx: Context, option: str | None) -> tuple[nn.Module, str, list[str],
     return got[0], wanted if wanted in ctx.compared else Path(wanted).stem, [], True
 
 
+def describe_settings(settings: Mapping[str, Any]) -> str:
+    """The reconstructed choices a study used, in words (for the report and the closing note)."""
+    inv = settings.get("inverter") or {}
+    eps = ", ".join(f"{e:g}" for e in settings.get("eps", []))
+    if inv.get("method") == "optim":
+        how = (f"optimisation inversion ({inv.get('steps')} Adam steps, lr {inv.get('lr')}, μ = {inv.get('tv')}, "
+               "from the mean image)")  # fmt: skip
+    else:
+        how = (f"GAN-free decoders G_l trained on {inv.get('train_images')} clean training images ({inv.get('epochs')} "
+               f"epochs, batches of {inv.get('batch_size')}, losses λ_img/λ_feat/λ_cls = {inv.get('lambda_img')}/"
+               f"{inv.get('lambda_feat')}/{inv.get('lambda_cls')}, squared norms: {inv.get('reduction')})")  # fmt: skip
+    return (f"L∞ PGD-{settings.get('steps')} at ε = {eps} (α = {settings.get('alpha')}, random start) on the first "
+            f"{settings.get('n')} test images; the diagnosis on the first {settings.get('diag_n')} of them, "
+            f"explanations by {how}, read by the judge {settings.get('judge')}; Spearman intervals from "
+            f"{settings.get('resamples')} bootstrap resamples")  # fmt: skip
+
+
+def read_study(folder: str | Path) -> dict[str, Any]:
+    """The IG-1 study that `python -m robustdissect.studies.ig1` wrote into `folder` (its study.json)."""
+    path = Path(folder) / "study.json"
+    if not path.is_file():
+        raise UserError(f"no IG-1 study in {folder} (missing study.json); run python -m robustdissect.studies.ig1")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or "models" not in data or "differences" not in data:
+        raise UserError(f"{path} is not an IG-1 study")
+    return data
+
+
 def load_study(option: str | None, ctx: Context | None = None) -> dict[str, Any] | None:
     """The IG-1 study in the folder `option`, or (None) the one shipped in the package when the
     run analyses a shipped Fashion-MNIST model on its own data (`ctx`; any run without one)."""
-    from ..analysis.pooling_study import read_study
-
     if option is not None:
         return read_study(option)
     return shipped_result(SHIPPED_STUDY) if ctx is None or ctx.builtin_reference else None
@@ -151,8 +180,6 @@ def load_study(option: str | None, ctx: Context | None = None) -> dict[str, Any]
 def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[str, Any]],
                  figures: list[dict[str, str]], warnings: list[str]) -> dict[str, Any] | None:  # fmt: skip
     """Tables and the figure of the IG-1 study `study` (None: a warning); its summary, or None."""
-    from ..analysis.plots_diagnose import pooling_comparison
-
     if study is None:
         return None
     nested = ("layers", "settings", "train_config")
@@ -182,8 +209,6 @@ def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[s
     figures.append({"file": "figures/diagnose_ig1.png",
                     "caption": appendix + "PGD accuracy per pooling (bars and dots: short-schedule training seeds; "
                                "diamonds: shipped checkpoints); IL_l and V_l^soft per layer"})  # fmt: skip
-    from ..analysis.pooling_study import describe_settings
-
     used = describe_settings(study["settings"])
     return {"settings": study["settings"], "differences": study["differences"], "used": used,
             "note": f"{study.get('note', '')} (IG-1 settings: {used}.)"}  # fmt: skip
@@ -192,8 +217,6 @@ def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[s
 @STAGES.register("diagnose", "layer vulnerability V_l, information loss IL_l, amplification A_l, explanation strips")
 def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     """Layer diagnosis on the stored adversarial examples of the evaluate stage's L∞ PGD."""
-    from ..analysis.plots_diagnose import layer_bars, strips
-
     opts: DiagnoseOptions = stage_options(DiagnoseOptions, options, "diagnose")
     ig1 = load_study(opts.study, ctx)  # a wrong folder fails before any work
     split = ctx.split

@@ -27,9 +27,9 @@ from ..evaluation import (
     sweep_curves,
     worst_cases,
 )
-from ..pipeline import STAGES, Context, section
 from ..report import plots
 from ..stats import wilson_interval
+from .base import STAGES, Context, section
 
 log = logging.getLogger(__name__)
 

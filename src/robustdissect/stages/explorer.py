@@ -23,13 +23,9 @@ from ..analysis.concepts import ConceptDissection
 from ..analysis.features import (
     QUADRANT_NAMES,
     FeatureScores,
-    feature_scores,
-    model_level_attacks,
-    stage_feature_options,
 )
 from ..config import parse_eps, stage_options
 from ..errors import UserError
-from ..pipeline import STAGES, AnalysisUnavailable, Context, section
 from ..report.explorer import (
     PAGE,
     as_number,
@@ -45,6 +41,8 @@ from ..report.explorer import (
     unit_images,
 )
 from ..runs import read_table
+from .base import STAGES, AnalysisUnavailable, Context, section
+from .common import feature_scores, model_level_attacks, stage_feature_options
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from ..analysis import plots_features as fplots
 from ..analysis.features import (
     QUADRANT_NAMES,
     QUADRANTS,
@@ -18,11 +17,12 @@ from ..analysis.features import (
     FeatureOptions,
     FeatureScores,
     bootstrap_shares,
-    feature_scores,
 )
 from ..config import parse_eps, stage_options
-from ..pipeline import STAGES, Context, section
+from ..report import plots_features as fplots
 from ..runs import SectionArtefacts
+from .base import STAGES, Context, section
+from .common import feature_scores
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import torch
 from ..analysis.landscape import DIRECTIONS, NORMS, LandscapeResult, landscape, landscape_attack
 from ..config import parse_eps, stage_options
 from ..errors import UserError
-from ..pipeline import STAGES, Context, section
+from ..report.plots_metric import landscape_contours, landscape_slices, landscape_surfaces
+from .base import STAGES, Context, section
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ QUICK_LANDSCAPE: dict[str, Any] = {"n": 8, "grid": 15, "line_points": 51, "count
 @STAGES.register("landscape", "decision and CE surfaces in input space, boundary distance and steepness")
 def landscape_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     """Surfaces of every model on the same images (adversarial examples from the store)."""
-    from ..analysis.plots_metric import landscape_contours, landscape_slices, landscape_surfaces
-
     opts: LandscapeOptions = stage_options(LandscapeOptions, options, "landscape")
     eps = parse_eps(opts.eps)
     split = ctx.split

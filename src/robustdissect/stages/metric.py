@@ -1,12 +1,15 @@
 """Stage `metric`: the model-level robustness metric Ψ (METHODS §2.3) of the run's model and of
 the compared models, its wall time beside that of a PGD robust-accuracy evaluation of the same
-images, and the YU-1 study (§2.4) when one has been run (`python -m robustdissect.analysis.metric_study`)."""
+images, and the YU-1 study (§2.4) when one has been run (`python -m robustdissect.studies.yu1`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,14 +19,16 @@ from ..analysis.metric import CALIBRATIONS, DEFAULT_STEPS, MetricResult, robustn
 from ..attacks import PGD, Attack
 from ..config import parse_eps, stage_options
 from ..errors import UserError
-from ..pipeline import STAGES, Context, section
+from ..report.plots_metric import psi_histograms, study_scatter
 from ..resources import shipped_result
 from ..stats import wilson_interval
+from .base import STAGES, Context, section
 
 log = logging.getLogger(__name__)
 
 # docs/results/yu1/yu1.json, shipped in the package by scripts/ship_studies.py
 SHIPPED_STUDY = "yu1-fmnist.json"
+STUDY_FILE = "yu1.json"  # in the output folder of the study
 
 
 @dataclass(frozen=True)
@@ -92,8 +97,6 @@ def _psi(ctx: Context, model: nn.Module, x: torch.Tensor, index: torch.Tensor, o
 def _timed_evaluation(ctx: Context, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
                       opts: MetricOptions) -> dict[str, Any]:  # fmt: skip
     """PGD robust accuracy of the same images, with its wall time when computed in this call."""
-    import time
-
     attack = PGD(parse_eps(opts.eps), steps=opts.eval_steps, step_rule="madry", restarts=opts.eval_restarts,
                  early_stop=True, seed=ctx.config.seed, batch_size=500)  # fmt: skip
     before = ctx.store.misses.get("adv", 0)
@@ -107,11 +110,20 @@ def _timed_evaluation(ctx: Context, model: nn.Module, x: torch.Tensor, y: torch.
             "eval_seconds": seconds if computed else math.nan}  # fmt: skip
 
 
+def read_study(folder: str | Path) -> dict[str, Any]:
+    """The YU-1 study that `python -m robustdissect.studies.yu1` wrote into `folder` (its yu1.json)."""
+    path = Path(folder) / STUDY_FILE
+    if not path.is_file():
+        raise UserError(f"no YU-1 study in {folder} (missing {STUDY_FILE}); run python -m robustdissect.studies.yu1")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or "rows" not in data:
+        raise UserError(f"{path} is not a YU-1 study")
+    return data
+
+
 def load_study(option: str | None, ctx: Context | None = None) -> dict[str, Any] | None:
     """The YU-1 study in the folder `option`, or (None) the one shipped in the package when the
     run analyses a shipped Fashion-MNIST model on its own data (`ctx`; any run without one)."""
-    from ..analysis.metric_study import read_study
-
     if option is not None:
         return read_study(option)
     return shipped_result(SHIPPED_STUDY) if ctx is None or ctx.builtin_reference else None
@@ -120,8 +132,6 @@ def load_study(option: str | None, ctx: Context | None = None) -> dict[str, Any]
 def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[str, Any]],
                  figures: list[dict[str, str]], warnings: list[str]) -> dict[str, Any] | None:  # fmt: skip
     """Tables and the scatter of the YU-1 study `study` (None: a warning); its summary, or None."""
-    from ..analysis.plots_metric import study_scatter
-
     if study is None:
         return None
     appendix = "Appendix, reference study on the shipped Fashion-MNIST models — YU-1: "
@@ -157,8 +167,6 @@ def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[s
 def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     """Ψ of the run's model and the compared ones (maximiser through the evidence store), the
     optional timed PGD evaluation, and the YU-1 study."""
-    from ..analysis.plots_metric import psi_histograms
-
     opts: MetricOptions = stage_options(MetricOptions, options, "metric")
     yu1 = load_study(opts.study, ctx)  # a wrong folder fails before any work
     split = ctx.split

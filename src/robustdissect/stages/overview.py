@@ -8,7 +8,7 @@ import torch
 
 from ..errors import UserError
 from ..evaluation import clean_predictions
-from ..pipeline import STAGES, Context, section
+from .base import STAGES, Context, section
 
 
 @STAGES.register("overview", "clean accuracy per class, confusion matrix, sample images")

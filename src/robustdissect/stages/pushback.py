@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from ..analysis.features import QUADRANTS, QUICK_FEATURES, FeatureOptions, feature_scores, model_level_attacks
+from ..analysis.features import QUADRANTS, QUICK_FEATURES, FeatureOptions
 from ..analysis.pushback import (
     UnitSets,
     ablation_predictions,
@@ -41,13 +41,14 @@ from ..analysis.pushback import (
     transition_matrix,
 )
 from ..attacks import PGD
-from ..config import parse_eps
+from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..models import shipped_checkpoints
 from ..models.resolve import resolve_model
-from ..pipeline import STAGES, AnalysisUnavailable, Context, retrain_hint, section
 from ..resources import shipped_result
 from ..stats import wilson_interval
+from .base import STAGES, AnalysisUnavailable, Context, retrain_hint, section
+from .common import feature_scores, model_level_attacks, stage_feature_options
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ def _transitions(ctx: Context, opts: PushbackOptions) -> list[str]:
 
 
 def _feature_options(ctx: Context, n: int) -> FeatureOptions:
-    from ..analysis.features import stage_feature_options
-
     if "features" in ctx.config.stages:
         return stage_feature_options(ctx)
     return FeatureOptions(**{**QUICK_FEATURES, "n": n})
@@ -308,8 +307,6 @@ def transition_figure(matrices: dict[str, Any], source: str) -> Figure:
 
 @STAGES.register("pushback", "back-perturbation: purification vs an adaptive attacker, D_bp criterion, reliance shift")
 def pushback_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
-    from ..config import stage_options
-
     opts: PushbackOptions = stage_options(PushbackOptions, options, "pushback")
     warnings: list[str] = []
     shipped = shipped_pushback()

@@ -24,14 +24,14 @@ from ..analysis import (
     suppression_experiment,
     targeted_pair_sets,
 )
-from ..analysis import plots_sensitivity as splots
 from ..attacks import make_attack
 from ..config import parse_eps, stage_options
 from ..errors import UserError
 from ..models import default_conv_layers
 from ..models.layers import hook_description, reused_layers
-from ..pipeline import STAGES, AnalysisUnavailable, Context, section
+from ..report import plots_sensitivity as splots
 from ..runs import SectionArtefacts
+from .base import STAGES, AnalysisUnavailable, Context, section
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from .features import QUADRANTS, FeatureScores
+from ..analysis.features import QUADRANTS, FeatureScores
 
 __all__ = ["plot_model_shares", "plot_quadrant_shares", "plot_rho_gamma"]
 
@@ -55,8 +56,6 @@ def plot_rho_gamma(res: FeatureScores, ncols: int = 3) -> Figure:
         ax.set_title(layer)
         ax.set_xlabel("ρ (balanced usefulness)")
         ax.set_ylabel("γ̂ (upper bound)")
-    from matplotlib.lines import Line2D
-
     handles = [Line2D([], [], ls="", marker="o", color=COLOURS[qd], label=qd) for qd in QUADRANTS]
     handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="black", label="feature-attacked"))
     fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize=8)

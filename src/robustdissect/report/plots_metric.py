@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from .landscape import LandscapeResult
+from ..analysis.landscape import LandscapeResult
 
 __all__ = ["landscape_contours", "landscape_slices", "landscape_surfaces", "psi_histograms", "study_scatter"]
 

@@ -13,8 +13,8 @@ from typing import Any, cast
 import numpy as np
 from matplotlib.figure import Figure
 
-from .roi import ROIResult
-from .sensitivity import LayerProfile
+from ..analysis.roi import ROIResult
+from ..analysis.sensitivity import LayerProfile
 
 __all__ = [
     "plot_mean_ratio",
