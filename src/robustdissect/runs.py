@@ -108,9 +108,11 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write strict JSON (no NaN or Infinity tokens) atomically."""
-    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+def write_json(path: Path, obj: Any, *, sort_keys: bool = False) -> None:
+    """Write obj atomically as strict JSON, the project's one JSON file format: `jsonable`
+    values (NaN and ±inf become null, tensors and tuples lists, paths strings), indent 2, a final
+    newline; keys sorted with sort_keys (cards and stamps, so equal content is equal text)."""
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:

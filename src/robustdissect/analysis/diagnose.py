@@ -440,7 +440,7 @@ class DecoderBank:
             return self.decoders[layer]
         from safetensors.torch import load_file, save
 
-        from ..runs import atomic_write_bytes, atomic_write_text
+        from ..runs import atomic_write_bytes, write_json
 
         stem = layer.replace("/", "_")
         weights, card_path = self.folder / f"{stem}.safetensors", self.folder / f"{stem}.json"
@@ -460,7 +460,7 @@ class DecoderBank:
                 "losses": losses, "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(weights, save({k: v.contiguous() for k, v in dec.state_dict().items()}))
-        atomic_write_text(card_path, json.dumps(card, indent=2, sort_keys=True))
+        write_json(card_path, card, sort_keys=True)
         self.decoders[layer], self.cards[layer] = dec, card
         self.trained.append(layer)
         return dec

@@ -56,7 +56,7 @@ from ..errors import UserError
 from ..models.io import shipped_checkpoints
 from ..models.resolve import resolve_model
 from ..modelutil import accuracy
-from ..runs import atomic_write_text, jsonable, save_png
+from ..runs import atomic_write_text, jsonable, save_png, write_json
 from ..stats import kendall, percentile_interval, resample_indices, spearman
 from ..store import model_hash
 from .landscape import landscape
@@ -375,7 +375,7 @@ def run_study(models: Sequence[str], out: Path, data: Dataset, n: int, restarts:
             log.info("YU-1: %s from %s", name, path)
             if refresh_landscape:
                 row.update(landscape_readouts(model, x[:LANDSCAPE_N], y[:LANDSCAPE_N], seed=seed))
-                atomic_write_text(path, json.dumps(jsonable(row), indent=1, allow_nan=False) + "\n")
+                write_json(path, row)
             rows.append(row)
             continue
         log.info("YU-1: %s (%s)", name, why)
@@ -396,7 +396,7 @@ def run_study(models: Sequence[str], out: Path, data: Dataset, n: int, restarts:
             "settings": expected,
         }
         log.info("YU-1: %s done in %.0f s", name, row["row_seconds"])
-        atomic_write_text(path, json.dumps(jsonable(row), indent=1, allow_nan=False) + "\n")
+        write_json(path, row)
         rows.append(row)
     summary = summarise(rows, n_boot=n_boot, seed=seed)
     study = {
@@ -405,7 +405,7 @@ def run_study(models: Sequence[str], out: Path, data: Dataset, n: int, restarts:
         "rows": rows,
         **summary,
     }
-    atomic_write_text(out / STUDY_FILE, json.dumps(jsonable(study), indent=1, allow_nan=False) + "\n")
+    write_json(out / STUDY_FILE, study)
     cols = [c for c in rows[0] if not isinstance(rows[0][c], (dict, list))]
     lines = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]
     atomic_write_text(out / "yu1.csv", "\n".join(lines) + "\n")
@@ -560,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps = [int(s) for s in a.psi_steps_check.split(",")]
         res = psi_steps_check(models, data, n=a.n or 100, steps=steps, seed=a.seed)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / PSI_STEPS_FILE, json.dumps(jsonable(res), indent=1, allow_nan=False) + "\n")
+        write_json(out / PSI_STEPS_FILE, res)
         _print_steps_check(res)
         return
     steps = [int(s) for s in a.pgd_steps.split(",")]

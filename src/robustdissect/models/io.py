@@ -162,7 +162,7 @@ def save_checkpoint(model: nn.Module, path: Path, card: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     from .. import __version__
-    from ..runs import atomic_write_text
+    from ..runs import write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -170,7 +170,7 @@ def save_checkpoint(model: nn.Module, path: Path, card: dict[str, Any]) -> None:
     save_file(state, str(tmp))
     tmp.replace(path)
     full = {"arch": getattr(model, "arch", {}), "package_version": __version__, **card}
-    atomic_write_text(path.with_suffix(".json"), json.dumps(full, indent=2, sort_keys=True) + "\n")
+    write_json(path.with_suffix(".json"), full, sort_keys=True)
 
 
 def load_user_model(spec: str, **kwargs: Any) -> nn.Module:

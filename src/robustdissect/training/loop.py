@@ -41,7 +41,7 @@ from ..models import MODELS, save_checkpoint
 from ..models.io import LogitsOnly, shipped_checkpoints
 from ..models.resolve import CHECKPOINT_SUFFIXES, list_models, resolve_model
 from ..modelutil import accuracy
-from ..runs import ERROR_LOG, LOCK, DirLock, atomic_write_bytes, atomic_write_text, check_writable_parent
+from ..runs import ERROR_LOG, LOCK, DirLock, atomic_write_bytes, check_writable_parent, write_json
 from . import distributed as ddp
 from .objectives import OBJECTIVES, Objective
 
@@ -479,7 +479,7 @@ def _train(
         raise UserError(f"training left non-finite weights in {bad[0]}; nothing was saved as a model; lower --lr")
     if info.is_main:
         save_checkpoint(saved, out / "model.safetensors", card)
-        atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
+        write_json(out / "history.json", history)
     if info.active:
         ddp.barrier()
     return TrainResult(model, card, history)

@@ -52,6 +52,7 @@ from ..models import default_conv_layers
 from ..models.resolve import resolve_model
 from ..modelutil import eval_mode, model_device
 from ..probe import record, spatial_reduce
+from ..runs import jsonable, read_json, write_json
 from ..store import model_hash
 from . import distributed as ddp
 
@@ -246,9 +247,9 @@ def _build(
     stamp = partial / "settings.json"
     if rank == 0 and not partial.exists():
         partial.mkdir(parents=True)
-        stamp.write_text(json.dumps(meta, default=str, indent=1, sort_keys=True))
+        write_json(stamp, meta, sort_keys=True)
     barrier()  # the other ranks read the stamp rank 0 wrote
-    if not stamp.is_file() or json.loads(stamp.read_text()) != json.loads(json.dumps(meta, default=str)):
+    if not stamp.is_file() or read_json(stamp) != json.loads(json.dumps(jsonable(meta))):
         raise UserError(f"{partial} holds a build with other settings; remove it or use the same settings")
     starts = list(range(0, n, settings.batch))
     mine = [(b, s) for b, s in enumerate(starts) if b % world == rank]
@@ -294,7 +295,7 @@ def _assemble(
     tmp.replace(out)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     card_path = out.with_suffix(".json")
-    card_path.write_text(json.dumps({**meta, "n": n, "sha256": digest}, default=str, indent=1, sort_keys=True))
+    write_json(card_path, {**meta, "n": n, "sha256": digest}, sort_keys=True)
     shutil.rmtree(partial)
 
 

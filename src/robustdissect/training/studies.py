@@ -39,7 +39,7 @@ from ..models.resolve import resolve_model
 from ..modelutil import accuracy
 from ..report import plots
 from ..resources import read_train_config
-from ..runs import atomic_write_text, save_png
+from ..runs import atomic_write_text, save_png, write_json
 from .distributed import dist_env
 from .loop import TrainConfig, train
 
@@ -148,7 +148,7 @@ def layer_study_figure(rows: Sequence[dict[str, Any]]) -> Figure:
 
 def _write(out: Path, rows: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "layer_selection.json", json.dumps(rows, indent=2) + "\n")
+    write_json(out / "layer_selection.json", rows)
     buf = io.StringIO()
     if rows:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
