@@ -124,3 +124,18 @@ def test_every_methods_section_cited_in_the_code_is_a_heading_of_docs_methods_md
                 missing.setdefault(section, []).append(str(path.relative_to(ROOT)))
     assert count > 40  # the code cites the methods reference throughout
     assert not missing, f"METHODS sections cited in src/ but absent from docs/methods.md: {missing}"
+
+
+def test_readme_is_a_user_guide_with_the_users_path_before_the_tour() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 260
+    headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
+    order = ["What it does", "Two commands", "Your model and data", "The commands and what each answers",
+             "GPU and torchrun", "Python API", "What a run directory holds", "What happens when things go wrong",
+             "Development"]  # fmt: skip
+    assert [h for h in headings if h in order] == order
+    # the two commands CI relies on, exactly
+    assert "bash scripts/setup.sh && .venv/bin/robustdissect run --out runs/default" in text
+    assert "\nbash scripts/test.sh\n" in text
+    for link in re.findall(r"\]\(((?:docs|examples)/[^)#]*)", text):  # every linked document exists
+        assert (ROOT / link).exists(), link
