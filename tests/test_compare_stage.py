@@ -29,7 +29,7 @@ TINY = {
 
 
 def _study_rows() -> list[dict[str, object]]:
-    """Rows in the format `python -m robustdissect.training.studies` writes (two k)."""
+    """Rows in the format `python -m robustdissect.studies.sns_layers` writes (two k)."""
     return [
         {"k": k, "layers": layers, "frozen": frozen, "epochs": 1, "train_seconds": 1.0,
          "clean": c, "clean_ci_low": c - 0.02, "clean_ci_high": c + 0.02,
@@ -87,7 +87,7 @@ def test_compare_stage_without_layer_study_adds_nothing() -> None:
     warnings: list[str] = []
     tables: list[dict[str, str]] = []
     _layer_study_block(None, None, tables, [], warnings)  # type: ignore[arg-type]
-    assert warnings == [] and tables == [] and "robustdissect.training.studies" in LAYER_STUDY_COMMAND
+    assert warnings == [] and tables == [] and "robustdissect.studies.sns_layers" in LAYER_STUDY_COMMAND
 
 
 def test_compare_stage_without_a_counterpart_says_what_to_pass(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustdissect.analysis import pooling_study as ps
 from robustdissect.analysis.diagnose import (
     DecoderBank,
     DecoderSettings,
@@ -32,6 +31,7 @@ from robustdissect.analysis.diagnose import (
     train_decoder,
 )
 from robustdissect.errors import UserError
+from robustdissect.studies import ig1 as ps
 
 
 def test_mean_of_a_2x2_gaussian_block_reconstructs_with_mse_075() -> None:

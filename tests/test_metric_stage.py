@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from scipy import stats
 
-from robustdissect.analysis.metric_study import rank_correlations, ranking_stability, read_study, summarise
 from robustdissect.config import RunConfig
 from robustdissect.errors import UserError
 from robustdissect.pipeline import run_pipeline
 from robustdissect.runs import read_table
 from robustdissect.store import list_evidence
+from robustdissect.studies.yu1 import rank_correlations, ranking_stability, read_study, summarise
 
 
 def test_metric_and_landscape_stages(tmp_path: Path, fmnist: Any) -> None:
@@ -137,7 +137,7 @@ def test_cli_metric_prints_psi_and_seconds(tmp_path: Path, cli, fmnist: Any) -> 
 
 
 def test_psi_steps_agreement_and_summary_report_the_k20_ranking() -> None:
-    from robustdissect.analysis.metric_study import psi_steps_agreement, study_settings
+    from robustdissect.studies.yu1 import psi_steps_agreement, study_settings
 
     ref = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}
     same = psi_steps_agreement({"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}, ref)
@@ -165,7 +165,7 @@ def test_cached_rows_are_reused_only_with_the_same_settings(tmp_path: Path, fmni
                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """A row is recomputed when restarts, n, the images or the model's weights change, or when it
     records no settings (an older study); otherwise it is read back."""
-    from robustdissect.analysis import metric_study as ms
+    from robustdissect.studies import yu1 as ms
 
     calls: list[dict[str, Any]] = []
 
@@ -220,7 +220,7 @@ def test_cached_rows_are_reused_only_with_the_same_settings(tmp_path: Path, fmni
 
 
 def test_a_family_member_that_is_not_shipped_fails_before_any_work(tmp_path: Path, fmnist: Any) -> None:
-    from robustdissect.analysis.metric_study import DEFAULT_FAMILY, run_study
+    from robustdissect.studies.yu1 import DEFAULT_FAMILY, run_study
 
     assert "fmnist-smallcnn4-w16-trades" in DEFAULT_FAMILY and len(DEFAULT_FAMILY) == 14
     with pytest.raises(UserError, match="fmnist-smallcnn-nonexistent.*ship_checkpoint"):
@@ -230,7 +230,7 @@ def test_a_family_member_that_is_not_shipped_fails_before_any_work(tmp_path: Pat
 
 
 def test_rerun_estimate_has_known_answers() -> None:
-    from robustdissect.analysis.metric_study import estimate_rerun
+    from robustdissect.studies.yu1 import estimate_rerun
 
     row = {"model": "m", "pgd_eps0.1_k100": 0.5, "pgd_eps0.1_k100_seconds": 10.0, "pgd_eps0.2_k100": 0.0,
            "pgd_eps0.2_k100_seconds": 2.0, "cw_l2_seconds": 3.0, "psi_seconds": 4.0, "landscape_seconds": 1.0,

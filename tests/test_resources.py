@@ -88,14 +88,14 @@ def test_cli_train_takes_a_preset_name(tmp_path: Path, cli, monkeypatch: pytest.
 
 
 def test_shipped_studies_are_the_studies_in_docs() -> None:
-    """The package ships copies of the finished studies (scripts/ship_studies.py): they must not
-    drift from docs/results, where the study commands write."""
+    """The package ships copies of the finished studies (`python -m robustdissect.studies.ship`): they
+    must not drift from docs/results, where the study commands write."""
     import json
-    import runpy
 
-    ship = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "ship_studies.py"))
-    assert set(ship["STUDIES"]) == {"ig1-fmnist.json", "yu1-fmnist.json"}
-    for name, source in ship["STUDIES"].items():
+    from robustdissect.studies.ship import STUDIES
+
+    assert set(STUDIES) == {"ig1-fmnist.json", "yu1-fmnist.json"}
+    for name, source in STUDIES.items():
         shipped = resources.shipped_result(name)
-        assert shipped == json.loads(source.read_text()), f"{name} differs from {source}: run scripts/ship_studies.py"
+        assert shipped == json.loads(source.read_text()), f"{name} differs from {source}: run studies.ship"
     assert resources.shipped_result("no-such-study.json") is None

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from robustdissect.errors import UserError
+from robustdissect.studies.sns_layers import layer_selection_study, main, read_layer_study
 from robustdissect.training import TrainConfig
-from robustdissect.training.studies import layer_selection_study, main, read_layer_study
 
 BASE = TrainConfig(
     model="smallcnn",

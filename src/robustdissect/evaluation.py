@@ -21,7 +21,7 @@ from .attacks import ATTACKS, PGD, Attack, check_black_box_breaks, check_margin_
 from .attacks.pgd import STEP_RULE_ALIASES, STEP_RULES
 from .config import parse_eps
 from .errors import UserError
-from .modelutil import model_device
+from .modelutil import eval_mode, model_device
 from .stats import proportion_interval
 from .stats import wilson_interval as wilson_interval  # re-exported for older imports
 from .store import EvidenceStore, evidence_key, index_hash
@@ -281,8 +281,6 @@ def clean_predictions(
     """Predicted labels (N,) of `model` on x (N, C, H, W), from the store when already computed.
     A model whose clean logits are not finite is refused (UserError): no attack result on it
     would mean anything."""
-    from .modelutil import eval_mode
-
     def compute() -> dict[str, torch.Tensor]:
         device = model_device(model, x.device)
         preds = []

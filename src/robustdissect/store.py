@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import UserError
@@ -91,16 +93,12 @@ class EvidenceStore:
         p = self.path(kind, key)
         if not p.is_file():
             return None
-        from safetensors.torch import load_file
-
         tensors = load_file(str(p))
         self._memory[key] = tensors
         return tensors
 
     def put(self, kind: str, parts: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
         """Store `tensors` (moved to the CPU, contiguous) under the key of `parts`, atomically."""
-        from safetensors.torch import save_file
-
         key = evidence_key(parts)
         stored = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         p = self.path(kind, key)
@@ -147,8 +145,6 @@ class EvidenceStore:
 
 def list_evidence(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every stored item of a run directory: kind, key and the parts it was keyed on."""
-    from safetensors import safe_open
-
     root = Path(run_dir) / EVIDENCE_DIR
     out: list[dict[str, Any]] = []
     for p in sorted(root.glob("*/*.safetensors")):
@@ -160,9 +156,6 @@ def list_evidence(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def load_evidence(run_dir: str | Path, kind: str, key: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors and parts of one stored item; `key` may be a unique prefix."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     folder = Path(run_dir) / EVIDENCE_DIR / kind
     matches = sorted(folder.glob(f"{key}*.safetensors")) if key and "/" not in key else []
     if len(matches) != 1:

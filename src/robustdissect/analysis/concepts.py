@@ -50,13 +50,15 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import fisher_exact
 from torch import nn
 
 from ..data.base import Dataset
-from ..data.concepts import ConceptSet, generate_concept_set
+from ..data.concepts import HIGH_FREQUENCY, ConceptSet, generate_concept_set
 from ..errors import UserError
+from ..models.layers import resolve_layer
 from ..modelutil import eval_mode, model_device
-from ..probe import RunningTopK, record
+from ..probe import RunningTopK, intervene, record, zero_channels
 from ..probe.quantiles import StreamingQuantile, flat_nonzero
 from ..stats import wilson_interval
 
@@ -788,8 +790,6 @@ def _group(rows: Sequence[Mapping[str, Any]], key: str, model: str) -> list[dict
 
 
 def _fisher(units: Sequence[Mapping[str, Any]], is_group: Any, what: str, scope: str, model: str) -> dict[str, Any]:
-    from scipy.stats import fisher_exact
-
     a = sum(1 for u in units if u["quadrant"] == "NRU" and is_group(u))
     b = sum(1 for u in units if u["quadrant"] == "NRU" and not is_group(u))
     c = sum(1 for u in units if u["quadrant"] != "NRU" and is_group(u))
@@ -815,8 +815,6 @@ def concept_fragility(
     category. Enrichment: one-sided Fisher exact tests of "NRU units are more often texture
     (resp. high-frequency) units than the other units", over the detectors and over every unit
     with its best concept."""
-    from ..data.concepts import HIGH_FREQUENCY
-
     hf = HIGH_FREQUENCY if high_frequency is None else high_frequency
     scores = {(str(r["layer"]), int(r["unit"])): r for r in feature_rows}
     units: list[dict[str, Any]] = []
@@ -848,8 +846,6 @@ def grad_cam(model: nn.Module, layer: str, x: torch.Tensor, target: torch.Tensor
     """Grad-CAM (captum's LayerGradCam, ReLU'd) of class `target` (N,) at `layer` for images
     x (N, C, H, W), upsampled bilinearly to (N, H, W)."""
     from captum.attr import LayerAttribution, LayerGradCam
-
-    from ..models.layers import resolve_layer
 
     module = dict(model.named_modules())[resolve_layer(model, layer)]
     device = model_device(model)
@@ -898,8 +894,6 @@ class Ablation:
 
 
 def _predict_with(model: nn.Module, x: torch.Tensor, edits: Sequence[Any], batch_size: int) -> torch.Tensor:
-    from ..probe import intervene
-
     device = model_device(model)
     out = []
     with eval_mode(model), torch.no_grad(), intervene(model, edits):
@@ -919,8 +913,6 @@ def unit_ablation(
 ) -> Ablation:
     """Zero each unit's whole feature map in turn (METHODS §4.2) and measure the balanced accuracy
     per class on images x (N, C, H, W) with labels y (N,). One pass over x per unit."""
-    from ..probe import zero_channels
-
     k = int(num_classes if num_classes is not None else int(y.max()) + 1)
     base = balanced_accuracy(_predict_with(model, x, [], batch_size), y, k)
     if units is None:
@@ -945,8 +937,6 @@ def remove_units(
 ) -> list[dict[str, Any]]:
     """BA of class `cls` after zeroing the first N units of `ranked` (or, with `keep`, every unit
     of the layer but those N), for each N in `counts` not above len(ranked) (PNAS Fig. 3)."""
-    from ..probe import zero_channels
-
     k = int(num_classes if num_classes is not None else int(y.max()) + 1)
     with eval_mode(model), torch.no_grad(), record(model, [layer]) as rec:
         model(x[:1].to(model_device(model)))

@@ -33,12 +33,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..errors import UserError
-from ..models.layers import aliases_of, default_conv_layers, resolve_layer
+from ..models.layers import aliases_of, default_conv_layers, resolve_layer, reused_layers
 from ..modelutil import eval_mode, model_device
+from ..probe.hooks import forward_order, record
+from ..runs import atomic_write_bytes, write_json
 from ..stats import percentile_interval, resample_indices, spearman
+from ..store import model_hash
 from .sensitivity import mean_ratio_sensitive, neuron_sensitivity
 
 log = logging.getLogger(__name__)
@@ -58,9 +62,6 @@ def diagnosis_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     module of user models) and every pooling layer (`pool_l` aliases, or MaxPool/AvgPool modules);
     modules called more than once per pass are left out. `example`: images (N, C, H, W), the
     first is used."""
-    from ..models.layers import reused_layers
-    from ..probe.hooks import forward_order
-
     names = default_conv_layers(model, "relu", example[:1])
     aliases = aliases_of(model)
     modules = dict(model.named_modules())
@@ -117,8 +118,6 @@ def layer_features(
     model: nn.Module, x: torch.Tensor, layers: Sequence[str], batch_size: int = 250
 ) -> dict[str, torch.Tensor]:
     """h_l(x) of every layer for images x (N, C, H, W), on the CPU: {layer: (N, ...)}."""
-    from ..probe.hooks import record
-
     device = model_device(model, x.device)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     with eval_mode(model), torch.no_grad(), record(model, list(layers)) as rec:
@@ -414,8 +413,6 @@ class DecoderBank:
 
     def __init__(self, model: nn.Module, folder: Path, x_train: torch.Tensor, settings: DecoderSettings | None = None,
                  model_id: str | None = None) -> None:  # fmt: skip
-        from ..store import model_hash
-
         self.model = model
         self.folder = Path(folder)
         self.x_train = x_train
@@ -438,10 +435,6 @@ class DecoderBank:
         """G_l, loaded from the folder when its card matches, else trained and saved."""
         if layer in self.decoders:
             return self.decoders[layer]
-        from safetensors.torch import load_file, save
-
-        from ..runs import atomic_write_bytes, write_json
-
         stem = layer.replace("/", "_")
         weights, card_path = self.folder / f"{stem}.safetensors", self.folder / f"{stem}.json"
         expected = self._expected(layer)

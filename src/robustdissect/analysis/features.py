@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks import PGD, Attack
+from ..attacks import FGSM, PGD, Attack
 from ..config import parse_eps
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack
@@ -113,8 +113,6 @@ class FeatureOptions:
             raise UserError(f"features: n must be an integer >= 2 or null, got {self.n!r}")
         if not 0.0 < self.null_quantile < 1.0:
             raise UserError(f"features: null_quantile must lie in (0, 1), got {self.null_quantile}")
-        from ..config import parse_eps
-
         parse_eps(self.eps)  # a malformed budget fails before any work
         if self.feature_alpha is not None and not self.feature_alpha > 0:
             raise UserError(f"features: feature_alpha must be > 0 or null, got {self.feature_alpha}")
@@ -657,9 +655,6 @@ def score_features(
     L-inf PGD-20 and FGSM at options.eps); run_attack(attack, x, y) -> x_adv (default: run the
     attack on `model`); sigma_fn(x_adv of δ*) -> σ (U,) optionally adds σ to the unit table.
     """
-    from ..attacks import FGSM
-    from ..config import parse_eps
-
     opts = options or FeatureOptions()
     names = list(layers)
     if not names:

@@ -10,7 +10,7 @@ only for its bookkeeping; the clean predictions are passed.
 
 K = 5 by default (`DEFAULT_STEPS`; METHODS §2.3 names K = 20, which stays an option: `steps=20`,
 `robustdissect metric --steps 20`). Evidence that K = 5 ranks models like K = 20, measured on the
-13 shipped YU-1 checkpoints (`python -m robustdissect.analysis.metric_study --out docs/results/yu1
+13 shipped YU-1 checkpoints (`python -m robustdissect.studies.yu1 --out docs/results/yu1
 --psi-steps-check`, written to docs/results/yu1/psi_steps.json; ε = 0.1, T on 1,000 validation
 images, two seeded sets of 100 test images): Spearman 0.978 and 0.978, Kendall 0.897 and 0.923
 between the K = 5 and the K = 20 Ψ columns (4 and 3 of 78 model pairs swapped), while K = 20

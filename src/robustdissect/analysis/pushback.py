@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,12 +41,10 @@ from torch import Tensor, nn
 from ..attacks import PGD
 from ..errors import UserError
 from ..modelutil import eval_mode, model_device
-from ..probe import record, spatial_reduce
+from ..probe import record, spatial_reduce, zero_channels
 from ..stats import percentile_interval, resample_indices, wilson_interval
-from .features import balanced_usefulness, responses
-
-if TYPE_CHECKING:
-    from .features import FeatureScores
+from .concepts import _predict_with
+from .features import QUADRANTS, FeatureScores, balanced_usefulness, responses
 
 
 @dataclass(frozen=True)
@@ -312,9 +310,6 @@ def ablation_predictions(
     with unit u (the units of `layers`, `channels` each, concatenated) zeroed over its whole
     feature map (`probe.zero_channels`, the §4.2 ablation of `concepts.unit_ablation`). U + 1
     forward passes over x."""
-    from ..probe import zero_channels
-    from .concepts import _predict_with
-
     rows = [_predict_with(model, x, [], batch_size)]
     for layer, c in zip(layers, channels, strict=True):
         rows += [_predict_with(model, x, [zero_channels(layer, [u])], batch_size) for u in range(c)]
@@ -409,8 +404,6 @@ def reliance_shift_of(scores: FeatureScores) -> dict[str, float]:
 def transition_matrix(before: Sequence[str], after: Sequence[str]) -> Tensor:
     """Counts (4, 4) of units moving from quadrant i (rows, RU/NRU/RL/NL) to j (columns); meaningful
     only when unit k is the same unit in both models (a fine-tuned model)."""
-    from .features import QUADRANTS
-
     if len(before) != len(after):
         raise UserError(f"the models have {len(before)} and {len(after)} analysed units")
     m = torch.zeros(4, 4, dtype=torch.long)

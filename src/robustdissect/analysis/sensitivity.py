@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.layers import default_conv_layers, resolve_layer
+from ..modelutil import predict
 from ..probe import Pairs, PairStats, SelectFn, forward_order, probe_pairs
 from .pairs import AttackFn, attack_pairs
 
@@ -362,8 +363,6 @@ def sensitivity_of(
         raise UserError(f"adversarial images {tuple(attack.shape)} do not match the images {tuple(x.shape)}")
     x_adv = attack
     if only_success:
-        from ..modelutil import predict
-
         keep = predict(model, x_adv, batch_size) != y
         x, x_adv = x[keep], x_adv[keep]
     names = _default_layers(model, layers, "conv", x)

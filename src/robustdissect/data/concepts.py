@@ -623,8 +623,6 @@ def read_label_list(path: Path) -> dict[int, tuple[str, str]]:
 def _open_concept_file(path: Path, root: Path) -> Any:
     """A decoded PIL image (pixels loaded), with unreadable files and decompression bombs as
     one-line UserErrors naming the file relative to `root`."""
-    import warnings
-
     from PIL import Image
 
     name = path.relative_to(root)

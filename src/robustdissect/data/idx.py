@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .base import DATASETS, Dataset, split_train_val
+from .base import DATASETS, Dataset, Split, split_train_val
 from .files import check_input_size
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -95,8 +95,6 @@ def load_idx_dataset(name: str, directory: Path, classes: tuple[str, ...], seed:
             raise UserError(f"{directory}: label {int(y.max())} out of range for {len(classes)} classes")
         arrays[split] = (x, y)
     train, val = split_train_val(*arrays["train"], val_size=5000, seed=seed)
-    from .base import Split
-
     return Dataset(name, classes, train, val, Split(*arrays["test"]), source=str(directory))
 
 

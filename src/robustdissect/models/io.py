@@ -12,16 +12,21 @@ import importlib.util
 import json
 import sys
 import warnings
+import zipfile
 from importlib.resources import as_file
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import resources
+from .. import __version__, resources
+from ..data.files import MAX_COMPRESSION_RATIO, RATIO_CHECK_ABOVE, check_input_size, human_bytes
 from ..errors import UserError, unknown_name
+from ..runs import write_json
 from .zoo import MODELS
 
 
@@ -56,9 +61,6 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -84,10 +86,6 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _check_pt_archive(path: Path) -> None:
     """Refuse a zip-format .pt whose records would inflate past the input limit, from the zip
     directory alone (torch.save stores records uncompressed; a deflated one is suspect)."""
-    import zipfile
-
-    from ..data.files import MAX_COMPRESSION_RATIO, RATIO_CHECK_ABOVE, check_input_size, human_bytes
-
     try:
         if not zipfile.is_zipfile(path):
             return  # the legacy format: torch.load reads what the file holds
@@ -159,11 +157,6 @@ def _build_from_card(card: dict[str, Any]) -> nn.Module:
 
 def save_checkpoint(model: nn.Module, path: Path, card: dict[str, Any]) -> None:
     """Write `path` (.safetensors) and its `.json` card atomically."""
-    from safetensors.torch import save_file
-
-    from .. import __version__
-    from ..runs import write_json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

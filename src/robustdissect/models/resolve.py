@@ -7,18 +7,20 @@ Shipped checkpoints are tags of the zoo: each names its architecture in its card
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
 from .. import resources
+from ..data import Dataset
 from ..errors import UserError, unknown_name
 from .io import apply_weights, build_model, check_classifier, load_checkpoint, load_state_dict, load_user_model
 from .io import read_card as _read_card
@@ -27,9 +29,6 @@ from .spec import add_input_normalization, parse_normalization, short_label
 from .zoo import MODELS
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from ..data import Dataset
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".json")
 
@@ -161,8 +160,6 @@ TRAINING_KEYS = ("dataset", "objective", "epochs", "train_seconds", "test_accura
 def _training_record(weights: Path) -> dict[str, Any]:
     """What the card beside weights written by `robustdissect train` (`NAME.json` next to
     `NAME.safetensors`) says of their training; {} when there is no such card."""
-    import json
-
     side = weights.with_suffix(".json")
     if weights.suffix != ".safetensors" or not side.is_file() or side.stat().st_size > 1 << 20:
         return {}

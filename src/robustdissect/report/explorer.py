@@ -33,19 +33,21 @@ import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jinja2 import Environment, FunctionLoader, select_autoescape
+from markupsafe import Markup
 from torch import Tensor, nn
 
+from .. import resources
+from ..analysis.concepts import ConceptDissection
+from ..analysis.features import FeatureScores
 from ..errors import UserError
 from ..modelutil import eval_mode, model_device
 from ..probe import record
-
-if TYPE_CHECKING:
-    from ..analysis.concepts import ConceptDissection
-    from ..analysis.features import FeatureScores
+from ..probe.quantiles import StreamingQuantile
 
 __all__ = [
     "COLUMNS",
@@ -176,8 +178,6 @@ def map_thresholds(
     """T_k by the dissection's rule (the (1 − quantile) quantile of the unit's raw map values, one
     streaming pass, error ≤ one bin width) over images x, for every unit of `layers`: (U,)
     float64, the layers' units concatenated. For units that no dissection covers."""
-    from ..probe.quantiles import StreamingQuantile
-
     quant = {name: StreamingQuantile(bins) for name in layers}
     for _s, _logits, maps in _forward(model, layers, x, batch_size):
         for name, a in maps.items():
@@ -391,11 +391,6 @@ def render_explorer(units: Sequence[Mapping[str, Any]], meta: Mapping[str, Any])
     order), quadrants ({code: name}), attack and threshold texts, cell (h, w) and display scale,
     explanatory text. Every string is escaped (Jinja2 autoescape in the HTML, `script_json` in
     the data block) and the script writes strings with `textContent` only."""
-    from jinja2 import Environment, FunctionLoader, select_autoescape
-    from markupsafe import Markup
-
-    from .. import resources
-
     data = {
         **meta,
         "columns": [{"key": k, "label": lab, "type": t, "title": tip} for k, lab, t, tip in COLUMNS],

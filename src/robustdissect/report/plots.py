@@ -133,3 +133,17 @@ def adversarial_grid(
             title = None if titles is None else titles[i]
             _show(fig.add_subplot(3, k, row * k + i + 1), imgs[i], title, "gray" if row < 2 else "magma")
     return fig
+
+
+def layer_study_figure(rows: Sequence[Mapping[str, Any]]) -> Figure:
+    """The SNS layer-selection study: accuracy (clean and each attack, 95% bands) against the
+    number k of top layers in S, one row per k."""
+    ks = [int(r["k"]) for r in rows]
+    columns = [c for c in rows[0] if f"{c}_ci_low" in rows[0]]
+    series = {c: [float(r[c]) for r in rows] for c in columns}
+    bands: dict[str, tuple[Sequence[float], Sequence[float]]] = {
+        c: ([float(r[f"{c}_ci_low"]) for r in rows], [float(r[f"{c}_ci_high"]) for r in rows]) for c in columns
+    }
+    fig = line_plot(ks, series, "k (top conv layers in S)", "accuracy", "SNS layer selection", bands=bands)
+    fig.axes[0].set_xticks(ks)
+    return fig

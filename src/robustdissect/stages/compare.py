@@ -17,13 +17,14 @@ Outputs:
 - E13: σ of every neuron of every conv layer under the same L-inf PGD for vanilla / PAT / SNS
   (via `analysis.compare_models`): mean σ per layer and the sorted σ of one layer (conv5);
 - E12 (Fig. 16): accuracy of SNS with the top-k layers, from a finished
-  `python -m robustdissect.training.studies` folder given as `layer_study`.
+  `python -m robustdissect.studies.sns_layers` folder given as `layer_study`.
 
 Tensor shapes: images x (N, C, H, W) in [0, 1], labels y (N,).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from torch import nn
 from ..analysis import compare_models
 from ..attacks import Attack, accuracy_vs_eps, accuracy_vs_steps, make_attack
 from ..config import parse_eps, stage_options
+from ..errors import UserError
 from ..evaluation import (
     BLACK_BOX,
     QUICK_EVALUATE,
@@ -47,7 +49,6 @@ from ..evaluation import (
 from ..report import plots
 from ..runs import RunDir
 from ..stats import proportion_interval
-from ..training.studies import layer_study_figure, read_layer_study
 from .base import STAGES, Context, section
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class CompareStageOptions:
     blackbox_n, spsa_iterations, ...); `quick` in the run config applies the evaluation's quick
     settings first.
     curve_*: E11 sweeps on the first `curve_n` images; sigma_*: E13 settings.
-    layer_study: output folder of `python -m robustdissect.training.studies` (its
+    layer_study: output folder of `python -m robustdissect.studies.sns_layers` (its
     layer_selection.json) to show as E12 / Fig. 16; None lists the command that makes one.
     """
 
@@ -317,8 +318,22 @@ def compare_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
 
 LAYER_STUDY_COMMAND = (
-    "python -m robustdissect.training.studies --config fmnist-smallcnn-sns-layers --out runs/layer-study"
+    "python -m robustdissect.studies.sns_layers --config fmnist-smallcnn-sns-layers --out runs/layer-study"
 )
+
+
+def read_layer_study(folder: str | Path) -> list[dict[str, Any]]:
+    """The rows a finished layer-selection study wrote to `folder`/layer_selection.json."""
+    path = Path(folder) / "layer_selection.json"
+    if not path.is_file():
+        raise UserError(f"no layer-selection study in {folder} (missing {path.name})")
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "k" in r for r in rows):
+        raise UserError(f"{path} holds no study rows (a list of objects with 'k')")
+    return rows
 
 
 def _layer_study_block(
@@ -335,7 +350,7 @@ def _layer_study_block(
     run.write_table("compare_layer_selection", rows)
     tables.append({"file": "tables/compare_layer_selection.csv",
                    "title": "E12: SNS with the top-k layers (95% Wilson intervals)", "show": True})  # fmt: skip
-    run.save_figure("compare_layer_selection", layer_study_figure(rows))
+    run.save_figure("compare_layer_selection", plots.layer_study_figure(rows))
     figures.append({"file": "figures/compare_layer_selection.png",
                     "caption": "E12 (Fig. 16): accuracy of SNS with the top-k conv layers as S"})  # fmt: skip
 

@@ -36,7 +36,7 @@ from .base import STAGES, AnalysisUnavailable, Context, Prepared, check_model_na
 
 log = logging.getLogger(__name__)
 
-# docs/results/ig1/study.json, shipped in the package by scripts/ship_studies.py
+# docs/results/ig1/study.json, shipped in the package by `python -m robustdissect.studies.ship`
 SHIPPED_STUDY = "ig1-fmnist.json"
 
 

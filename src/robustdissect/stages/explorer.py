@@ -43,6 +43,7 @@ from ..report.explorer import (
 from ..runs import read_table
 from .base import STAGES, AnalysisUnavailable, Context, section
 from .common import feature_scores, model_level_attacks, stage_feature_options
+from .concepts import stage_dissection
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,6 @@ def explorer_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     scores = feature_scores(ctx, options=fo, model_name=ctx.label)  # the features stage's result
     diss = None
     if "concepts" in ctx.config.stages:
-        from .concepts import stage_dissection
-
         try:
             diss = stage_dissection(ctx)
         except AnalysisUnavailable as e:

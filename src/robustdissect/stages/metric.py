@@ -26,7 +26,7 @@ from .base import STAGES, Context, section
 
 log = logging.getLogger(__name__)
 
-# docs/results/yu1/yu1.json, shipped in the package by scripts/ship_studies.py
+# docs/results/yu1/yu1.json, shipped in the package by `python -m robustdissect.studies.ship`
 SHIPPED_STUDY = "yu1-fmnist.json"
 STUDY_FILE = "yu1.json"  # in the output folder of the study
 

@@ -8,13 +8,12 @@ import torch
 
 from ..errors import UserError
 from ..evaluation import clean_predictions
+from ..report import plots
 from .base import STAGES, Context, section
 
 
 @STAGES.register("overview", "clean accuracy per class, confusion matrix, sample images")
 def overview_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
-    from ..report import plots
-
     if options:
         raise UserError(f"stage 'overview' takes no options, got {sorted(options)}")
     split = ctx.split

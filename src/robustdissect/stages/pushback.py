@@ -338,7 +338,7 @@ def pushback_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             if late:
                 warnings.append(f"{', '.join(late)} {'is' if len(late) == 1 else 'are'} shipped but not in the shipped "
                                 "pushback results; recompute them with the stage option compute: reliance "
-                                "(scripts/ship_pushback.py --reliance)")  # fmt: skip
+                                "(python -m robustdissect.studies.pushback --reliance)")  # fmt: skip
             warnings += [f"reliance shift: checkpoint '{m}' is not shipped; skipped (train it with: {retrain_hint(m)})"
                          for m in absent if m not in late]  # fmt: skip
             payload = {**payload, "reliance_warnings": [w for w in payload.get("reliance_warnings", [])

@@ -27,7 +27,7 @@ from ..analysis import (
 from ..attacks import make_attack
 from ..config import parse_eps, stage_options
 from ..errors import UserError
-from ..models import default_conv_layers
+from ..models import default_conv_layers, resolve_layer
 from ..models.layers import hook_description, reused_layers
 from ..report import plots_sensitivity as splots
 from ..runs import SectionArtefacts
@@ -299,8 +299,6 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     # E2: regions of interest
     if "roi" in opts.experiments:
         try:
-            from ..models import resolve_layer
-
             resolve_layer(model, opts.roi_layer)
             roi_layer = opts.roi_layer
         except UserError:
@@ -358,8 +356,6 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
 def _own_layers(model: torch.nn.Module, wanted: list[str], example: torch.Tensor) -> list[str]:
     """`wanted` when every name exists in `model`, else the model's own default conv layers."""
-    from ..models import resolve_layer
-
     try:
         for name in wanted:
             resolve_layer(model, name)

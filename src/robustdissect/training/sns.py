@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..analysis.features import QUICK_FEATURES, FeatureOptions, score_features
+from ..analysis.pushback import UnitSets
 from ..analysis.sensitivity import neuron_sensitivity, sensitive_neurons, top_k_count
 from ..attacks import frozen
 from ..data import Split
@@ -275,9 +277,6 @@ class SNS(PAT):
         """Ω = B: layer -> sorted channel ids of the brittle (NRU) units of `ref`, by the feature
         dissection on the first `units_n` images of a seeded permutation of the training split
         (labels y), standardised on the next `units_reference_n` (all of them, if none are left)."""
-        from ..analysis.features import QUICK_FEATURES, FeatureOptions, score_features
-        from ..analysis.pushback import UnitSets
-
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(len(train), generator=g)
         probe, rest = perm[: self.units_n], perm[self.units_n : self.units_n + self.units_reference_n]

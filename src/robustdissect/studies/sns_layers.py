@@ -11,7 +11,7 @@ accuracy and the listed attacks, each with a 95% Wilson interval; the rows go to
 Command line (the base is any `robustdissect train` YAML; the Fashion-MNIST preset is
 the preset fmnist-smallcnn-sns-layers):
 
-    python -m robustdissect.training.studies --config fmnist-smallcnn-sns-layers \\
+    python -m robustdissect.studies.sns_layers --config fmnist-smallcnn-sns-layers \\
         --ks 1,2,3,4,5,6 --out runs/layer-study [--eval-n 1000]
 
 Under torchrun every rank trains its shard (see `training.distributed`); rank 0 evaluates.
@@ -29,8 +29,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
 from ..config import pick_device
 from ..data import Dataset, load_dataset
 from ..errors import UserError
@@ -40,10 +38,11 @@ from ..modelutil import accuracy
 from ..report import plots
 from ..resources import read_train_config
 from ..runs import atomic_write_text, save_png, write_json
-from .distributed import dist_env
-from .loop import TrainConfig, train
+from ..stages.compare import read_layer_study
+from ..training.distributed import dist_env
+from ..training.loop import TrainConfig, train
 
-__all__ = ["layer_selection_study", "layer_study_figure", "main", "read_layer_study"]
+__all__ = ["layer_selection_study", "main", "read_layer_study"]
 
 log = logging.getLogger(__name__)
 
@@ -119,33 +118,6 @@ def layer_selection_study(
     return rows
 
 
-def read_layer_study(folder: str | Path) -> list[dict[str, Any]]:
-    """The rows a finished study wrote to `folder`/layer_selection.json."""
-    path = Path(folder) / "layer_selection.json"
-    if not path.is_file():
-        raise UserError(f"no layer-selection study in {folder} (missing {path.name})")
-    try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "k" in r for r in rows):
-        raise UserError(f"{path} holds no study rows (a list of objects with 'k')")
-    return rows
-
-
-def layer_study_figure(rows: Sequence[dict[str, Any]]) -> Figure:
-    """Accuracy (clean and each attack, 95% bands) against the number k of top layers in S."""
-    ks = [int(r["k"]) for r in rows]
-    columns = [c for c in rows[0] if f"{c}_ci_low" in rows[0]]
-    series = {c: [float(r[c]) for r in rows] for c in columns}
-    bands: dict[str, tuple[Sequence[float], Sequence[float]]] = {
-        c: ([float(r[f"{c}_ci_low"]) for r in rows], [float(r[f"{c}_ci_high"]) for r in rows]) for c in columns
-    }
-    fig = plots.line_plot(ks, series, "k (top conv layers in S)", "accuracy", "SNS layer selection", bands=bands)
-    fig.axes[0].set_xticks(ks)
-    return fig
-
-
 def _write(out: Path, rows: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "layer_selection.json", rows)
@@ -156,12 +128,12 @@ def _write(out: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
     atomic_write_text(out / "layer_selection.csv", buf.getvalue())
     if rows:
-        save_png(layer_study_figure(rows), out / "layer_selection.png", dpi=120)
+        save_png(plots.layer_study_figure(rows), out / "layer_selection.png", dpi=120)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m robustdissect.training.studies --config BASE.yaml --ks 1,2,3 --out DIR`."""
-    parser = argparse.ArgumentParser(prog="python -m robustdissect.training.studies", description=__doc__)
+    """`python -m robustdissect.studies.sns_layers --config BASE.yaml --ks 1,2,3 --out DIR`."""
+    parser = argparse.ArgumentParser(prog="python -m robustdissect.studies.sns_layers", description=__doc__)
     parser.add_argument("--config", required=True, help="base training preset or YAML (as for `robustdissect train`)")
     parser.add_argument("--ks", default="1,2,3,4,5,6", help="comma-separated layer counts")
     parser.add_argument("--out", required=True, type=Path)

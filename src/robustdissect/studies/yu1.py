@@ -19,7 +19,7 @@ between the model rankings of the accuracy columns, against the same between Ψ'
 
 Command line (models are shipped checkpoint names or .safetensors paths with a card):
 
-    python -m robustdissect.analysis.metric_study --out docs/results/yu1 --n 100 --restarts 2
+    python -m robustdissect.studies.yu1 --out docs/results/yu1 --n 100 --restarts 2
 
 Resuming: each model's row is cached in OUT/models/<name>.json together with every setting that
 determines it (N, seed, the fingerprint of the test images, the model's weights, Ψ's and the
@@ -50,17 +50,19 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ..analysis.landscape import landscape
+from ..analysis.metric import DEFAULT_STEPS, clear_calibration_cache, robustness_metric
 from ..attacks import PGD, make_attack
 from ..data import Dataset, load_dataset
 from ..errors import UserError
 from ..models.io import shipped_checkpoints
 from ..models.resolve import resolve_model
 from ..modelutil import accuracy
+from ..report.plots_metric import study_scatter
 from ..runs import atomic_write_text, jsonable, save_png, write_json
+from ..stages.metric import STUDY_FILE, read_study
 from ..stats import kendall, percentile_interval, resample_indices, spearman
 from ..store import model_hash
-from .landscape import landscape
-from .metric import DEFAULT_STEPS, clear_calibration_cache, robustness_metric
 
 __all__ = [
     "DEFAULT_FAMILY",
@@ -85,7 +87,6 @@ DEFAULT_FAMILY = [
     "fmnist-smallcnn-w32-vanilla", "fmnist-smallcnn-w8-pat", "fmnist-smallcnn4-w8-vanilla",
     "fmnist-smallcnn4-w8-fast", "fmnist-smallcnn4-w16-pat", "fmnist-smallcnn4-w16-trades",
 ]  # fmt: skip
-STUDY_FILE = "yu1.json"
 PSI_STEPS_FILE = "psi_steps.json"
 ROW_VERSION = 2  # rows of version 1 (no recorded settings, K = 20 main Ψ) are recomputed
 MAIN_EPS = 0.1
@@ -325,19 +326,6 @@ def summarise(rows: Sequence[Mapping[str, Any]], n_boot: int = 2000, seed: int =
     return out
 
 
-def read_study(folder: str | Path) -> dict[str, Any]:
-    """The study written by `main` into `folder` (its yu1.json)."""
-    path = Path(folder) / STUDY_FILE
-    if not path.is_file():
-        raise UserError(
-            f"no YU-1 study in {folder} (missing {STUDY_FILE}); run python -m robustdissect.analysis.metric_study"
-        )
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or "rows" not in data:
-        raise UserError(f"{path} is not a YU-1 study")
-    return data
-
-
 def check_models(models: Sequence[str]) -> None:
     """UserError naming every model that is neither a shipped checkpoint nor a checkpoint file,
     before any work (a family member still being trained is shipped with scripts/ship_checkpoint.py)."""
@@ -355,8 +343,6 @@ def run_study(models: Sequence[str], out: Path, data: Dataset, n: int, restarts:
               psi_steps: int = DEFAULT_STEPS) -> dict[str, Any]:  # fmt: skip
     """Evaluate every model (rows cached in out/models/<name>.json with their settings; a row
     whose settings differ is recomputed) and write yu1.json, yu1.csv and yu1_scatter.png."""
-    from ..report.plots_metric import study_scatter
-
     check_models(models)
     test = data.test.subset(n, seed=seed)
     x, y = test.x, test.y

@@ -29,8 +29,8 @@ for the seeds paired by training seed, with the mean and a t interval over the s
 single pair of accuracies, Newcombe's interval for a difference of two proportions (over test
 images, not seeds).
 
-    python -m robustdissect.analysis.pooling_study --out docs/results/ig1
-    python -m robustdissect.analysis.pooling_study --out docs/results/ig1 --cached-only   # re-aggregate
+    python -m robustdissect.studies.ig1 --out docs/results/ig1
+    python -m robustdissect.studies.ig1 --out docs/results/ig1 --cached-only   # re-aggregate
 
 The `diagnose` stage shows the study.
 """
@@ -50,12 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attacks import PGD
-from ..errors import UserError
-from ..modelutil import eval_mode
-from ..runs import atomic_write_text
-from ..stats import newcombe_interval, t_interval, wilson_interval
-from .diagnose import (
+from .. import resources
+from ..analysis.diagnose import (
     DecoderBank,
     DecoderSettings,
     InversionSettings,
@@ -64,6 +60,16 @@ from .diagnose import (
     diagnose,
     diagnosis_layers,
 )
+from ..attacks import PGD
+from ..data import load_dataset
+from ..errors import UserError, unknown_name
+from ..models.io import read_card
+from ..models.resolve import resolve_model
+from ..modelutil import eval_mode
+from ..report.plots_diagnose import pooling_comparison
+from ..runs import atomic_write_text, save_png
+from ..stats import newcombe_interval, t_interval, wilson_interval
+from ..store import model_hash
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +159,6 @@ def preset_mismatch(name: str, train_config: Mapping[str, Any]) -> list[str]:
     """How checkpoint `name`'s training config differs from its training preset of the same name
     (the settings the preset names; [] when it matches or no such preset exists): a non-empty
     answer means the checkpoint is stale, waiting to be retrained."""
-    from .. import resources
-
     if name not in resources.train_presets():
         return []
     preset = resources.read_train_config(name)
@@ -343,35 +347,6 @@ def note(diffs: Sequence[Mapping[str, Any]], excluded: Sequence[Mapping[str, Any
     return text
 
 
-def describe_settings(settings: Mapping[str, Any]) -> str:
-    """The reconstructed choices a study used, in words (for the report and the closing note)."""
-    inv = settings.get("inverter") or {}
-    eps = ", ".join(f"{e:g}" for e in settings.get("eps", []))
-    if inv.get("method") == "optim":
-        how = (f"optimisation inversion ({inv.get('steps')} Adam steps, lr {inv.get('lr')}, μ = {inv.get('tv')}, "
-               "from the mean image)")  # fmt: skip
-    else:
-        how = (f"GAN-free decoders G_l trained on {inv.get('train_images')} clean training images ({inv.get('epochs')} "
-               f"epochs, batches of {inv.get('batch_size')}, losses λ_img/λ_feat/λ_cls = {inv.get('lambda_img')}/"
-               f"{inv.get('lambda_feat')}/{inv.get('lambda_cls')}, squared norms: {inv.get('reduction')})")  # fmt: skip
-    return (f"L∞ PGD-{settings.get('steps')} at ε = {eps} (α = {settings.get('alpha')}, random start) on the first "
-            f"{settings.get('n')} test images; the diagnosis on the first {settings.get('diag_n')} of them, "
-            f"explanations by {how}, read by the judge {settings.get('judge')}; Spearman intervals from "
-            f"{settings.get('resamples')} bootstrap resamples")  # fmt: skip
-
-
-def read_study(folder: str | Path) -> dict[str, Any]:
-    """The study written by `main` into `folder` (its study.json)."""
-    path = Path(folder) / "study.json"
-    if not path.is_file():
-        raise UserError(f"no IG-1 study in {folder} (missing study.json); run python -m "
-                        "robustdissect.analysis.pooling_study")  # fmt: skip
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or "models" not in data or "differences" not in data:
-        raise UserError(f"{path} is not an IG-1 study")
-    return data
-
-
 # ---------------------------------------------------------------------------------------------
 # the study
 
@@ -401,8 +376,6 @@ def make_inverter(model: nn.Module, name: str, inv: InversionSettings | DecoderS
 
 
 def members(only: str | None) -> list[Member]:
-    from ..errors import unknown_name
-
     fam = family()
     if not only:
         return fam
@@ -416,12 +389,6 @@ def members(only: str | None) -> list[Member]:
 
 def run_study(a: argparse.Namespace) -> dict[str, Any]:
     """Compute (or reuse) every available member's rows, then compare; returns the study."""
-    from .. import resources
-    from ..data import load_dataset
-    from ..models.io import read_card
-    from ..models.resolve import resolve_model
-    from ..store import model_hash
-
     settings, inv = study_settings(a)
     folder = a.out / "models"
     folder.mkdir(parents=True, exist_ok=True)
@@ -487,7 +454,7 @@ def run_study(a: argparse.Namespace) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     """The study's command line; its defaults are the settings of the shipped docs/results/ig1."""
-    p = argparse.ArgumentParser(prog="python -m robustdissect.analysis.pooling_study", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m robustdissect.studies.ig1", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--only", default=None,
@@ -519,16 +486,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    from ..errors import UserError
-
     try:
         study = run_study(a)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
     atomic_write_text(a.out / "study.json", json.dumps(study, indent=1))
-    from ..report.plots_diagnose import pooling_comparison
-    from ..runs import save_png
-
     save_png(pooling_comparison(study), a.out / "ig1.png")
     print(study["note"])
     for d in study["differences"]:

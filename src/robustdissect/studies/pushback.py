@@ -1,6 +1,6 @@
 """Recompute the shipped pushback results (src/robustdissect/results/pushback-fmnist.json).
 
-python scripts/ship_pushback.py [--reliance] [--out runs/ship-pushback]
+python -m robustdissect.studies.pushback [--reliance] [--out runs/ship-pushback]
 
 Runs the `pushback` stage on the first 200 test images of fmnist-smallcnn-vanilla (seed 0):
 everything (`compute: true`, the --full profile: about half an hour on a loaded 2-core machine),
@@ -17,10 +17,10 @@ import json
 import shutil
 from pathlib import Path
 
-from robustdissect.config import RunConfig
-from robustdissect.pipeline import run_pipeline
+from ..config import RunConfig
+from ..pipeline import run_pipeline
 
-RESULTS = Path(__file__).resolve().parents[1] / "src" / "robustdissect" / "results" / "pushback-fmnist.json"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "pushback-fmnist.json"  # in the package
 IMAGES = "the first 200 test images of fmnist-smallcnn-vanilla, seed 0"
 
 

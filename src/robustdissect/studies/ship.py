@@ -1,11 +1,11 @@
 """Ship the finished studies inside the package, so that the `metric` and `diagnose` stages show
 them in any install (a wheel has no docs/ folder):
 
-    python scripts/ship_studies.py
+    python -m robustdissect.studies.ship
 
 copies docs/results/yu1/yu1.json to src/robustdissect/results/yu1-fmnist.json and
 docs/results/ig1/study.json to src/robustdissect/results/ig1-fmnist.json. Run it after rerunning
-`python -m robustdissect.analysis.metric_study` or `... pooling_study`; a test fails while the
+`python -m robustdissect.studies.yu1` or `... studies.ig1`; a test fails while the
 shipped copy differs from the study in docs/.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the repository (src/robustdissect/studies/..)
 # package file -> the study file it ships
 STUDIES = {
     "yu1-fmnist.json": ROOT / "docs" / "results" / "yu1" / "yu1.json",
