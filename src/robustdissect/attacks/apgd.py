@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive
+from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive, variant
 from .losses import cross_entropy, dlr, dlr_targeted
 from .pgd import DEFAULT_EPS
 from .threat import get_threat
@@ -172,48 +172,14 @@ class APGD(Attack):
         return pred != y if targets is None else pred == targets
 
 
+@variant(loss="ce")
 class APGDCE(APGD):
     """APGD with the cross-entropy loss."""
 
-    def __init__(
-        self,
-        eps: float | None = None,
-        *,
-        norm: str = "linf",
-        steps: int = 100,
-        restarts: int = 1,
-        rho: float = 0.75,
-        momentum: float = 0.75,
-        target: str | None = None,
-        seed: int = 0,
-        batch_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            eps, norm=norm, loss="ce", steps=steps, restarts=restarts, rho=rho, momentum=momentum,
-            target=target, seed=seed, batch_size=batch_size,
-        )  # fmt: skip
 
-
+@variant(loss="dlr")
 class APGDDLR(APGD):
     """APGD with the difference-of-logits-ratio loss (needs >= 3 classes, >= 4 when targeted)."""
-
-    def __init__(
-        self,
-        eps: float | None = None,
-        *,
-        norm: str = "linf",
-        steps: int = 100,
-        restarts: int = 1,
-        rho: float = 0.75,
-        momentum: float = 0.75,
-        target: str | None = None,
-        seed: int = 0,
-        batch_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            eps, norm=norm, loss="dlr", steps=steps, restarts=restarts, rho=rho, momentum=momentum,
-            target=target, seed=seed, batch_size=batch_size,
-        )  # fmt: skip
 
 
 ATTACKS.register("apgd-ce", "APGD with cross-entropy (Croce & Hein 2020), L-inf or L2, 100 steps")(APGDCE)

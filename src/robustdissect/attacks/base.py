@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, final
+from typing import Any, ClassVar, TypeVar, final
 
 import torch
 from torch import Tensor, nn
@@ -387,6 +387,34 @@ def _validate_labels(what: str, labels: Any, n: int) -> Tensor:
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise UserError(f"{what} must hold integer class indices, got dtype {labels.dtype}")
     return labels.long()
+
+
+A = TypeVar("A", bound=Attack)
+
+
+def variant(**fixed: Any) -> Callable[[type[A]], type[A]]:
+    """Class decorator: the decorated subclass is its parent with the keyword options `fixed` set
+    (e.g. `@variant(norm="l2")` on a PGD subclass). Its signature, the one `make_attack` checks
+    options against, is the parent's without them; giving one of them is an error."""
+
+    def wrap(cls: type[A]) -> type[A]:
+        parent = cls.__mro__[1]
+        sig = inspect.signature(parent.__init__)
+
+        def __init__(self: A, *args: Any, **kwargs: Any) -> None:
+            clash = sorted(set(kwargs) & set(fixed))
+            if clash:
+                raise UserError(f"{cls.__name__} fixes {', '.join(f'{k}={fixed[k]!r}' for k in clash)}")
+            parent.__init__(self, *args, **kwargs, **fixed)
+
+        __init__.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[p for name, p in sig.parameters.items() if name not in fixed]
+        )
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        cls.__init__ = __init__  # type: ignore[method-assign]
+        return cls
+
+    return wrap
 
 
 def make_attack(name: str, **kwargs: Any) -> Attack:

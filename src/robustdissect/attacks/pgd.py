@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive, frozen
+from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive, frozen, variant
 from .losses import cross_entropy, dlr, dlr_targeted, margin, other_max
 from .threat import STARTS, get_threat
 
@@ -318,80 +318,14 @@ def _better(ok: Tensor, loss: Tensor, best_ok: Tensor, best_loss: Tensor, keep: 
     return newly | ((ok == best_ok) & (loss > best_loss))
 
 
+@variant(norm="linf")
 class PGDLinf(PGD):
     """PGD in the L-inf ball (default eps 0.1, k 10, alpha eps/sqrt(k), CE loss, random start)."""
 
-    def __init__(
-        self,
-        eps: float | None = None,
-        *,
-        steps: int = 10,
-        alpha: float | None = None,
-        step_rule: str = "paper",
-        loss: str | LossFn = "ce",
-        random_start: bool | str = True,
-        start_sigma: float = 0.001,
-        restarts: int = 1,
-        target: str | None = None,
-        keep: str = "best",
-        early_stop: bool = False,
-        seed: int = 0,
-        batch_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            eps,
-            norm="linf",
-            steps=steps,
-            alpha=alpha,
-            step_rule=step_rule,
-            loss=loss,
-            random_start=random_start,
-            start_sigma=start_sigma,
-            restarts=restarts,
-            target=target,
-            keep=keep,
-            early_stop=early_stop,
-            seed=seed,
-            batch_size=batch_size,
-        )
 
-
+@variant(norm="l2")
 class PGDL2(PGD):
     """PGD in the L2 ball (default eps 1.5, k 10, alpha eps/sqrt(k), CE loss, random start)."""
-
-    def __init__(
-        self,
-        eps: float | None = None,
-        *,
-        steps: int = 10,
-        alpha: float | None = None,
-        step_rule: str = "paper",
-        loss: str | LossFn = "ce",
-        random_start: bool | str = True,
-        start_sigma: float = 0.001,
-        restarts: int = 1,
-        target: str | None = None,
-        keep: str = "best",
-        early_stop: bool = False,
-        seed: int = 0,
-        batch_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            eps,
-            norm="l2",
-            steps=steps,
-            alpha=alpha,
-            step_rule=step_rule,
-            loss=loss,
-            random_start=random_start,
-            start_sigma=start_sigma,
-            restarts=restarts,
-            target=target,
-            keep=keep,
-            early_stop=early_stop,
-            seed=seed,
-            batch_size=batch_size,
-        )
 
 
 ATTACKS.register("fgsm", "FGSM, one L-inf step of eps (untargeted or targeted)")(FGSM)
