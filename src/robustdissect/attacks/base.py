@@ -398,20 +398,20 @@ def variant(**fixed: Any) -> Callable[[type[A]], type[A]]:
     options against, is the parent's without them; giving one of them is an error."""
 
     def wrap(cls: type[A]) -> type[A]:
-        parent = cls.__mro__[1]
-        sig = inspect.signature(parent.__init__)
+        parent_init: Callable[..., None] = vars(cls.__mro__[1])["__init__"]
+        sig = inspect.signature(parent_init)
 
         def __init__(self: A, *args: Any, **kwargs: Any) -> None:
             clash = sorted(set(kwargs) & set(fixed))
             if clash:
                 raise UserError(f"{cls.__name__} fixes {', '.join(f'{k}={fixed[k]!r}' for k in clash)}")
-            parent.__init__(self, *args, **kwargs, **fixed)
+            parent_init(self, *args, **kwargs, **fixed)
 
         __init__.__signature__ = sig.replace(  # type: ignore[attr-defined]
             parameters=[p for name, p in sig.parameters.items() if name not in fixed]
         )
         __init__.__qualname__ = f"{cls.__qualname__}.__init__"
-        cls.__init__ = __init__  # type: ignore[method-assign]
+        setattr(cls, "__init__", __init__)  # noqa: B010 (mypy refuses assigning a method)
         return cls
 
     return wrap
