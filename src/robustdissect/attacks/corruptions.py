@@ -28,6 +28,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -189,8 +190,6 @@ class JPEG(Corruption):
     severities = (80.0, 65.0, 58.0, 50.0, 40.0)
 
     def _corrupt(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        from PIL import Image
-
         c = x.shape[1]
         if c not in (1, 3):
             raise UserError(f"jpeg needs 1- or 3-channel images, got {c} channels")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..errors import UserError
 from .files import check_input_size
@@ -479,8 +480,6 @@ def load_broden(
     such as scene and texture), `label.csv` (number, name, category, ...) and `images/`. Masks are
     PNGs whose label is R + 256·G (0 = none). Images are resized to `image_shape` (bilinear,
     converted to grayscale when it has one channel) and masks to its size (nearest)."""
-    from PIL import Image
-
     base = Path(root)
     index, labels = base / "index.csv", base / "label.csv"
     for p in (index, labels):
@@ -623,8 +622,6 @@ def read_label_list(path: Path) -> dict[int, tuple[str, str]]:
 def _open_concept_file(path: Path, root: Path) -> Any:
     """A decoded PIL image (pixels loaded), with unreadable files and decompression bombs as
     one-line UserErrors naming the file relative to `root`."""
-    from PIL import Image
-
     name = path.relative_to(root)
     try:
         with warnings.catch_warnings():
@@ -715,8 +712,6 @@ def load_concept_dir(root: str | Path, image_shape: Sequence[int] = (3, 224, 224
     resized to `image_shape` (C, H, W) bilinearly and converted to its channels (1: grayscale,
     3: RGB); masks are resized with nearest neighbour. One plane of concept ids per image;
     concepts are the listed labels that occur in some mask, in index order."""
-    from PIL import Image
-
     base = Path(root)
     c, h, w = (int(v) for v in image_shape)
     if c not in (1, 3):

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
@@ -38,8 +39,6 @@ class ImageSource(Protocol):
 def resize_shorter(im: Any, size: int) -> Any:
     """A Pillow image resized (bilinear) so that its shorter side is `size`; the longer side
     keeps the aspect ratio, rounded down (a 300x200 image at 100 -> 150x100)."""
-    from PIL import Image
-
     w, h = im.size
     if min(w, h) == size:
         return im
@@ -63,8 +62,6 @@ def decode_image(f: Path, grayscale: bool, resize: int | None = None, crop: int 
     """One image file as uint8 (H, W) or (H, W, 3): its shorter side resized to `resize`, then
     centre-cropped to `crop` x `crop` (each optional). Pillow's
     decompression-bomb limit (a warning above MAX_IMAGE_PIXELS, an error above twice) is a UserError."""
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -88,8 +85,6 @@ def decode_image(f: Path, grayscale: bool, resize: int | None = None, crop: int 
 def image_header(f: Path) -> tuple[int, int]:
     """(width, height) of an image file from its header only (no pixels decoded); a bomb or an
     unreadable header is a UserError, as when decoding."""
-    from PIL import Image
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from jinja2 import Environment, FunctionLoader, select_autoescape
 from markupsafe import Markup
+from PIL import Image
 from torch import Tensor, nn
 
 from .. import resources
@@ -286,8 +287,6 @@ def atlas_png(images: Tensor, cell: tuple[int, int], columns: int = ATLAS_COLUMN
     """One PNG holding `images` (M, C, H, W) in [0, 1] as cells of `cell` (h, w) pixels, row by
     row, `columns` to a row: image m at row m // columns, column m % columns. Grey images become
     an 8-bit grey PNG, three-channel ones RGB."""
-    from PIL import Image
-
     h, w = cell
     a = _to_cells(images, h, w)
     m, c = int(a.shape[0]), int(a.shape[1])
@@ -307,8 +306,6 @@ def mask_png(masks: Tensor, masks_adv: Tensor) -> bytes:
     """One unit's strip: its masks (k, h, w) in a row, the masks on the attacked images in a second
     row, as an indexed PNG that is transparent outside the region and the concepts figures' yellow
     at alpha 0.55 inside it; laid over the images (the atlas) it tints them as those figures do."""
-    from PIL import Image
-
     k, h, w = (int(v) for v in masks.shape)
     both = torch.stack([masks.cpu(), masks_adv.cpu()])  # (2, k, h, w)
     grid = both.permute(0, 2, 1, 3).reshape(2 * h, k * w).to(torch.uint8).numpy()

@@ -1,0 +1,55 @@
+"""The one-way layers stay true: no module imports inside a function, except a few optional or
+slow-to-load dependencies that one function needs, and the CLI (whose commands import their library
+call when they run, so that `robustdissect --help` starts without torch). The layers themselves and
+the absence of import cycles are checked by `lint-imports` (.importlinter) in scripts/test.sh."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "robustdissect"
+# modules a function may import where it runs: optional, or slow to load and used by one function
+LAZY = {"pandas", "playwright.sync_api", "captum.attr", "skimage.data", "skimage.color", "matplotlib.pyplot",
+        "torch._dynamo"}
+LAZY_FILES = {"cli.py"}
+
+
+def function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import statement inside a function body of the file at `path`."""
+    found: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            if in_function and isinstance(child, ast.Import):
+                found.extend((child.lineno, a.name) for a in child.names)
+            elif in_function and isinstance(child, ast.ImportFrom):
+                found.append((child.lineno, "." * child.level + (child.module or "")))
+            visit(child, inside)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return found
+
+
+def test_no_module_imports_inside_a_function_but_optional_dependencies() -> None:
+    offenders = [
+        f"{path.relative_to(SRC)}:{line}: {module}"
+        for path in sorted(SRC.rglob("*.py"))
+        if path.name not in LAZY_FILES or path.parent != SRC
+        for line, module in function_level_imports(path)
+        if module not in LAZY
+    ]
+    assert offenders == []
+
+
+def test_the_check_finds_imports_inside_functions_and_methods(tmp_path: Path) -> None:
+    code = (
+        "import os\n"
+        "def f():\n    from .pipeline import STAGES\n    return STAGES\n"
+        "class C:\n    def m(self):\n        import json, pandas\n"
+        "        def inner():\n            from ..x import y\n"
+    )
+    path = tmp_path / "m.py"
+    path.write_text(code)
+    assert function_level_imports(path) == [(3, ".pipeline"), (7, "json"), (7, "pandas"), (9, "..x")]
