@@ -140,6 +140,8 @@ class Target:
     compare_weights: str | None = None
     data: str | None = None
     data_dir: str | None = None
+    image_size: int | None = None
+    batch_size: str | None = None
     device: str | None = None
     n: int | None = None
     seed: int | None = None
@@ -176,6 +178,12 @@ class Target:
         cfg = base.replace(model=model, label=label, weights=self.weights, dataset=self.data,
                            data_dir=self.data_dir, n=self.n, seed=self.seed, device=self.device,
                            normalize=self.normalize)  # fmt: skip
+        if self.image_size is not None:
+            cfg = cfg.replace(data_options={**cfg.data_options, "image_size": self.image_size})
+        if self.batch_size is not None:
+            from .batching import check_batch_size
+
+            cfg = cfg.replace(batch_size=check_batch_size(self.batch_size, "--batch-size"))
         if self.model_arg:
             cfg = cfg.replace(model_args={**cfg.model_args, **_kv(self.model_arg)})
         if self.compare is not None:
@@ -226,6 +234,12 @@ COMMON_OPTIONS: dict[str, tuple[Any, Any]] = {
         "(empty for a checkpoint)")], None),
     "data": (DataOpt, None),
     "data_dir": (DataDirOpt, None),
+    "image_size": (Annotated[int | None, typer.Option(
+        "--image-size", min=1, max=4096, help="image-folder: resize the shorter side to SIZE and centre-crop SIZE x "
+        "SIZE (e.g. 224 for ImageNet models)")], None),
+    "batch_size": (Annotated[str | None, typer.Option(
+        "--batch-size", help="images per batch, or auto (default): on CUDA the largest batch that fits, found once "
+        "per model; on a CPU each stage's default")], None),
     "device": (Annotated[str | None, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N or "
                                                   "mps")], None),
     "n": (Annotated[int | None, typer.Option("--n", min=1, help="number of images analysed (default 500)")], None),

@@ -39,10 +39,12 @@ class RunConfig:
     compare: list[Any] | None = None
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
+    # options of the dataset's loader, e.g. image-folder {image_size: 224} or {resize: 256, crop: 224}
+    data_options: dict[str, Any] = field(default_factory=dict)
     split: str = "test"
     n: int | None = 500  # images analysed (None = the whole split)
     sample: bool = False  # false: the first n images in file order; true: a seeded random sample
-    batch_size: int = 250
+    batch_size: int | str = "auto"  # a number, or auto: the largest that fits on CUDA, each stage's default on a CPU
     seed: int = 0
     device: str = "auto"
     quick: bool = True  # reduced attack budgets in every stage; false = the papers' full budgets
@@ -115,7 +117,10 @@ def _check_types(cfg: RunConfig) -> None:
     need(cfg.data_dir is None or isinstance(cfg.data_dir, str), "data_dir must be a path or null", cfg.data_dir)
     need(cfg.split in ("train", "val", "test"), "split must be train, val or test", cfg.split)
     need(cfg.n is None or (_is_int(cfg.n) and cfg.n > 0), "n must be a positive integer or null", cfg.n)
-    need(_is_int(cfg.batch_size) and cfg.batch_size > 0, "batch_size must be a positive integer", cfg.batch_size)
+    need(cfg.batch_size == "auto" or (_is_int(cfg.batch_size) and int(cfg.batch_size) > 0),
+         "batch_size must be a positive integer or auto", cfg.batch_size)  # fmt: skip
+    need(isinstance(cfg.data_options, dict) and all(isinstance(k, str) for k in cfg.data_options),
+         "data_options must be a mapping of the dataset loader's options", cfg.data_options)  # fmt: skip
     need(_is_int(cfg.seed) and 0 <= cfg.seed < 2**63, "seed must be a non-negative integer", cfg.seed)
     need(isinstance(cfg.device, str) and _DEVICE.fullmatch(cfg.device) is not None, _DEVICE_HELP, cfg.device)
     need(isinstance(cfg.quick, bool), "quick must be true or false", cfg.quick)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .batching import with_batch_size
 from .config import RunConfig, dump_config, pick_device, stage_options
 from .data import Dataset, load_dataset
 from .errors import UserError
@@ -81,7 +82,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load the data, the model and its counterparts (each checked against the data's shape and
     classes) and pick the device; every problem is a UserError before any work."""
     device = pick_device(cfg.device)
-    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+    data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, **cfg.data_options)
     model, card = resolve_model(cfg.model, cfg.weights, cfg.model_args, data, normalize=cfg.normalize)
     available = len(data.split(cfg.split))
     if cfg.n is not None and cfg.n > available:
@@ -186,7 +187,7 @@ def run_pipeline(
             t0 = time.perf_counter()
             fn = STAGES.get(name)
             try:
-                entry = fn(ctx, profiled(fn, cfg, dict(options)))
+                entry = fn(ctx, with_batch_size(fn, ctx, profiled(fn, cfg, dict(options))))
             except AnalysisUnavailable as e:
                 log.warning("stage %s could not run: %s", name, e)
                 entry = section(name, text=f"This analysis could not run on this model: {e}", warnings=[str(e)])

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..batching import run_batch_size
 from ..errors import UserError
 from ..evaluation import clean_predictions
 from ..report import plots
@@ -18,7 +19,7 @@ def overview_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"stage 'overview' takes no options, got {sorted(options)}")
     split = ctx.split
     pred = clean_predictions(ctx.store, ctx.model, split.x, torch.arange(len(split)), ctx.images_id,
-                             ctx.config.batch_size)  # fmt: skip
+                             run_batch_size(ctx))  # fmt: skip
     k = ctx.data.num_classes
     confusion = torch.zeros(k, k, dtype=torch.long)
     confusion.index_put_((split.y, pred), torch.ones_like(pred), accumulate=True)
