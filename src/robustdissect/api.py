@@ -359,7 +359,7 @@ def features(
     if not names:
         raise UserError("the model has no conv layer to hook; name the layers to analyse")
     model_attacks = list(attacks) if attacks is not None else evaluation_attacks(
-        stage_options(EvaluateOptions, {}, "evaluate"), parse_eps(opts.eps), seed)  # fmt: skip
+        stage_options(EvaluateOptions, {}, "evaluate"), opts.eps, seed)  # fmt: skip
     k = num_classes if num_classes is not None else (data.num_classes if isinstance(data, Dataset) else None)
 
     def sigma(x_adv: Tensor) -> Tensor:

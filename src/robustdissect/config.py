@@ -241,6 +241,20 @@ def parse_eps(text: str | float, maximum: float | None = None, name: str = "epsi
     return value
 
 
+def parse_budgets(options: Any, *names: str, maximum: float | None = None, stage: str = "") -> None:
+    """Replace the budget fields `names` of an options dataclass (frozen ones too) by floats where
+    the options are built (`8/255` -> 0.0314, see `parse_eps`), so every reader gets a float; a
+    list field is parsed item by item and None stays None. Call it first in `__post_init__`."""
+    for name in names:
+        value = getattr(options, name)
+        what = f"{stage}: {name}" if stage else name
+        if isinstance(value, (list, tuple)):
+            value = [parse_eps(v, maximum, what) for v in value]
+        elif value is not None:
+            value = parse_eps(value, maximum, what)
+        object.__setattr__(options, name, value)
+
+
 def stage_options(cls: type[Any], options: dict[str, Any], stage: str) -> Any:
     """Build a stage's frozen options dataclass from its config block, refusing unknown keys."""
     known = {f.name for f in fields(cls)}

@@ -19,7 +19,7 @@ from torch import nn
 
 from .attacks import ATTACKS, PGD, Attack, check_black_box_breaks, check_margin_vs_ce, make_attack, masking_checks
 from .attacks.pgd import STEP_RULE_ALIASES, STEP_RULES
-from .config import parse_eps
+from .config import parse_budgets, parse_eps
 from .errors import UserError
 from .modelutil import eval_mode, model_device
 from .stats import proportion_interval
@@ -40,8 +40,8 @@ class EvaluateOptions:
     """Settings of the evaluation (METHODS §5.3, §8.1); every one is a config option."""
 
     attacks: str | list[str] = "all"  # "all" or names from TABLE_ATTACKS
-    eps: float | str = 0.1  # L-inf budget (pixel units)
-    eps_l2: float | str = 1.5  # L2 budget
+    eps: float = 0.1  # L-inf budget (pixel units)
+    eps_l2: float = 1.5  # L2 budget
     pgd_steps: int = 20
     # alpha = eps/sqrt(k) ("paper", the neuron-sensitivity paper's stated rule; also the sensitivity
     # stage's), or "2.5eps/k" (Madry et al.); a number in attack_options[<attack>].alpha wins
@@ -76,6 +76,7 @@ class EvaluateOptions:
     attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        parse_budgets(self, "eps", "eps_l2", "eps_sweep", stage="evaluate")
         """Refuse bad attack settings before any stage runs: every attack of the table, the worst
         case and `attack_options` is built once (dry construction), and an error names the option."""
         if not isinstance(self.square_queries, int) or isinstance(self.square_queries, bool) or self.square_queries < 0:
@@ -88,9 +89,8 @@ class EvaluateOptions:
     def eps_grid(self) -> list[float]:
         """The ε values of the accuracy-against-ε sweep: explicit, or relative to ε."""
         if self.eps_sweep is not None:
-            return [float(parse_eps(e)) for e in self.eps_sweep]
-        eps = parse_eps(self.eps)
-        return [round(r * eps, 10) for r in self.eps_sweep_relative]
+            return list(self.eps_sweep)
+        return [round(r * self.eps, 10) for r in self.eps_sweep_relative]
 
     def attack_names(self) -> list[str]:
         if self.attacks == "all":
@@ -142,7 +142,7 @@ def check_attack_options(opts: EvaluateOptions) -> None:
                     raise UserError(f"attack option {name}.{param}={value}: {_reason(alone)}") from None
             given = ", ".join(f"{name}.{k}={v}" for k, v in params.items())
             raise UserError(f"attack options {given}: {_reason(e)}") from None
-    eps = parse_eps(opts.eps)
+    eps = opts.eps
     for name in {*opts.attack_names(), *opts.worst_case, *(SQUARE[n] for n in opts.square_norms)}:
         try:
             attack = build_attack(name, opts, 0)
@@ -191,8 +191,8 @@ def build_attack(
 def _build_attack(
     name: str, opts: EvaluateOptions, seed: int, extra: dict[str, Any], eps_: float | None, steps_: int | None
 ) -> Attack:
-    eps = parse_eps(opts.eps) if eps_ is None else eps_
-    eps_l2 = parse_eps(opts.eps_l2)
+    eps = opts.eps if eps_ is None else eps_
+    eps_l2 = opts.eps_l2
     pgd_steps = opts.pgd_steps if steps_ is None else steps_
     common: dict[str, Any] = {"seed": seed, "batch_size": opts.batch_size}
     def make(attack: str, **kwargs: Any) -> Attack:
@@ -411,7 +411,7 @@ def sweep_curves(
 
     attacked = [r for r in table_rows if r["kind"] in ("white-box", "black-box")]
     report = masking_checks(
-        model, x[:cn], y[:cn], eps=parse_eps(opts.eps), large_eps=opts.large_eps, eps_values=opts.eps_grid(),
+        model, x[:cn], y[:cn], eps=opts.eps, large_eps=opts.large_eps, eps_values=opts.eps_grid(),
         steps_values=opts.steps_sweep, steps=opts.pgd_steps, seed=seed,
         accuracies={r["attack"]: r["accuracy"] for r in attacked},
         white_box={r["attack"]: r["kind"] == "white-box" for r in attacked},
@@ -446,9 +446,9 @@ def worst_cases(
     robust. clean_correct: (N,) bool; run(attack, idx) -> the attack's outcome on images idx (M,)."""
     n = len(clean_correct)
     done = dict(computed)
-    eps = parse_eps(opts.eps)
+    eps = opts.eps
     out: list[WorstCase] = []
-    for norm, budget in (("linf", eps), ("l2", parse_eps(opts.eps_l2))):
+    for norm, budget in (("linf", eps), ("l2", opts.eps_l2)):
         members = [(nm, o) for nm, o in computed if in_threat(o.settings, norm, budget)]
         # cross-entropy white-box attacks first, then margin losses, then black-box ones (the table
         # of who broke what reads as AutoAttack's cascade); the minimum does not depend on the order

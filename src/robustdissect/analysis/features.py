@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import FGSM, PGD, Attack
-from ..config import parse_eps
+from ..config import parse_budgets
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack
 from ..modelutil import eval_mode, model_device
@@ -84,7 +84,7 @@ class FeatureOptions:
 
     layers: list[str] | None = None  # default: every conv hook point (BN output)
     n: int | None = None  # analysed images: the first n of the run's images (None: all)
-    eps: float | str = 0.1  # L-inf budget of every attack in the set
+    eps: float = 0.1  # L-inf budget of every attack in the set
     reference_n: int = 2000  # clean training images for μ, s and the CDF
     cdf_capacity: int = 4096  # values kept per unit by the CDF sketch (exact up to this many images)
     feature_steps: int = 50  # feature-targeted PGD
@@ -103,6 +103,7 @@ class FeatureOptions:
     batch_size: int = 250
 
     def __post_init__(self) -> None:
+        parse_budgets(self, "eps", stage="features")
         ints = {"reference_n": 1, "cdf_capacity": 2, "feature_steps": 1, "restarts": 1, "depth_bins": 1,
                 "top_m": 1, "permutations": 0, "bootstrap": 0, "batch_size": 1, "candidates_per_bin": 0}  # fmt: skip
         for name, lo in ints.items():
@@ -113,7 +114,6 @@ class FeatureOptions:
             raise UserError(f"features: n must be an integer >= 2 or null, got {self.n!r}")
         if not 0.0 < self.null_quantile < 1.0:
             raise UserError(f"features: null_quantile must lie in (0, 1), got {self.null_quantile}")
-        parse_eps(self.eps)  # a malformed budget fails before any work
         if self.feature_alpha is not None and not self.feature_alpha > 0:
             raise UserError(f"features: feature_alpha must be > 0 or null, got {self.feature_alpha}")
 
@@ -659,7 +659,7 @@ def score_features(
     names = list(layers)
     if not names:
         raise UserError("feature scores need at least one layer")
-    eps = parse_eps(opts.eps)
+    eps = opts.eps
     runner: AttackRunner = run_attack or (lambda a, xx, yy: a(model, xx, yy).x_adv)
     bs = opts.batch_size
     attacks = list(model_attacks) or [
@@ -794,6 +794,6 @@ def _fixed_tau_s(res: FeatureScores) -> float | None:
 
 def evaluation_attacks(eopts: EvaluateOptions, eps: float, seed: int) -> list[Attack]:
     """The model-level attack set: the evaluation's L-inf PGD and FGSM under `eopts`, at ε `eps`."""
-    if parse_eps(eopts.eps) != eps:
+    if eopts.eps != eps:
         eopts = dataclasses.replace(eopts, eps=eps)
     return [build_attack("pgd-linf", eopts, seed), build_attack("fgsm", eopts, seed)]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..analysis.features import QUICK_FEATURES, FeatureOptions, FeatureScores, evaluation_attacks, score_features
 from ..attacks import Attack
-from ..config import parse_eps, stage_options
+from ..config import stage_options
 from ..evaluation import EvaluateOptions
 from ..models import default_conv_layers
 from .base import STAGES, AnalysisUnavailable, Context, stage_settings
@@ -67,7 +67,7 @@ def feature_scores(
     opt_parts = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("compare",)}
     parts = {"model": ctx.store.model_hash(m), "images": ctx.images_id, "n": n, "layers": layers,
              "options": opt_parts, "seed": seed}  # fmt: skip
-    eps = parse_eps(opts.eps)
+    eps = opts.eps
     name = model_name or (ctx.label if m is ctx.model else type(m).__name__)
 
     def compute() -> FeatureScores:

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..analysis import compare_models
 from ..attacks import Attack, accuracy_vs_eps, accuracy_vs_steps, make_attack
-from ..config import parse_eps, stage_options
+from ..config import parse_budgets, stage_options
 from ..errors import UserError
 from ..evaluation import (
     BLACK_BOX,
@@ -96,16 +96,19 @@ class CompareStageOptions:
     attacks: list[str] = field(default_factory=lambda: list(TABLE3))
     attack_options: dict[str, Any] = field(default_factory=dict)
     curve_n: int = 1000
-    curve_eps: float | str = 0.1
+    curve_eps: float = 0.1
     curve_steps: int = 10
     steps_sweep: list[int] = field(default_factory=lambda: list(range(1, 11)))
     eps_sweep: list[float] = field(default_factory=lambda: [0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2])
     sigma_models: list[str] | None = None
     sigma_n: int = 500
-    sigma_eps: float | str = 0.1
+    sigma_eps: float = 0.1
     sigma_steps: int = 10
     sigma_layer: str = "conv5"
     layer_study: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_budgets(self, "curve_eps", "sigma_eps", stage="compare")
 
 
 def _ci(correct: torch.Tensor) -> tuple[int, float, float, float]:
@@ -201,7 +204,7 @@ def compare_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
     # E11: PGD sweeps
     cn = min(opts.curve_n, n)
-    curve_eps = parse_eps(opts.curve_eps)
+    curve_eps = opts.curve_eps
     by_steps: dict[str, Sequence[float]] = {}
     by_eps: dict[str, Sequence[float]] = {}
     for short, model in models.items():
@@ -244,7 +247,7 @@ def compare_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     picked = _sigma_models(opts, models)
     if picked:
         sn = min(opts.sigma_n, n)
-        s_eps = parse_eps(opts.sigma_eps)
+        s_eps = opts.sigma_eps
         attack = make_attack("pgd-linf", eps=s_eps, steps=opts.sigma_steps, step_rule="paper", seed=seed)
         advs = {m: ctx.attack(attack, x[:sn], y[:sn], index[:sn], model=mod).x_adv for m, mod in picked.items()}
         comp = compare_models(picked, x[:sn], y[:sn], advs, seed=seed)
@@ -297,7 +300,7 @@ def compare_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     }
     text = (
         f"{len(models)} models on {n} images of the {ctx.config.split} split (black-box attacks on {bb_n}); "
-        f"L∞ ε = {parse_eps(eval_opts.eps):g}, L2 ε = {parse_eps(eval_opts.eps_l2):g}. "
+        f"L∞ ε = {eval_opts.eps:g}, L2 ε = {eval_opts.eps_l2:g}. "
         "Accuracies with 95% Wilson intervals; epochs and training seconds from each model's card."
     )
     if opts.layer_study is None and ctx.builtin_reference:

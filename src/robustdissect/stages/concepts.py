@@ -23,7 +23,7 @@ from ..analysis.concepts import (
 )
 from ..analysis.features import responses, stratified_select
 from ..attacks import make_attack
-from ..config import parse_eps, stage_options
+from ..config import parse_budgets, stage_options
 from ..data.concepts import (
     HIGH_FREQUENCY,
     ConceptSet,
@@ -74,7 +74,7 @@ class ConceptsOptions:
     # scores are reused), True: always (scores the features if no stage did)
     join: bool | None = None
     compare: list[str] | None = None  # other checkpoints (None: PAT and SNS beside a shipped smallcnn)
-    eps: float | str = 0.1  # L-inf PGD of the adversarial rows
+    eps: float = 0.1  # L-inf PGD of the adversarial rows
     steps: int = 10
     figure_concepts: int = 4  # concepts shown with their top unit's images
     top_images: int = 5
@@ -83,6 +83,7 @@ class ConceptsOptions:
     batch_size: int = 250
 
     def __post_init__(self) -> None:
+        parse_budgets(self, "eps", maximum=1.0, stage="concepts")
         for name, lo in (("n", 1), ("permutations", 0), ("bins", 2), ("figure_concepts", 0), ("top_images", 1),
                          ("gradcam_images", 0), ("top_units", 1), ("batch_size", 1), ("steps", 1)):  # fmt: skip
             v = getattr(self, name)
@@ -96,7 +97,6 @@ class ConceptsOptions:
             raise UserError(f"concepts: threshold must be streaming or exact, got {self.threshold!r}")
         if self.quantile_on not in ("raw", "upsampled"):
             raise UserError(f"concepts: quantile_on must be raw or upsampled, got {self.quantile_on!r}")
-        parse_eps(self.eps, 1.0, "concepts: eps")
         if self.broden and self.concept_dir:
             raise UserError("concepts: give a Broden directory or a concept directory, not both")
 
@@ -212,7 +212,7 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         panels = _unit_panels(ctx, opts, model, cset, diss, shown)
         figure("concept_top_units", plot_unit_images(panels),
                f"Top-{opts.top_images} concept images of one unit per concept, its region above T_k (top "
-               f"{opts.quantile:.1%}); adversarial row: the same images under PGD-L∞ ε = {parse_eps(opts.eps):g}, "
+               f"{opts.quantile:.1%}); adversarial row: the same images under PGD-L∞ ε = {opts.eps:g}, "
                "masked with the same T_k")  # fmt: skip
 
     text = (
@@ -340,7 +340,7 @@ def _unit_panels(
     idx = torch.unique(torch.cat([diss.layers[ly].top_images[u] for ly, u, _ in shown]))
     x = cset.images[idx]
     y = predict(model, x)  # attack the model's own decision (concept images have no class)
-    attack = make_attack("pgd-linf", eps=parse_eps(opts.eps), steps=opts.steps, step_rule="paper", seed=ctx.config.seed)
+    attack = make_attack("pgd-linf", eps=opts.eps, steps=opts.steps, step_rule="paper", seed=ctx.config.seed)
     adv = attack_evidence(ctx.store, model, attack, x, y, idx, split=f"concepts:{cset.identity}").x_adv
     pos = {int(i): k for k, i in enumerate(idx.tolist())}
     panels = []
@@ -368,7 +368,7 @@ def _gradcam_panels(
     n = min(opts.gradcam_images, int(scores.y.shape[0]))
     split = ctx.split
     x, y = split.x[: scores.y.shape[0]], split.y[: scores.y.shape[0]]
-    pgd = model_level_attacks(ctx, parse_eps(fo.eps))[0]
+    pgd = model_level_attacks(ctx, fo.eps)[0]
     x_adv = ctx.attack(pgd, x, y, torch.arange(len(y))).x_adv[:n]
     x, y = x[:n], y[:n]
     model = ctx.model

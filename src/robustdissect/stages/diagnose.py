@@ -27,7 +27,7 @@ from ..analysis.diagnose import (
     diagnosis_layers,
     layer_sigma_ratio,
 )
-from ..config import parse_eps, stage_options
+from ..config import parse_budgets, stage_options
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack
 from ..report.plots_diagnose import layer_bars, pooling_comparison, strips
@@ -65,7 +65,7 @@ class DiagnoseOptions:
 
     n: int = 100
     layers: list[str] | None = None
-    eps: float | str | None = None
+    eps: float | None = None
     steps: int | None = None
     early_stop: bool | None = None
     attack_all: bool = True
@@ -90,6 +90,7 @@ class DiagnoseOptions:
     study: str | None = None
 
     def __post_init__(self) -> None:
+        parse_budgets(self, "eps", stage="diagnose")
         if self.inverter not in INVERTERS:
             raise UserError(f"diagnose: inverter must be one of {', '.join(INVERTERS)}, got {self.inverter!r}")
         for name in ("n", "inversion_steps", "decoder_n", "decoder_epochs", "decoder_batch_size"):
@@ -102,8 +103,6 @@ class DiagnoseOptions:
                 raise UserError(f"diagnose: {name} must be an integer >= 0, got {v!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise UserError(f"diagnose: steps must be an integer >= 1 or null, got {self.steps!r}")
-        if self.eps is not None:
-            parse_eps(self.eps)
         self.inversion()
         self.decoder()
 
@@ -331,7 +330,7 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     stop = ("each image kept at its first successful step" if spec.get("early_stop")
             else "every step run, the highest-loss successful iterate kept")  # fmt: skip
     text = (
-        f"{n} images, the {spec.get('steps')}-step L∞ PGD at ε = {parse_eps(ev.eps):g}, {stop} "
+        f"{n} images, the {spec.get('steps')}-step L∞ PGD at ε = {ev.eps:g}, {stop} "
         f"({judged} adversarial examples flip a correct prediction). Layers: {', '.join(layers)}. "
         f"Explanations by {how}; judge: {judge_name}. {flips_text}The largest information loss is at {top_il}."
         f"{corr_text} (Bootstrap over images; an interval that contains 0 does not support 'layers that lose more "

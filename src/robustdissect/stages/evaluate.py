@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..attacks import make_attack
-from ..config import parse_eps, stage_options
+from ..config import stage_options
 from ..evaluation import (
     BLACK_BOX,
     QUICK_EVALUATE,
@@ -46,7 +46,7 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     model, run = ctx.model, ctx.run
     classes = ctx.data.classes
     index = torch.arange(n)
-    eps = parse_eps(opts.eps)
+    eps = opts.eps
 
     clean_correct = clean_predictions(ctx.store, model, x, index, ctx.images_id, opts.batch_size) == y
     rows = [accuracy_row("clean", clean_correct, "clean")]
@@ -170,7 +170,7 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     return section(
         "Robustness evaluation",
         text=(
-            f"{n} {ctx.config.split} images; L∞ ε = {eps:g}, L2 ε = {parse_eps(opts.eps_l2):g}; black-box attacks on "
+            f"{n} {ctx.config.split} images; L∞ ε = {eps:g}, L2 ε = {opts.eps_l2:g}; black-box attacks on "
             f"{bb_n} images. The worst case of a threat model is the per-image minimum over every attack of "
             "that norm and ε the run computed (table attacks, the PGD runs of the curves, the cascade "
             f"{', '.join(opts.worst_case)} on the points still robust"

@@ -24,7 +24,7 @@ from ..analysis.features import (
     QUADRANT_NAMES,
     FeatureScores,
 )
-from ..config import parse_eps, stage_options
+from ..config import stage_options
 from ..errors import UserError
 from ..report.explorer import (
     PAGE,
@@ -90,7 +90,7 @@ def explorer_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
 
     n = int(scores.y.shape[0])
     x, y = ctx.split.x[:n], ctx.split.y[:n]
-    eps = parse_eps(fo.eps)
+    eps = fo.eps
     pgd = model_level_attacks(ctx, eps)[0]
     outcome = ctx.attack(pgd, x, y, torch.arange(n))  # the features' δ*: a store hit
     thresholds, threshold_text = _thresholds(ctx, scores, diss, x, opts)

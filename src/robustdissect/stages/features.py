@@ -18,7 +18,7 @@ from ..analysis.features import (
     FeatureScores,
     bootstrap_shares,
 )
-from ..config import parse_eps, stage_options
+from ..config import stage_options
 from ..report import plots_features as fplots
 from ..runs import SectionArtefacts
 from .base import STAGES, Context, section
@@ -86,7 +86,7 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             "Share of all analysed units per quadrant and model, 95% bootstrap intervals over images",
         )
 
-    eps = parse_eps(opts.eps)
+    eps = opts.eps
     sc = main.scores
     shares = main.shares()
     summary: dict[str, Any] = {

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..analysis.landscape import DIRECTIONS, NORMS, LandscapeResult, landscape, landscape_attack
-from ..config import parse_eps, stage_options
+from ..config import parse_budgets, stage_options
 from ..errors import UserError
 from ..report.plots_metric import landscape_contours, landscape_slices, landscape_surfaces
 from .base import STAGES, Context, section
@@ -31,7 +31,7 @@ class LandscapeOptions:
     chunk_size: points per forward; compare: other models (None: the run's counterparts);
     counterparts: how many of them (None: all; the default run: 1)."""
 
-    eps: float | str = 0.1
+    eps: float = 0.1
     radius: float | None = None
     grid: int = 41
     n: int = 100
@@ -44,6 +44,7 @@ class LandscapeOptions:
     counterparts: int | None = None
 
     def __post_init__(self) -> None:
+        parse_budgets(self, "eps", stage="landscape")
         if self.counterparts is not None and (not isinstance(self.counterparts, int) or self.counterparts < 0):
             raise UserError(f"landscape: counterparts must be an integer >= 0 or null, got {self.counterparts!r}")
         if self.norm not in NORMS:
@@ -58,7 +59,6 @@ class LandscapeOptions:
                 raise UserError(f"landscape: {name} must be a positive integer, got {v!r}")
         if self.radius is not None and not self.radius > 0:
             raise UserError(f"landscape: radius must be > 0, got {self.radius}")
-        parse_eps(self.eps)
 
 
 # The default run: 8 images on a 15 x 15 grid.
@@ -69,7 +69,7 @@ QUICK_LANDSCAPE: dict[str, Any] = {"n": 8, "grid": 15, "line_points": 51, "count
 def landscape_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     """Surfaces of every model on the same images (adversarial examples from the store)."""
     opts: LandscapeOptions = stage_options(LandscapeOptions, options, "landscape")
-    eps = parse_eps(opts.eps)
+    eps = opts.eps
     split = ctx.split
     n = min(opts.n, len(split))
     x, y = split.x[:n], split.y[:n]

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..analysis.metric import CALIBRATIONS, DEFAULT_STEPS, MetricResult, robustness_metric
 from ..attacks import PGD, Attack
-from ..config import parse_eps, stage_options
+from ..config import parse_budgets, stage_options
 from ..errors import UserError
 from ..report.plots_metric import psi_histograms, study_scatter
 from ..resources import shipped_result
@@ -45,7 +45,7 @@ class MetricOptions:
     same images; study: folder of a YU-1 study to show (None: the study shipped in the package,
     results/yu1-fmnist.json, as an appendix of runs on the shipped Fashion-MNIST models only)."""
 
-    eps: float | str = 0.1
+    eps: float = 0.1
     steps: int = DEFAULT_STEPS
     alpha: float | None = None
     restarts: int = 1
@@ -62,6 +62,7 @@ class MetricOptions:
     study: str | None = None
 
     def __post_init__(self) -> None:
+        parse_budgets(self, "eps", stage="metric")
         if self.calibration not in CALIBRATIONS:
             raise UserError(f"metric: calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
         for name in ("steps", "restarts", "calibration_n", "eval_steps", "eval_restarts"):
@@ -74,7 +75,6 @@ class MetricOptions:
             raise UserError(f"metric: n must be an integer >= 1 or null, got {self.n!r}")
         if not 0 < self.target_confidence < 1:
             raise UserError(f"metric: target_confidence must be in (0, 1), got {self.target_confidence}")
-        parse_eps(self.eps)
 
 
 # The default run: 100 images, no timed evaluation (the evaluate stage's tables have the accuracies).
@@ -87,7 +87,7 @@ def _psi(ctx: Context, model: nn.Module, x: torch.Tensor, index: torch.Tensor, o
 
     cal = ctx.data.val.x[: opts.calibration_n] if len(ctx.data.val) else x
     return robustness_metric(
-        model, x, eps=parse_eps(opts.eps), steps=opts.steps, alpha=opts.alpha, restarts=opts.restarts,
+        model, x, eps=opts.eps, steps=opts.steps, alpha=opts.alpha, restarts=opts.restarts,
         calibration=opts.calibration, calibration_x=cal, target_confidence=opts.target_confidence,
         logit_scale=opts.logit_scale, seed=ctx.config.seed, run_attack=run_attack,
         cache_calibration=False,  # each model is calibrated once here; its time always includes that
@@ -97,7 +97,7 @@ def _psi(ctx: Context, model: nn.Module, x: torch.Tensor, index: torch.Tensor, o
 def _timed_evaluation(ctx: Context, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
                       opts: MetricOptions) -> dict[str, Any]:  # fmt: skip
     """PGD robust accuracy of the same images, with its wall time when computed in this call."""
-    attack = PGD(parse_eps(opts.eps), steps=opts.eval_steps, step_rule="madry", restarts=opts.eval_restarts,
+    attack = PGD(opts.eps, steps=opts.eval_steps, step_rule="madry", restarts=opts.eval_restarts,
                  early_stop=True, seed=ctx.config.seed, batch_size=500)  # fmt: skip
     before = ctx.store.misses.get("adv", 0)
     t0 = time.perf_counter()
@@ -204,7 +204,7 @@ def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             timing = f"in {took:.2f} s (Ψ: {ratio:.2f}× that)" if math.isfinite(took) else "(stored)"
             summary[f"PGD-{opts.eval_steps} accuracy {name}"] = f"{row['pgd_accuracy']:.1%} {timing}"
     text = (
-        f"ψ(x) = max KL(p_T(x) ‖ p_T(x+δ)) over the L∞ ball of ε = {parse_eps(opts.eps):g} ∩ [0,1], by PGD on KL "
+        f"ψ(x) = max KL(p_T(x) ‖ p_T(x+δ)) over the L∞ ball of ε = {opts.eps:g} ∩ [0,1], by PGD on KL "
         f"({opts.steps} steps, {opts.restarts} restart(s)), {opts.calibration} calibration, on {n} images; "
         "no labels are used. Ψ is the mean over images."
     )

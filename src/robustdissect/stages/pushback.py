@@ -41,7 +41,7 @@ from ..analysis.pushback import (
     transition_matrix,
 )
 from ..attacks import PGD
-from ..config import parse_eps, stage_options
+from ..config import parse_budgets, stage_options
 from ..errors import UserError
 from ..models import shipped_checkpoints
 from ..models.resolve import resolve_model
@@ -88,13 +88,13 @@ class PushbackOptions:
     (None: all; the default run's profile: 200, the PGD on each shipped model is its main cost)."""
 
     compute: bool | str = True
-    eps_bp: float | str = 0.1
+    eps_bp: float = 0.1
     steps: int = 50
     alpha: float = 0.01
     lambda_r: float = 1.0
     feature_n: int = 200
     purify_n: int = 64
-    eps: float | str = 0.1
+    eps: float = 0.1
     adaptive_steps: int = 5
     keep: float = 0.8
     compare: list[str] | None = None
@@ -103,6 +103,7 @@ class PushbackOptions:
     data_n: int | None = None
 
     def __post_init__(self) -> None:
+        parse_budgets(self, "eps_bp", "eps", stage="pushback")
         if self.compute not in (True, False, "auto", "reliance"):
             raise UserError(f"pushback: compute must be true, false, 'auto' or 'reliance', got {self.compute!r}")
         if self.data_n is not None and (not isinstance(self.data_n, int) or isinstance(self.data_n, bool)
@@ -154,7 +155,7 @@ def compute_pushback(ctx: Context, opts: PushbackOptions) -> dict[str, Any]:
     sets = UnitSets.from_scores(fs)
     if len(sets.brittle) == 0:
         raise AnalysisUnavailable("the feature dissection found no brittle (NRU) unit to push back")
-    bp: dict[str, Any] = {"eps": parse_eps(opts.eps_bp), "steps": opts.steps, "alpha": opts.alpha,
+    bp: dict[str, Any] = {"eps": opts.eps_bp, "steps": opts.steps, "alpha": opts.alpha,
                           "lambda_r": opts.lambda_r}  # fmt: skip
     n = fs.f_clean.shape[0]
     x, y = ctx.split.x[:n], ctx.split.y[:n]
@@ -162,7 +163,7 @@ def compute_pushback(ctx: Context, opts: PushbackOptions) -> dict[str, Any]:
     x_bp = back_perturb(ctx.model, x, sets, **bp)
     crit = dbp_criterion(ctx.model, x, x_bp, y, sets, fs.scores.tau_rho, k, keep=opts.keep)
 
-    eps = parse_eps(opts.eps)
+    eps = opts.eps
     npur = min(opts.purify_n, len(ctx.split))
     xp, yp, index = ctx.split.x[:npur], ctx.split.y[:npur], torch.arange(npur)
     attack = model_level_attacks(ctx, eps)[0]

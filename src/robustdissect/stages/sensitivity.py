@@ -25,7 +25,7 @@ from ..analysis import (
     targeted_pair_sets,
 )
 from ..attacks import make_attack
-from ..config import parse_eps, stage_options
+from ..config import parse_budgets, stage_options
 from ..errors import UserError
 from ..models import default_conv_layers, resolve_layer
 from ..models.layers import hook_description, reused_layers
@@ -44,7 +44,7 @@ class SensitivityOptions:
 
     experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
     layers: list[str] | None = None  # default: every conv hook point (BN output)
-    eps: float | str = 0.1  # untargeted L-inf PGD for σ (paper ε = 8/255 on CIFAR)
+    eps: float = 0.1  # untargeted L-inf PGD for σ (paper ε = 8/255 on CIFAR)
     steps: int = 10
     step_rule: str = "paper"  # α = ε/√k, the paper's stated rule; the evaluate stage's default too
     fraction: float = 0.1  # top-10% per layer
@@ -70,6 +70,7 @@ class SensitivityOptions:
     batch_size: int = 250
 
     def __post_init__(self) -> None:
+        parse_budgets(self, "eps", stage="sensitivity")
         unknown = [e for e in self.experiments if e not in EXPERIMENTS]
         if unknown:
             raise UserError(f"unknown sensitivity experiment(s) {unknown}; choose from {', '.join(EXPERIMENTS)}")
@@ -111,7 +112,7 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     n = len(split) if opts.n is None else min(opts.n, len(split))
     x, y = split.x[:n], split.y[:n]
     index = torch.arange(n)
-    eps = parse_eps(opts.eps)
+    eps = opts.eps
     warnings: list[str] = []
     reused = reused_layers(model, x[:1])
     conv_layers = opts.layers or default_conv_layers(model, "conv", x[:1])
