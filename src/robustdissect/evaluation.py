@@ -188,36 +188,39 @@ def build_attack(
     return _build_attack(name, opts, seed, extra, eps, steps)
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """What an attack of the table is built with: the options, the L-inf and L2 budgets and PGD's steps."""
+
+    opts: EvaluateOptions
+    linf: float
+    l2: float
+    pgd_steps: int
+
+
+# attack name -> its parameters in the evaluation (beside seed and batch size); others take only those
+ATTACK_PARAMETERS: dict[str, Callable[[_Budget], dict[str, Any]]] = {
+    "pgd-linf": lambda b: {"eps": b.linf, "steps": b.pgd_steps, "step_rule": b.opts.step_rule, "early_stop": True},
+    "pgd-l2": lambda b: {"eps": b.l2, "steps": b.pgd_steps, "step_rule": b.opts.step_rule, "early_stop": True},
+    "square-linf": lambda b: {"eps": b.linf, "queries": max(1, b.opts.square_queries)},
+    "square-l2": lambda b: {"eps": b.l2, "queries": max(1, b.opts.square_queries)},
+    "fgsm": lambda b: {"eps": b.linf},
+    "cw-l2": lambda b: {"steps": b.opts.cw_steps, "search_steps": b.opts.cw_search_steps},
+    "apgd-ce": lambda b: {"eps": b.linf, "steps": b.opts.apgd_steps},
+    "apgd-dlr": lambda b: {"eps": b.linf, "steps": b.opts.apgd_steps},
+    "spsa": lambda b: {"eps": b.linf, "iterations": b.opts.spsa_iterations, "n_samples": b.opts.spsa_samples},
+    "nattack": lambda b: {"eps": b.linf, "iterations": b.opts.nattack_iterations,
+                          "population": b.opts.nattack_population},
+}
+
+
 def _build_attack(
     name: str, opts: EvaluateOptions, seed: int, extra: dict[str, Any], eps_: float | None, steps_: int | None
 ) -> Attack:
-    eps = opts.eps if eps_ is None else eps_
-    eps_l2 = opts.eps_l2
-    pgd_steps = opts.pgd_steps if steps_ is None else steps_
-    common: dict[str, Any] = {"seed": seed, "batch_size": opts.batch_size}
-    def make(attack: str, **kwargs: Any) -> Attack:
-        return make_attack(attack, **{**kwargs, **extra})
-
-    if name == "pgd-linf":
-        return make(name, eps=eps, steps=pgd_steps, step_rule=opts.step_rule, early_stop=True, **common)
-    if name == "pgd-l2":
-        return make(name, eps=eps_l2, steps=pgd_steps, step_rule=opts.step_rule, early_stop=True, **common)
-    if name in ("square-linf", "square-l2"):
-        budget = eps if name == "square-linf" else eps_l2
-        return make(name, eps=budget, queries=max(1, opts.square_queries), **common)
-    if name == "fgsm":
-        return make(name, eps=eps, **common)
-    if name == "cw-l2":
-        return make(name, steps=opts.cw_steps, search_steps=opts.cw_search_steps, **common)
-    if name in ("apgd-ce", "apgd-dlr"):
-        return make(name, eps=eps, steps=opts.apgd_steps, **common)
-    if name == "spsa":
-        return make(name, eps=eps, iterations=opts.spsa_iterations, n_samples=opts.spsa_samples, **common)
-    if name == "nattack":
-        return make(
-            name, eps=eps, iterations=opts.nattack_iterations, population=opts.nattack_population, **common
-        )
-    return make(name, **common)
+    steps = opts.pgd_steps if steps_ is None else steps_
+    budget = _Budget(opts, opts.eps if eps_ is None else eps_, opts.eps_l2, steps)
+    params = ATTACK_PARAMETERS[name](budget) if name in ATTACK_PARAMETERS else {}
+    return make_attack(name, **{**params, "seed": seed, "batch_size": opts.batch_size, **extra})
 
 
 @dataclass
