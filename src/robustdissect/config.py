@@ -94,7 +94,8 @@ def config_from_dict(data: Any, where: str = "config") -> RunConfig:
     return cfg
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (YAML and JSON values)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -116,12 +117,12 @@ def _check_types(cfg: RunConfig) -> None:
     need(isinstance(cfg.dataset, str) and bool(cfg.dataset.strip()), "dataset must be a name", cfg.dataset)
     need(cfg.data_dir is None or isinstance(cfg.data_dir, str), "data_dir must be a path or null", cfg.data_dir)
     need(cfg.split in ("train", "val", "test"), "split must be train, val or test", cfg.split)
-    need(cfg.n is None or (_is_int(cfg.n) and cfg.n > 0), "n must be a positive integer or null", cfg.n)
-    need(cfg.batch_size == "auto" or (_is_int(cfg.batch_size) and int(cfg.batch_size) > 0),
+    need(cfg.n is None or (is_int(cfg.n) and cfg.n > 0), "n must be a positive integer or null", cfg.n)
+    need(cfg.batch_size == "auto" or (is_int(cfg.batch_size) and int(cfg.batch_size) > 0),
          "batch_size must be a positive integer or auto", cfg.batch_size)  # fmt: skip
     need(isinstance(cfg.data_options, dict) and all(isinstance(k, str) for k in cfg.data_options),
          "data_options must be a mapping of the dataset loader's options", cfg.data_options)  # fmt: skip
-    need(_is_int(cfg.seed) and 0 <= cfg.seed < 2**63, "seed must be a non-negative integer", cfg.seed)
+    need(is_int(cfg.seed) and 0 <= cfg.seed < 2**63, "seed must be a non-negative integer", cfg.seed)
     need(isinstance(cfg.device, str) and _DEVICE.fullmatch(cfg.device) is not None, _DEVICE_HELP, cfg.device)
     need(isinstance(cfg.quick, bool), "quick must be true or false", cfg.quick)
     need(isinstance(cfg.sample, bool), "sample must be true or false", cfg.sample)

@@ -79,6 +79,14 @@ GAUSSIAN_SCALES: dict[str, tuple[float, ...]] = {
 }
 
 
+def noise_scale(setting: str, image_shape: tuple[int, ...]) -> str:
+    """The Gaussian-noise scale of a run: `setting` itself, or for "auto" "fmnist" (the x 3.19 set)
+    on 1-channel 28x28 images (C, H, W) and "cifar" (CIFAR-10-C's sigmas) otherwise."""
+    if setting != "auto":
+        return setting
+    return "fmnist" if tuple(image_shape) == (1, 28, 28) else "cifar"
+
+
 class GaussianNoise(Corruption):
     """x + N(0, sigma^2); scale "cifar10" (alias "cifar"; CIFAR-10-C sigmas) or "fmnist" (x 3.19); or sigma."""
 

@@ -43,6 +43,7 @@ from ..evaluation import (
     BLACK_BOX,
     QUICK_EVALUATE,
     EvaluateOptions,
+    black_box_subset,
     build_attack,
     clean_predictions,
 )
@@ -161,8 +162,8 @@ def compare_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     n = len(split) if opts.n is None else min(opts.n, len(split))
     x, y = split.x[:n], split.y[:n]
     index = torch.arange(n)
-    bb_n = min(eval_opts.blackbox_n, n)
-    bb_index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:bb_n].sort().values
+    bb_index = black_box_subset(n, eval_opts.blackbox_n, seed)
+    bb_n = len(bb_index)
 
     models, cards, warnings = _compared_models(ctx, opts)
     if len(models) < (1 if opts.models is not None else 2):

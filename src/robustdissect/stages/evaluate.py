@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..attacks import make_attack
+from ..attacks.corruptions import noise_scale
 from ..config import stage_options
 from ..evaluation import (
     BLACK_BOX,
@@ -80,9 +81,7 @@ def evaluate_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     worst_robust = {wc.label: wc.robust for wc in cases}
 
     # corruptions at five severities
-    scale = opts.noise_scale
-    if scale == "auto":
-        scale = "fmnist" if ctx.data.image_shape == (1, 28, 28) else "cifar"
+    scale = noise_scale(opts.noise_scale, ctx.data.image_shape)
     corruption_rows: list[dict[str, Any]] = []
     for cname in opts.corruptions:
         for sev in range(1, 6):

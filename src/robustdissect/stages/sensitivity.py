@@ -25,6 +25,7 @@ from ..analysis import (
     targeted_pair_sets,
 )
 from ..attacks import make_attack
+from ..attacks.corruptions import noise_scale
 from ..config import parse_budgets, stage_options
 from ..errors import UserError
 from ..models import default_conv_layers, resolve_layer
@@ -178,9 +179,7 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             seed=seed,
         ).rows
     if "amplification" in opts.experiments:
-        scale = opts.noise_scale
-        if scale == "auto":
-            scale = "fmnist" if ctx.data.image_shape == (1, 28, 28) else "cifar"
+        scale = noise_scale(opts.noise_scale, ctx.data.image_shape)
         noises = {
             float(s): ctx.attack(make_attack("gaussian-noise", severity=s, scale=scale, seed=seed), x, y, index).x_adv
             for s in opts.noise_severities
@@ -268,7 +267,7 @@ def sensitivity_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         log.info("sensitivity: suppression on %d images", ns)
         relu_sigma = {layer: base.layers[layer].sigma for layer in relu_layers if layer in base.layers}
         selection = sensitive_neurons(relu_sigma, fraction=opts.fraction)
-        scale = "fmnist" if ctx.data.image_shape == (1, 28, 28) else "cifar"
+        scale = noise_scale(opts.noise_scale, ctx.data.image_shape)
         sup_attacks = {
             "pgd-linf": _pgd(opts.suppression_eps, opts, seed),
             "pgd-l2": make_attack(

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import pick_device
+from ..config import is_int, pick_device
 from ..data import DATASETS, Dataset, augment, load_dataset
 from ..errors import UserError, unknown_name
 from ..models import MODELS, save_checkpoint
@@ -81,10 +81,6 @@ class TrainConfig:
         check_train_config(self)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -101,9 +97,9 @@ def check_train_config(cfg: TrainConfig) -> None:
     need(isinstance(cfg.model_args, dict), "model_args must be a mapping", cfg.model_args)
     need(isinstance(cfg.dataset, str) and bool(cfg.dataset.strip()), "dataset must be a name", cfg.dataset)
     need(cfg.data_dir is None or isinstance(cfg.data_dir, str), "data_dir must be a path or null", cfg.data_dir)
-    need(cfg.n is None or (_is_int(cfg.n) and cfg.n > 0), "n must be a positive integer or null", cfg.n)
-    need(_is_int(cfg.epochs) and 1 <= cfg.epochs <= 100_000, "epochs must be a positive integer", cfg.epochs)
-    need(_is_int(cfg.batch_size) and cfg.batch_size > 0, "batch_size must be a positive integer", cfg.batch_size)
+    need(cfg.n is None or (is_int(cfg.n) and cfg.n > 0), "n must be a positive integer or null", cfg.n)
+    need(is_int(cfg.epochs) and 1 <= cfg.epochs <= 100_000, "epochs must be a positive integer", cfg.epochs)
+    need(is_int(cfg.batch_size) and cfg.batch_size > 0, "batch_size must be a positive integer", cfg.batch_size)
     need(_is_number(cfg.lr) and cfg.lr >= 0, "lr must be a finite, non-negative number", cfg.lr)
     need(_is_number(cfg.momentum) and 0 <= cfg.momentum < 1, "momentum must be a number in [0, 1)", cfg.momentum)
     need(
@@ -115,7 +111,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     need(cfg.augment in ("auto", "none", "crop-flip"), "augment must be auto, none or crop-flip", cfg.augment)
     need(isinstance(cfg.objective, str) and bool(cfg.objective), "objective must be a name", cfg.objective)
     need(isinstance(cfg.objective_args, dict), "objective_args must be a mapping", cfg.objective_args)
-    need(_is_int(cfg.seed) and 0 <= cfg.seed < 2**63, "seed must be a non-negative integer", cfg.seed)
+    need(is_int(cfg.seed) and 0 <= cfg.seed < 2**63, "seed must be a non-negative integer", cfg.seed)
     need(isinstance(cfg.device, str), "device must be auto, cpu, cuda, cuda:N or mps", cfg.device)
     need(cfg.init is None or isinstance(cfg.init, str), "init must be a checkpoint name or path", cfg.init)
     need(isinstance(cfg.channels_last, bool), "channels_last must be true or false", cfg.channels_last)
