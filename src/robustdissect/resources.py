@@ -101,3 +101,29 @@ def shipped_result(name: str) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise UserError(f"the shipped result {name} is not a JSON object")
     return data
+
+
+def read_study(folder: str | Path, study: str, file: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The study `study` (e.g. "YU-1") that `python -m robustdissect.studies.<study>` wrote into
+    `folder` as `file`; a missing or malformed file (no `keys`) is a UserError."""
+    path = Path(folder) / file
+    module = study.lower().replace("-", "")
+    if not path.is_file():
+        raise UserError(f"no {study} study in {folder} (missing {file}); run python -m robustdissect.studies.{module}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        raise UserError(f"{path} is not the file of a {study} study (it needs {', '.join(keys)})")
+    return data
+
+
+def study_or_shipped(
+    folder: str | None, builtin: bool, study: str, file: str, keys: tuple[str, ...], shipped: str
+) -> dict[str, Any] | None:
+    """The study in `folder`, or (None) the one shipped as results/`shipped` when the run analyses
+    a shipped Fashion-MNIST model on its own data (`builtin`), else None."""
+    if folder is not None:
+        return read_study(folder, study, file, keys)
+    return shipped_result(shipped) if builtin else None

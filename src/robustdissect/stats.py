@@ -113,34 +113,27 @@ def percentile_interval(replicates: ArrayLike | torch.Tensor, level: float = 0.9
     return float(lo), float(hi)
 
 
-def _paired(a: ArrayLike, b: ArrayLike, what: str) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
-    """Both inputs as float64 vectors; None when the coefficient is undefined (fewer than 2
-    values or a constant side)."""
+def _rank_correlation(method: str, a: ArrayLike, b: ArrayLike) -> float:
+    """scipy's spearmanr ("spearman") or kendalltau ("kendall") statistic of a (n,) and b (n,);
+    NaN when either side is constant or n < 2 (the coefficient is undefined)."""
     xa, xb = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     if xa.shape != xb.shape:
-        raise UserError(f"{what} needs inputs of equal length, got {xa.size} and {xb.size}")
+        raise UserError(f"{method} needs inputs of equal length, got {xa.size} and {xb.size}")
     if xa.size < 2 or np.all(xa == xa[0]) or np.all(xb == xb[0]):
-        return None
-    return xa, xb
+        return math.nan
+    test = _scipy_stats.spearmanr if method == "spearman" else _scipy_stats.kendalltau
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(test(xa, xb).statistic)
 
 
 def spearman(a: ArrayLike, b: ArrayLike) -> float:
     """Spearman's rank correlation of a (n,) and b (n,) with average ranks for ties (as
     scipy.stats.spearmanr); NaN when either side is constant or n < 2."""
-    pair = _paired(a, b, "spearman")
-    if pair is None:
-        return math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(_scipy_stats.spearmanr(*pair).statistic)
+    return _rank_correlation("spearman", a, b)
 
 
 def kendall(a: ArrayLike, b: ArrayLike) -> float:
     """Kendall's τ-b of a (n,) and b (n,) (ties counted as scipy.stats.kendalltau does); NaN when
     either side is constant or n < 2."""
-    pair = _paired(a, b, "kendall")
-    if pair is None:
-        return math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(_scipy_stats.kendalltau(*pair).statistic)
+    return _rank_correlation("kendall", a, b)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive
+from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive, variant
 from .losses import margin
 
 # iterations (out of 10,000) after which p is halved once more
@@ -251,44 +251,14 @@ class Square(Attack):
         return self._l2_rescale(x, out)
 
 
+@variant(norm="linf")
 class SquareLinf(Square):
     """Square attack in the L-inf ball (default eps 0.1, 5,000 queries, p_init 0.8)."""
 
-    def __init__(
-        self,
-        eps: float | None = None,
-        *,
-        queries: int = 5000,
-        p_init: float = 0.8,
-        restarts: int = 1,
-        target: str | None = None,
-        seed: int = 0,
-        batch_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            eps, norm="linf", queries=queries, p_init=p_init, restarts=restarts, target=target, seed=seed,
-            batch_size=batch_size,
-        )  # fmt: skip
 
-
+@variant(norm="l2")
 class SquareL2(Square):
     """Square attack in the L2 ball (default eps 1.5, 5,000 queries, p_init 0.8)."""
-
-    def __init__(
-        self,
-        eps: float | None = None,
-        *,
-        queries: int = 5000,
-        p_init: float = 0.8,
-        restarts: int = 1,
-        target: str | None = None,
-        seed: int = 0,
-        batch_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            eps, norm="l2", queries=queries, p_init=p_init, restarts=restarts, target=target, seed=seed,
-            batch_size=batch_size,
-        )  # fmt: skip
 
 
 ATTACKS.register("square-linf", "Square attack, black-box random search in the L-inf ball (5,000 queries)")(SquareLinf)

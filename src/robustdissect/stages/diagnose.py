@@ -5,7 +5,6 @@ when one has been run (`python -m robustdissect.studies.ig1`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ from ..config import parse_budgets, stage_options
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack
 from ..report.plots_diagnose import layer_bars, pooling_comparison, strips
-from ..resources import shipped_result
+from ..resources import study_or_shipped
 from .base import STAGES, AnalysisUnavailable, Context, Prepared, check_model_name, section, stage_settings
 
 log = logging.getLogger(__name__)
@@ -157,23 +156,12 @@ def describe_settings(settings: Mapping[str, Any]) -> str:
             f"{settings.get('resamples')} bootstrap resamples")  # fmt: skip
 
 
-def read_study(folder: str | Path) -> dict[str, Any]:
-    """The IG-1 study that `python -m robustdissect.studies.ig1` wrote into `folder` (its study.json)."""
-    path = Path(folder) / "study.json"
-    if not path.is_file():
-        raise UserError(f"no IG-1 study in {folder} (missing study.json); run python -m robustdissect.studies.ig1")
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or "models" not in data or "differences" not in data:
-        raise UserError(f"{path} is not an IG-1 study")
-    return data
-
-
 def load_study(option: str | None, ctx: Context | None = None) -> dict[str, Any] | None:
-    """The IG-1 study in the folder `option`, or (None) the one shipped in the package when the
-    run analyses a shipped Fashion-MNIST model on its own data (`ctx`; any run without one)."""
-    if option is not None:
-        return read_study(option)
-    return shipped_result(SHIPPED_STUDY) if ctx is None or ctx.builtin_reference else None
+    """The IG-1 study in the folder `option` (its study.json), or (None) the one shipped in the
+    package when the run analyses a shipped Fashion-MNIST model on its own data (`ctx`; any run
+    without one)."""
+    builtin = ctx is None or ctx.builtin_reference
+    return study_or_shipped(option, builtin, "IG-1", "study.json", ("models", "differences"), SHIPPED_STUDY)
 
 
 def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[str, Any]],

@@ -4,7 +4,6 @@ images, and the YU-1 study (§2.4) when one has been run (`python -m robustdisse
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -15,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import resources
 from ..analysis.metric import CALIBRATIONS, DEFAULT_STEPS, MetricResult, robustness_metric
 from ..attacks import PGD, Attack
 from ..config import parse_budgets, stage_options
 from ..errors import UserError
 from ..report.plots_metric import psi_histograms, study_scatter
-from ..resources import shipped_result
 from ..stats import wilson_interval
 from .base import STAGES, Context, section
 
@@ -112,21 +111,14 @@ def _timed_evaluation(ctx: Context, model: nn.Module, x: torch.Tensor, y: torch.
 
 def read_study(folder: str | Path) -> dict[str, Any]:
     """The YU-1 study that `python -m robustdissect.studies.yu1` wrote into `folder` (its yu1.json)."""
-    path = Path(folder) / STUDY_FILE
-    if not path.is_file():
-        raise UserError(f"no YU-1 study in {folder} (missing {STUDY_FILE}); run python -m robustdissect.studies.yu1")
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict) or "rows" not in data:
-        raise UserError(f"{path} is not a YU-1 study")
-    return data
+    return resources.read_study(folder, "YU-1", STUDY_FILE, ("rows",))
 
 
 def load_study(option: str | None, ctx: Context | None = None) -> dict[str, Any] | None:
     """The YU-1 study in the folder `option`, or (None) the one shipped in the package when the
     run analyses a shipped Fashion-MNIST model on its own data (`ctx`; any run without one)."""
-    if option is not None:
-        return read_study(option)
-    return shipped_result(SHIPPED_STUDY) if ctx is None or ctx.builtin_reference else None
+    builtin = ctx is None or ctx.builtin_reference
+    return resources.study_or_shipped(option, builtin, "YU-1", STUDY_FILE, ("rows",), SHIPPED_STUDY)
 
 
 def _study_block(ctx: Context, study: dict[str, Any] | None, tables: list[dict[str, Any]],
