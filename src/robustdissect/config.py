@@ -51,10 +51,7 @@ class RunConfig:
     stages: dict[str, dict[str, Any]] = field(default_factory=lambda: {s: {} for s in DEFAULT_STAGES})
 
     def __post_init__(self) -> None:
-        for name in ("weights", "data_dir"):  # accept paths from Python callers; YAML holds strings
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                object.__setattr__(self, name, os.fspath(value))
+        path_fields(self, "weights", "data_dir")
         _check_types(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,6 +89,15 @@ def config_from_dict(data: Any, where: str = "config") -> RunConfig:
         raise UserError(f"{where}: {e}") from None
     check_device(cfg.device, where)
     return cfg
+
+
+def path_fields(options: Any, *names: str) -> None:
+    """Turn the path fields `names` of a (frozen) options dataclass given as os.PathLike by Python
+    callers into strings, as YAML holds them."""
+    for name in names:
+        value = getattr(options, name)
+        if isinstance(value, os.PathLike):
+            object.__setattr__(options, name, os.fspath(value))
 
 
 def is_int(v: Any) -> bool:

@@ -30,6 +30,7 @@ from PIL import Image
 
 from ..errors import UserError
 from .files import check_input_size
+from .lazy import read_image
 
 log = logging.getLogger(__name__)
 
@@ -524,17 +525,7 @@ def load_broden(
             raise UserError(f"{index}: {name} points outside {base}")
         if not p.is_file():
             raise UserError(f"{index} lists {name}, which is missing under {base / 'images'}")
-        try:  # Pillow's decompression-bomb warning is an error here, as for image folders
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(p) as raw:
-                    return raw.convert(mode)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise UserError(
-                f"{p} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); resize it first"
-            ) from None
-        except Exception as e:  # an undecodable file is the user's data problem
-            raise UserError(f"cannot read image {p}: {' '.join(str(e).split())[:200]}") from None
+        return read_image(p, mode)
 
     for r in rows:
         img = open_image(r["image"], "L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)

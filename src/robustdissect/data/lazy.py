@@ -58,28 +58,32 @@ def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, 
     return left, top, left + crop, top + crop
 
 
-def decode_image(f: Path, grayscale: bool, resize: int | None = None, crop: int | None = None) -> np.ndarray:
-    """One image file as uint8 (H, W) or (H, W, 3): its shorter side resized to `resize`, then
-    centre-cropped to `crop` x `crop` (each optional). Pillow's
-    decompression-bomb limit (a warning above MAX_IMAGE_PIXELS, an error above twice) is a UserError."""
+def read_image(f: Path, mode: str) -> Image.Image:
+    """One image file decoded and converted to the Pillow `mode` ("L", "RGB"). Pillow's
+    decompression-bomb limit (a warning above MAX_IMAGE_PIXELS, an error above twice) and any
+    undecodable file are a UserError (the user's data problem)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(f) as raw:
-                im = raw.convert("L" if grayscale else "RGB")
-                if resize is not None:
-                    im = resize_shorter(im, resize)
-                if crop is not None:
-                    im = im.crop(center_crop_box(im.size[0], im.size[1], crop))
-                return np.array(im, dtype=np.uint8)
-    except UserError:
-        raise
+                return raw.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(
             f"{f} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); resize it first"
         ) from None
-    except Exception as e:  # any undecodable file is the user's data problem
+    except Exception as e:
         raise UserError(f"cannot read image {f}: {' '.join(str(e).split())[:200]}") from None
+
+
+def decode_image(f: Path, grayscale: bool, resize: int | None = None, crop: int | None = None) -> np.ndarray:
+    """One image file (`read_image`) as uint8 (H, W) or (H, W, 3): its shorter side resized to
+    `resize`, then centre-cropped to `crop` x `crop` (each optional)."""
+    im = read_image(f, "L" if grayscale else "RGB")
+    if resize is not None:
+        im = resize_shorter(im, resize)
+    if crop is not None:
+        im = im.crop(center_crop_box(im.size[0], im.size[1], crop))
+    return np.array(im, dtype=np.uint8)
 
 
 def image_header(f: Path) -> tuple[int, int]:

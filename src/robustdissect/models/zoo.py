@@ -9,7 +9,7 @@ l1b1c1, fc1, ...) mapped to `named_modules()` paths. `convN` is the BN output (p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -62,11 +62,12 @@ class Classifier(nn.Module):
     arch: dict[str, Any]
 
 
-class SmallCNN(Classifier):
-    """6-conv CNN (METHODS §8.2): conv1-2, pool1, conv3-4, pool2, conv5-6, pool3, gap, fc1.
+class _ConvStack(Classifier):
+    """ConvBNReLU blocks conv1..convB in stages (`STAGES`: the width multipliers of a stage's
+    blocks and whether pool_i closes it), then gap and fc1. Input (N, C, H, W), H = W = 28 or 32."""
 
-    Widths w, w, 2w, 2w, 4w, 4w (default w = 16). Input (N, C, H, W), H = W = 28 or 32.
-    """
+    NAME: ClassVar[str]
+    STAGES: ClassVar[tuple[tuple[tuple[int, ...], bool], ...]]
 
     def __init__(
         self,
@@ -78,29 +79,26 @@ class SmallCNN(Classifier):
         std: Sequence[float] = (0.3530,),
     ) -> None:
         super().__init__()
-        w = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
         self.normalize = Normalize(mean, std)
-        self.conv1 = ConvBNReLU(in_channels, w[0])
-        self.conv2 = ConvBNReLU(w[0], w[1])
-        self.pool1 = _pool(pooling)
-        self.conv3 = ConvBNReLU(w[1], w[2])
-        self.conv4 = ConvBNReLU(w[2], w[3])
-        self.pool2 = _pool(pooling)
-        self.conv5 = ConvBNReLU(w[3], w[4])
-        self.conv6 = ConvBNReLU(w[4], w[5])
-        self.pool3 = _pool(pooling)
+        self._order: list[str] = []
+        channels, blocks, pools = in_channels, 0, 0
+        for multipliers, pooled in self.STAGES:
+            for m in multipliers:
+                blocks += 1
+                self.add_module(f"conv{blocks}", ConvBNReLU(channels, m * width))
+                self._order.append(f"conv{blocks}")
+                channels = m * width
+            if pooled:
+                pools += 1
+                self.add_module(f"pool{pools}", _pool(pooling))
+                self._order.append(f"pool{pools}")
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(w[5], num_classes)
-        self.layer_aliases = _block_aliases(6) | {
-            "pool1": "pool1",
-            "pool2": "pool2",
-            "pool3": "pool3",
-            "gap": "gap",
-            "fc1": "fc1",
-        }
+        self.fc1 = nn.Linear(channels, num_classes)
+        pool_names = {f"pool{i}": f"pool{i}" for i in range(1, pools + 1)}
+        self.layer_aliases = _block_aliases(blocks) | pool_names | {"gap": "gap", "fc1": "fc1"}
         self.arch = {
-            "name": "smallcnn",
+            "name": self.NAME,
             "num_classes": num_classes,
             "in_channels": in_channels,
             "width": width,
@@ -111,55 +109,29 @@ class SmallCNN(Classifier):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
-        x = self.pool1(self.conv2(self.conv1(x)))
-        x = self.pool2(self.conv4(self.conv3(x)))
-        x = self.pool3(self.conv6(self.conv5(x)))
+        for name in self._order:
+            x = self.get_submodule(name)(x)
         return self.fc1(self.flatten(self.gap(x)))
 
 
-class SmallCNN4(Classifier):
+class SmallCNN(_ConvStack):
+    """6-conv CNN (METHODS §8.2): conv1-2, pool1, conv3-4, pool2, conv5-6, pool3, gap, fc1.
+
+    Widths w, w, 2w, 2w, 4w, 4w (default w = 16). Input (N, C, H, W), H = W = 28 or 32.
+    """
+
+    NAME = "smallcnn"
+    STAGES = (((1, 1), True), ((2, 2), True), ((4, 4), True))
+
+
+class SmallCNN4(_ConvStack):
     """4-conv variant of SmallCNN (METHODS §8.2): conv1, pool1, conv2, pool2, conv3-4, gap, fc1.
 
     Widths w, 2w, 4w, 4w (default w = 16). Input (N, C, H, W), H = W = 28 or 32.
     """
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_channels: int = 1,
-        width: int = 16,
-        pooling: str = "max",
-        mean: Sequence[float] = (0.2860,),
-        std: Sequence[float] = (0.3530,),
-    ) -> None:
-        super().__init__()
-        w = [width, 2 * width, 4 * width, 4 * width]
-        self.normalize = Normalize(mean, std)
-        self.conv1 = ConvBNReLU(in_channels, w[0])
-        self.pool1 = _pool(pooling)
-        self.conv2 = ConvBNReLU(w[0], w[1])
-        self.pool2 = _pool(pooling)
-        self.conv3 = ConvBNReLU(w[1], w[2])
-        self.conv4 = ConvBNReLU(w[2], w[3])
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(w[3], num_classes)
-        self.layer_aliases = _block_aliases(4) | {"pool1": "pool1", "pool2": "pool2", "gap": "gap", "fc1": "fc1"}
-        self.arch = {
-            "name": "smallcnn4",
-            "num_classes": num_classes,
-            "in_channels": in_channels,
-            "width": width,
-            "pooling": pooling,
-            "mean": list(mean),
-            "std": list(std),
-        }
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool1(self.conv1(self.normalize(x)))
-        x = self.pool2(self.conv2(x))
-        x = self.conv4(self.conv3(x))
-        return self.fc1(self.flatten(self.gap(x)))
+    NAME = "smallcnn4"
+    STAGES = (((1,), True), ((2,), True), ((4, 4), False))
 
 
 class LeNet(Classifier):

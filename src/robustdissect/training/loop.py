@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..config import is_int, pick_device
+from ..config import is_int, path_fields, pick_device
 from ..data import DATASETS, Dataset, augment, load_dataset
 from ..errors import UserError, unknown_name
 from ..models import MODELS, save_checkpoint
@@ -74,10 +74,7 @@ class TrainConfig:
     compile: bool | str = False  # torch.compile the model used for the steps; a string names the backend
 
     def __post_init__(self) -> None:
-        for name in ("data_dir", "init"):  # accept paths from Python callers; YAML holds strings
-            value = getattr(self, name)
-            if isinstance(value, os.PathLike):
-                object.__setattr__(self, name, os.fspath(value))
+        path_fields(self, "data_dir", "init")
         check_train_config(self)
 
 
