@@ -71,6 +71,8 @@ def test_lazy_indexing_semantics(tmp_path: Path) -> None:
     # streaming: in order, covering every image once, in-process or in worker processes
     assert torch.equal(torch.cat(list(x.batches(5))), ref)
     assert torch.equal(torch.cat(list(x.batches(5, workers=2))), ref)
+    # iterating a view yields batches (the library's "tensor or iterable of batches" inputs)
+    assert [b.shape[0] for b in x] == [12] and torch.equal(next(iter(x)), ref)
     split = lazy.test.take(torch.arange(2, 9))
     assert split.is_lazy and torch.equal(split.materialized().x, ref[2:9])
     got = list(lazy.test.batches(4, shuffle=True, generator=torch.Generator().manual_seed(0)))

@@ -273,6 +273,11 @@ class LazyImages:
         for batch in loader:
             yield to_float(batch)
 
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Batches of up to 256 images (B, C, H, W), not single images: the library's streaming
+        functions take "a tensor or an iterable of batches", and a lazy view is the latter."""
+        return self.batches(256)
+
     def materialize(self) -> torch.Tensor:
         """Every image of the view as one float32 tensor (N, C, H, W) (cached)."""
         if self._whole is None:
