@@ -17,6 +17,7 @@ from torch import nn
 from .. import resources
 from ..analysis.metric import CALIBRATIONS, DEFAULT_STEPS, MetricResult, robustness_metric
 from ..attacks import PGD, Attack
+from ..batching import run_batch_size
 from ..config import parse_budgets, stage_options
 from ..errors import UserError
 from ..report.plots_metric import psi_histograms, study_scatter
@@ -97,7 +98,7 @@ def _timed_evaluation(ctx: Context, model: nn.Module, x: torch.Tensor, y: torch.
                       opts: MetricOptions) -> dict[str, Any]:  # fmt: skip
     """PGD robust accuracy of the same images, with its wall time when computed in this call."""
     attack = PGD(opts.eps, steps=opts.eval_steps, step_rule="madry", restarts=opts.eval_restarts,
-                 early_stop=True, seed=ctx.config.seed, batch_size=500)  # fmt: skip
+                 early_stop=True, seed=ctx.config.seed, batch_size=run_batch_size(ctx, 500, model))  # fmt: skip
     before = ctx.store.misses.get("adv", 0)
     t0 = time.perf_counter()
     out = ctx.attack(attack, x, y, index, model=model)
