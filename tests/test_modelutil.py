@@ -9,7 +9,6 @@ import torch
 from conftest import TinyNet
 from torch import nn
 
-from robustdissect import probe
 from robustdissect.modelutil import accuracy, eval_mode, model_device, predict
 
 
@@ -33,11 +32,6 @@ def test_eval_mode_restores_each_flag_also_on_exceptions() -> None:
     with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
         raise RuntimeError("boom")
     assert [mod.training for mod in model.modules()] == [True, True, False, True]
-
-
-def test_probe_reexports_the_same_helpers() -> None:
-    assert probe.model_device is model_device
-    assert probe.eval_mode is eval_mode
 
 
 def test_predict_and_accuracy() -> None:

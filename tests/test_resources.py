@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from robustdissect import resources
 from robustdissect.errors import UserError
@@ -19,8 +18,15 @@ def test_presets_are_the_committed_files() -> None:
     names = resources.train_presets()
     assert names == sorted(p.stem for p in PRESETS.glob("*.yaml"))
     assert "fmnist-smallcnn-vanilla" in names and "cifar10-vgg16-pat" in names
+    from robustdissect.training import OBJECTIVES
+    from robustdissect.training.loop import train_config_from_dict
+
     for name in names:
-        assert resources.read_train_config(name) == yaml.safe_load((PRESETS / f"{name}.yaml").read_text()), name
+        cfg = resources.read_train_config(name)
+        # every preset is a valid training config: a known objective, positive epochs, a dataset
+        tc = train_config_from_dict(dict(cfg), name)
+        assert tc.objective in OBJECTIVES.names() and tc.epochs >= 1 and tc.dataset, name
+        assert name.split("-")[0] in ("fmnist", "cifar10", "mnist"), name
 
 
 def test_config_by_path_wins_and_errors_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,8 +40,21 @@ def test_profile_and_roi_figures(setup: tuple[torch.nn.Module, torch.Tensor, tor
     model, x, xa = setup
     res = neuron_sensitivity(model, (x, xa), ["conv1", "relu1", "pool1"])
     prof = sigma_profiles(res)
-    _render(P.plot_sigma_profiles(prof))
-    _render(P.plot_sigma_profiles({"vanilla": prof, "pat": prof}, ["conv1"], log=True))
+    fig = P.plot_sigma_profiles(prof)
+    _render(fig)
+    # one panel per layer; its line is that layer's σ sorted descending, the dashed line at the top-k boundary
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["conv1", "relu1", "pool1"]
+    for ax in panels:
+        p = prof[ax.get_title()]
+        ys = ax.get_lines()[0].get_ydata()
+        assert np.allclose(ys, np.sort(np.asarray(res.layers[ax.get_title()].sigma))[::-1])
+        assert np.all(np.diff(ys) <= 0) and len(ys) == 4  # width-4 smallcnn: 4 channels
+        assert ax.get_lines()[1].get_xdata()[0] == pytest.approx(p.k + 0.5)
+    both = P.plot_sigma_profiles({"vanilla": prof, "pat": prof}, ["conv1"], log=True)
+    _render(both)
+    (ax,) = [a for a in both.axes if a.get_title()]
+    assert ax.get_yscale() == "log" and [t.get_text() for t in ax.get_legend().get_texts()] == ["vanilla", "pat"]
     roi = regions_of_interest(model, x, xa, "pool1", res.layers["pool1"].sigma, n_images=2)
     _render(P.plot_roi(roi))
 
