@@ -157,6 +157,15 @@ def test_decoders_are_the_default_inverter_and_the_default_run_inverts_by_optimi
         == "decoder"
 
 
+def _decoder_items(root: Path) -> dict[str, list[tuple[str, list[float]]]]:
+    """The decoder evidence items stored under root: {key: [(tensor name, values), ...]}, so two
+    roots compare equal when every stored tensor is bit-identical."""
+    from safetensors.torch import load_file
+
+    items = {p.stem: load_file(str(p)) for p in sorted((root / "decoder").glob("*.safetensors"))}
+    return {k: [(n, t.double().flatten().tolist()) for n, t in sorted(v.items())] for k, v in items.items()}
+
+
 def test_decoders_resume_bit_identically(tmp_path: Path) -> None:
     model = _tiny()
     x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -173,11 +182,11 @@ def test_decoders_resume_bit_identically(tmp_path: Path) -> None:
     for layer in ("1", "2"):
         a, b = full.decoders[layer].state_dict(), resumed.decoders[layer].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
-        assert (tmp_path / "resumed" / f"{layer}.safetensors").read_bytes() == (
-            tmp_path / "full" / f"{layer}.safetensors"
-        ).read_bytes()
-    card = json.loads((tmp_path / "full" / "2.json").read_text())
+    assert _decoder_items(tmp_path / "resumed") == _decoder_items(tmp_path / "full")
+    assert len(_decoder_items(tmp_path / "full")) == 2
+    card = full.cards["2"]
     assert card["feature_shape"] == [4, 4, 4] and card["image_shape"] == [1, 8, 8]
+    assert resumed.cards["1"]["losses"] == full.cards["1"]["losses"]
     # other settings: the checkpoint is not reused
     other = DecoderBank(model, tmp_path / "full", x, DecoderSettings(epochs=1, batch_size=16, seed=3))
     other.decoder("1")
@@ -204,7 +213,7 @@ def test_gan_decoders_build_a_discriminator_record_it_and_resume_bit_identically
     for layer in ("1", "2"):
         full.decoder(layer)
     assert built == [1, 1]  # one D_l per layer, on the image channels
-    card = json.loads((tmp_path / "full" / "2.json").read_text())
+    card = full.cards["2"]
     assert card["settings"]["gan"] is True and card["settings"]["lambda_adv"] == 0.01
     assert set(card["losses"]) == {"img", "feat", "cls", "adv", "disc"}
     assert all(np.isfinite(v) for v in card["losses"].values()) and card["losses"]["disc"] > 0
@@ -214,15 +223,12 @@ def test_gan_decoders_build_a_discriminator_record_it_and_resume_bit_identically
     for layer in ("1", "2"):
         resumed.decoder(layer)
     assert resumed.loaded == ["1"] and resumed.trained == ["2"] and len(built) == 4  # none for the loaded one
-    for layer in ("1", "2"):
-        assert (tmp_path / "resumed" / f"{layer}.safetensors").read_bytes() == (
-            tmp_path / "full" / f"{layer}.safetensors"
-        ).read_bytes()
+    assert _decoder_items(tmp_path / "resumed") == _decoder_items(tmp_path / "full")
     # the GAN term changes the decoder, and a GAN-free bank does not reuse a GAN checkpoint
     plain = DecoderBank(model, tmp_path / "full", x, DecoderSettings(epochs=2, batch_size=16, seed=3))
     plain.decoder("2")
     assert plain.trained == ["2"] and len(built) == 4  # no discriminator without the GAN term
-    card = json.loads((tmp_path / "full" / "2.json").read_text())
+    card = plain.cards["2"]
     assert card["settings"]["gan"] is False and "disc" not in card["losses"]
     a, b = resumed.decoders["2"].state_dict(), plain.decoders["2"].state_dict()
     assert not all(torch.equal(a[k], b[k]) for k in a)
@@ -313,11 +319,11 @@ def _diagnose_user_model(model: nn.Module, layers: list[str], folder: Path) -> N
                  show=2)  # fmt: skip
     feats = layer_features(model, x[:1], layers)
     for layer in layers:  # one decoder per boundary, sized from that layer's activation shape
-        card = json.loads((folder / f"{layer.replace('/', '_')}.json").read_text())
+        card = bank.cards[layer]
         shape = list(feats[layer].shape[1:])
         assert card["feature_shape"] == (shape if len(shape) == 3 else [shape[0], 1, 1]), layer
         assert card["image_shape"] == [3, 32, 32] and card["layer"] == layer
-    assert bank.trained == layers
+    assert bank.trained == layers and len(list((folder / "decoder").glob("*.safetensors"))) == len(layers)
     assert d.layers == layers and d.vulnerability.y.numel() > 0
     assert d.adv_strips.shape[1:] == (len(layers) + 1, 3, 32, 32)
     assert d.adv_strips.min() >= 0 and d.adv_strips.max() <= 1
@@ -536,9 +542,10 @@ def test_diagnose_stage_end_to_end(tmp_path: Path, fmnist: Any) -> None:
     assert (run / "figures" / "diagnose_ig1.png").is_file() and "IG-1" in entry["text"]
 
 
-def test_diagnose_stage_with_decoders_keeps_them_as_checkpoints_with_cards(tmp_path: Path, fmnist: Any) -> None:
+def test_diagnose_stage_with_decoders_keeps_them_as_evidence(tmp_path: Path, fmnist: Any) -> None:
     from robustdissect.config import RunConfig
     from robustdissect.pipeline import run_pipeline
+    from robustdissect.store import list_evidence
 
     stages = {"diagnose": {"n": 8, "inverter": "decoder", "decoder_n": 64, "decoder_epochs": 1, "resamples": 10,
                            "show": 1, "steps": 3}}  # fmt: skip
@@ -547,8 +554,8 @@ def test_diagnose_stage_with_decoders_keeps_them_as_checkpoints_with_cards(tmp_p
     layers = [r["layer"] for r in entry["layers"][1:]]
     assert entry["inverter"]["method"] == "decoder" and entry["inverter"]["reduction"] == "sum"
     assert sorted(entry["decoders"]["trained"]) == sorted(layers) and entry["decoders"]["loaded"] == []
-    cards = {c.stem: json.loads(c.read_text()) for c in (run / "decoders").glob("*.json")}
-    assert set(cards) == set(layers) and all((run / "decoders" / f"{n}.safetensors").is_file() for n in cards)
+    cards = {e["parts"]["layer"]: e["parts"] for e in list_evidence(run) if e["kind"] == "decoder"}
+    assert set(cards) == set(layers)
     assert cards["pool1"]["n_train"] == 64 and cards["pool1"]["settings"]["batch_size"] == 32
     assert "decoders G_l trained on 64 clean images" in entry["text"]
     assert all(r["R"] >= 0.0 for r in entry["layers"][1:])

@@ -19,7 +19,6 @@ run once per forward pass; decoders are sized from the activation shapes.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -33,16 +32,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
-from safetensors.torch import load_file, save
 from torch import nn
 
 from ..errors import UserError
 from ..models.layers import aliases_of, default_conv_layers, resolve_layer, reused_layers
 from ..modelutil import eval_mode, model_device
 from ..probe.hooks import forward_order, record
-from ..runs import atomic_write_bytes, write_json
 from ..stats import percentile_interval, resample_indices, spearman
-from ..store import model_hash
+from ..store import EvidenceStore, model_hash
 from .sensitivity import mean_ratio_sensitive, neuron_sensitivity
 
 log = logging.getLogger(__name__)
@@ -403,18 +400,19 @@ def train_decoder(
 
 
 class DecoderBank:
-    """Feature-inverting decoders G_l kept as checkpoints with JSON cards in `folder`
-    (`<layer>.safetensors` + `<layer>.json`). A decoder whose card matches (model weights,
-    training images, settings, shapes) is loaded instead of retrained, so a resumed run reuses
-    the finished ones and trains only the rest; each is seeded by (seed, layer), so the result
-    is bit-identical to an uninterrupted run."""
+    """Feature-inverting decoders G_l kept as items of kind "decoder" in an evidence store (the
+    run's, or one rooted at `store` when a folder is given), keyed on the model weights, the
+    training images, the settings and the layer. A stored decoder is loaded instead of retrained,
+    so a resumed run reuses the finished ones and trains only the rest; each is seeded by (seed,
+    layer), so the result is bit-identical to an uninterrupted run. `cards[layer]`: its key parts,
+    shapes and final losses (and the training seconds when trained here)."""
 
     method = "decoder"
 
-    def __init__(self, model: nn.Module, folder: Path, x_train: torch.Tensor, settings: DecoderSettings | None = None,
-                 model_id: str | None = None) -> None:  # fmt: skip
+    def __init__(self, model: nn.Module, store: EvidenceStore | Path, x_train: torch.Tensor,
+                 settings: DecoderSettings | None = None, model_id: str | None = None) -> None:  # fmt: skip
         self.model = model
-        self.folder = Path(folder)
+        self.store = store if isinstance(store, EvidenceStore) else EvidenceStore(Path(store))
         self.x_train = x_train
         self.settings = settings or DecoderSettings()
         self.model_id = model_id or model_hash(model)
@@ -432,30 +430,35 @@ class DecoderBank:
                 "n_train": len(self.x_train), "settings": asdict(self.settings)}  # fmt: skip
 
     def decoder(self, layer: str) -> Decoder:
-        """G_l, loaded from the folder when its card matches, else trained and saved."""
+        """G_l from the store, trained and stored on a miss."""
         if layer in self.decoders:
             return self.decoders[layer]
-        stem = layer.replace("/", "_")
-        weights, card_path = self.folder / f"{stem}.safetensors", self.folder / f"{stem}.json"
         expected = self._expected(layer)
-        if weights.is_file() and card_path.is_file():
-            card = json.loads(card_path.read_text())
-            if all(card.get(k) == v for k, v in expected.items()):
-                dec = Decoder(card["feature_shape"], card["image_shape"], self.settings.width)
-                dec.load_state_dict(load_file(str(weights)))
-                self.decoders[layer], self.cards[layer] = dec.eval(), card
-                self.loaded.append(layer)
-                return dec
-            log.info("decoder %s: card does not match this model/settings, retraining", layer)
-        t0 = time.perf_counter()
-        dec, losses = train_decoder(self.model, layer, self.x_train, self.settings)
-        card = {**expected, "feature_shape": list(dec.feature_shape), "image_shape": list(dec.image_shape),
-                "losses": losses, "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(weights, save({k: v.contiguous() for k, v in dec.state_dict().items()}))
-        write_json(card_path, card, sort_keys=True)
-        self.decoders[layer], self.cards[layer] = dec, card
-        self.trained.append(layer)
+        trained: list[Decoder] = []
+        timing: dict[str, float] = {}
+
+        def train() -> dict[str, torch.Tensor]:
+            t0 = time.perf_counter()
+            dec, losses = train_decoder(self.model, layer, self.x_train, self.settings)
+            trained.append(dec)
+            timing["seconds"] = round(time.perf_counter() - t0, 2)
+            return {**{f"weight.{k}": v for k, v in dec.state_dict().items()},
+                    "feature_shape": torch.tensor(dec.feature_shape), "image_shape": torch.tensor(dec.image_shape),
+                    **{f"loss.{k}": torch.tensor(v, dtype=torch.float64) for k, v in losses.items()}}  # fmt: skip
+
+        item = self.store.fetch("decoder", {"name": f"decoder {layer}", **expected}, train)
+        if trained:
+            dec = trained[0]
+            self.trained.append(layer)
+        else:
+            dec = Decoder(item["feature_shape"].tolist(), item["image_shape"].tolist(), self.settings.width)
+            dec.load_state_dict({k[len("weight.") :]: v for k, v in item.items() if k.startswith("weight.")})
+            dec.eval()
+            self.loaded.append(layer)
+        self.decoders[layer] = dec
+        self.cards[layer] = {**expected, **timing, "feature_shape": item["feature_shape"].tolist(),
+                             "image_shape": item["image_shape"].tolist(),
+                             "losses": {k[len("loss.") :]: float(v) for k, v in item.items() if k.startswith("loss.")}}
         return dec
 
     def __call__(self, layer: str, h: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ class DiagnoseOptions:
     attack_all: attack the whole analysed split as evaluate does (a store hit when evaluate ran) and
     take the prefix;
     inverter: "decoder" (METHODS §1.5's GAN-free G_l, trained on `decoder_n` clean training
-    images with DecoderSettings; checkpoints with cards under RUN/decoders, reused on --resume) or
+    images with DecoderSettings; evidence items of kind decoder in the run, reused on --resume) or
     "optim" (Mahendran–Vedaldi inversion, training-free; the default run's choice);
     decoder_reduction: "sum" (METHODS' squared norms) or "mean" (see DecoderSettings); judge: a
     model read as the independent judge (a counterpart's label or a checkpoint; None: the run's
@@ -234,7 +234,7 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         inverter = OptimisationInverter(ctx.model, x_mean, opts.inversion())
     else:
         x_train = ctx.data.train.subset(min(opts.decoder_n, len(ctx.data.train)), seed=ctx.config.seed).x
-        inverter = DecoderBank(ctx.model, ctx.run.path / "decoders", x_train, opts.decoder(ctx.config.seed),
+        inverter = DecoderBank(ctx.model, ctx.store, x_train, opts.decoder(ctx.config.seed),
                                ctx.store.model_hash(ctx.model))  # fmt: skip
     try:
         diag: Diagnosis = ctx.store.memo(
