@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..pipeline import run_pipeline
+from ..runs import write_json
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "pushback-fmnist.json"  # in the package
 IMAGES = "the first 200 test images of fmnist-smallcnn-vanilla, seed 0"
@@ -41,7 +42,7 @@ def main() -> None:
         how = (f"{old.split('; reliance')[0]}; reliance shift and transitions recomputed with compute: reliance "
                f"on {IMAGES}")  # fmt: skip
     payload["how"] = how
-    RESULTS.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    write_json(RESULTS, payload, sort_keys=True)
     for row in payload["reliance"]:
         phi = f"{row['rs_phi']:.3f} [{row['rs_phi_lo']:.3f}, {row['rs_phi_hi']:.3f}]"
         abl = f"{row['rs_ablation']:.3f} [{row['rs_ablation_lo']:.3f}, {row['rs_ablation_hi']:.3f}]"
