@@ -12,6 +12,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,21 +59,30 @@ def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, 
     return left, top, left + crop, top + crop
 
 
-def read_image(f: Path, mode: str) -> Image.Image:
-    """One image file decoded and converted to the Pillow `mode` ("L", "RGB"). Pillow's
-    decompression-bomb limit (a warning above MAX_IMAGE_PIXELS, an error above twice) and any
-    undecodable file are a UserError (the user's data problem)."""
+@contextmanager
+def open_image(f: Path) -> Iterator[Image.Image]:
+    """An image file opened by Pillow for the body of the `with`. Pillow's decompression-bomb
+    limit (a warning above MAX_IMAGE_PIXELS, an error above twice) and any file that cannot be
+    read or decoded are a UserError (the user's data problem)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(f) as raw:
-                return raw.convert(mode)
+                yield raw
+    except UserError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(
             f"{f} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); resize it first"
         ) from None
     except Exception as e:
         raise UserError(f"cannot read image {f}: {' '.join(str(e).split())[:200]}") from None
+
+
+def read_image(f: Path, mode: str) -> Image.Image:
+    """One image file (`open_image`) decoded and converted to the Pillow `mode` ("L", "RGB")."""
+    with open_image(f) as raw:
+        return raw.convert(mode)
 
 
 def decode_image(f: Path, grayscale: bool, resize: int | None = None, crop: int | None = None) -> np.ndarray:
@@ -89,18 +99,9 @@ def decode_image(f: Path, grayscale: bool, resize: int | None = None, crop: int 
 def image_header(f: Path) -> tuple[int, int]:
     """(width, height) of an image file from its header only (no pixels decoded); a bomb or an
     unreadable header is a UserError, as when decoding."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(f) as raw:
-                w, h = raw.size
-                return int(w), int(h)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(
-            f"{f} is too large to decode safely (over {Image.MAX_IMAGE_PIXELS} pixels); resize it first"
-        ) from None
-    except Exception as e:
-        raise UserError(f"cannot read image {f}: {' '.join(str(e).split())[:200]}") from None
+    with open_image(f) as raw:
+        w, h = raw.size
+    return int(w), int(h)
 
 
 class FileSource:
