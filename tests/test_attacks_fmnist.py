@@ -81,6 +81,8 @@ LARGE: dict[str, dict[str, Any]] = {
     "nattack": {"eps": 0.3, "population": 32, "iterations": 5, "lr": 0.05},
     "apgd-ce": {"eps": 0.3, "steps": 5},
     "apgd-dlr": {"eps": 0.3, "steps": 5},
+    "square-linf": {"eps": 0.3, "queries": 50},
+    "square-l2": {"eps": 3.0, "queries": 50},
 }
 
 
