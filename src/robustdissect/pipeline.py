@@ -275,6 +275,7 @@ FIRST_LOOK: dict[str, dict[str, Any]] = {
     },
     "sensitivity": {"n": 100, "experiments": ["profiles", "compare"]},
     "concepts": {"n": 300, "figure_concepts": 2, "gradcam_images": 2},
+    "diagnose": {"n": 16, "show": 2},  # 16 explained examples keep the first look within its minute
 }
 
 
