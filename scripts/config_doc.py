@@ -363,8 +363,10 @@ def generate() -> str:
         "",
         "Stages of the default run, in order: " + ", ".join(f"`{s}`" for s in DEFAULT_STAGES) + ".",
     ]
-    order = list(DEFAULT_STAGES) + [e.name for e in STAGES if e.name not in DEFAULT_STAGES]
-    entries = {e.name: e for e in STAGES}
+    # only the package's own stages (a test suite may register stages of its own beside them)
+    own = [e for e in STAGES if getattr(e.factory, "__module__", "").startswith("robustdissect.")]
+    order = list(DEFAULT_STAGES) + [e.name for e in own if e.name not in DEFAULT_STAGES]
+    entries = {e.name: e for e in own}
     for name in order:
         entry = entries[name]
         fn = entry.factory
