@@ -337,6 +337,36 @@ def black_box_subset(n: int, blackbox_n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(blackbox_n, n)].sort().values
 
 
+def table_attacks(
+    names: Sequence[str],
+    opts: EvaluateOptions,
+    seed: int,
+    index: torch.Tensor,
+    bb_index: torch.Tensor,
+    run: Callable[[Attack, torch.Tensor], AttackOutcome],
+    label: str,
+) -> dict[str, AttackOutcome]:
+    """{name: outcome} of the table attacks `names` by run(attack, idx): white-box on the images
+    index (N,), black-box on bb_index (M,); `label` prefixes the progress log."""
+    outcomes: dict[str, AttackOutcome] = {}
+    for i, name in enumerate(names):
+        attack = build_attack(name, opts, seed)
+        idx = bb_index if name in BLACK_BOX else index
+        log.info("%s: %s (%d/%d) on %d images", label, name, i + 1, len(names), len(idx))
+        outcomes[name] = run(attack, idx)
+    return outcomes
+
+
+def accuracy_rows(clean_correct: torch.Tensor, outcomes: Mapping[str, AttackOutcome]) -> list[dict[str, Any]]:
+    """The robust-accuracy table (Table III layout): the clean row of clean_correct (N,) bool, then
+    one row per attack outcome with its kind and settings."""
+    rows = [accuracy_row("clean", clean_correct, "clean")]
+    for name, out in outcomes.items():
+        kind = "black-box" if name in BLACK_BOX else "white-box"
+        rows.append(accuracy_row(name, out.correct, kind, settings_text(out.settings)))
+    return rows
+
+
 def in_threat(settings: Mapping[str, Any], norm: str, eps: float) -> bool:
     """Whether an attack with these settings attacks the (norm, eps) threat model."""
     e = settings.get("eps")
