@@ -34,23 +34,54 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     """Scores of every unit of the run's model (and of the comparison checkpoints, on the same
     images and protocol), their tables, figures and the quadrant shift between models."""
     opts: FeatureOptions = stage_options(FeatureOptions, options, "features")
-    run = ctx.run
-    warnings: list[str] = []
-    artefacts = SectionArtefacts(run)
-    table, figure = artefacts.table, artefacts.figure
-    tables, figures = artefacts.tables, artefacts.figures
+    results, warnings = _score_models(ctx, opts)
+    main = results[0]
+    artefacts = SectionArtefacts(ctx.run)
+    layer_rows = [row for r in results for row in r.layer_rows()]
+    boot, boot_strict = _write_tables(ctx, artefacts, results, layer_rows, opts)
+    _draw_figures(ctx, artefacts, results, layer_rows, boot)
+    shift = _shift_sentences(boot)
+    text = _section_text(ctx, main, opts)
+    if shift:
+        text += " Quadrant shift against " + ctx.label + ": " + "; ".join(shift) + "."
+    sc = main.scores
+    return section(
+        "Features: useful and robust units",
+        text=text,
+        summary=_summary(main, results, shift),
+        tables=artefacts.tables,
+        figures=artefacts.figures,
+        warnings=warnings,
+        options=asdict(opts),
+        quadrants=boot,
+        quadrants_strict=boot_strict,
+        layers=layer_rows,
+        tau_rho=sc.tau_rho,
+        tau_s=sc.tau_s,
+        models=[r.model_name for r in results],
+        quadrant_names=QUADRANT_NAMES,
+    )
 
+
+def _score_models(ctx: Context, opts: FeatureOptions) -> tuple[list[FeatureScores], list[str]]:
+    """The dissection of the run's model first, then of each comparison model; warnings for
+    the comparison models that cannot be used."""
     log.info("features: scoring the units of %s", ctx.label)
-    main = feature_scores(ctx, options=opts, model_name=ctx.label)
-    results = [main]
-    others, missing = ctx.comparison_models(opts.compare)
-    warnings += missing
+    results = [feature_scores(ctx, options=opts, model_name=ctx.label)]
+    others, warnings = ctx.comparison_models(opts.compare)
     for name, other in others.items():
         log.info("features: scoring the units of %s", name)
         results.append(feature_scores(ctx, model=other, options=opts, model_name=name))
+    return results, list(warnings)
 
+
+def _write_tables(
+    ctx: Context, artefacts: SectionArtefacts, results: list[FeatureScores], layer_rows: list[dict[str, Any]],
+    opts: FeatureOptions,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The section's tables; returns the bootstrap quadrant shares per model (plain, strict)."""
+    table, main = artefacts.table, results[0]
     unit_rows = [row for r in results for row in r.rows()]
-    layer_rows = [row for r in results for row in r.layer_rows()]
     table("feature_units", unit_rows, "Per unit: ρ, preferred class, γ̂ (upper bound), r, s, quadrant, q̄, φ̄, σ")
     table("feature_layers", layer_rows, "Quadrant shares and mean scores per layer and model", show=True)
     boot = bootstrap_shares(results, opts.bootstrap, seed=ctx.config.seed)
@@ -64,7 +95,15 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         _top_image_rows(main, ctx.data.classes, IMAGE_ROWS),
         f"Top-activated units of the first {IMAGE_ROWS} images by percentile q (depth-stratified), with quadrant",
     )
+    return boot, boot_strict
 
+
+def _draw_figures(
+    ctx: Context, artefacts: SectionArtefacts, results: list[FeatureScores], layer_rows: list[dict[str, Any]],
+    boot: list[dict[str, Any]],
+) -> None:
+    """γ̂ against ρ per model, quadrant shares per layer and (with several models) per model."""
+    figure, main = artefacts.figure, results[0]
     figure(
         "feature_rho_gamma",
         fplots.plot_rho_gamma(main),
@@ -86,7 +125,9 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             "Share of all analysed units per quadrant and model, 95% bootstrap intervals over images",
         )
 
-    eps = opts.eps
+
+def _summary(main: FeatureScores, results: list[FeatureScores], shift: list[str]) -> dict[str, Any]:
+    """The section's summary: images, units, thresholds, quadrant shares, reliance on RU units."""
     sc = main.scores
     shares = main.shares()
     summary: dict[str, Any] = {
@@ -99,13 +140,19 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     }
     for r in results:
         summary[f"reliance on RU units ({r.model_name})"] = round(r.reliance()["RU"], 3)
-    shift = _shift_sentences(boot)
     if shift:
         summary["quadrant shift"] = "; ".join(shift)
-    text = (
+    return summary
+
+
+def _section_text(ctx: Context, main: FeatureScores, opts: FeatureOptions) -> str:
+    """The section's explanation of the protocol, with this run's settings."""
+    eps = opts.eps
+    n = int(main.y.shape[0])
+    return (
         f"Each unit (channel) of {', '.join(main.layers)} is a feature: its response is the spatial mean of the "
         f"layer output, standardised with μ and s of {main.reference.n} clean training images (f) and ranked by "
-        f"its percentile q on the same images. On {int(main.y.shape[0])} images: usefulness ρ = max over classes "
+        f"its percentile q on the same images. On {n} images: usefulness ρ = max over classes "
         "of the balanced one-vs-rest correlation ½(E[f | y=c] − E[f | y≠c]), preferred class c*; robust "
         "usefulness γ̂ = the same with f replaced per sample by its worst case over the attack set (the clean "
         f"point, model-level PGD-L∞ and FGSM at ε = {eps:g}, and for {int(main.candidates.numel())} candidate "
@@ -120,24 +167,6 @@ def features_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         f"({opts.bootstrap} resamples, the same resamples for every model, so differences are paired; τ_ρ fixed). "
         "Reliance (§6.6): the share of the total importance Σ_k E|φ_k| (gradient × activation of the true "
         "class's logit) carried by each quadrant's units (column importance_share)."
-    )
-    if shift:
-        text += " Quadrant shift against " + ctx.label + ": " + "; ".join(shift) + "."
-    return section(
-        "Features: useful and robust units",
-        text=text,
-        summary=summary,
-        tables=tables,
-        figures=figures,
-        warnings=warnings,
-        options=asdict(opts),
-        quadrants=boot,
-        quadrants_strict=boot_strict,
-        layers=layer_rows,
-        tau_rho=sc.tau_rho,
-        tau_s=sc.tau_s,
-        models=[r.model_name for r in results],
-        quadrant_names=QUADRANT_NAMES,
     )
 
 
