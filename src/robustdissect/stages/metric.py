@@ -82,6 +82,8 @@ QUICK_METRIC: dict[str, Any] = {"n": 100, "calibration_n": 500, "evaluation": Fa
 
 
 def _psi(ctx: Context, model: nn.Module, x: torch.Tensor, index: torch.Tensor, opts: MetricOptions) -> MetricResult:
+    """Ψ of `model` on images x (n, C, H, W) at positions `index` (n,), its KL maximiser through the store."""
+
     def run_attack(wrapped: nn.Module, attack: Attack, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         return ctx.attack(attack, xs, ys, index, model=wrapped).x_adv
 
@@ -164,9 +166,29 @@ def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     yu1 = load_study(opts.study, ctx)  # a wrong folder fails before any work
     split = ctx.split
     n = len(split) if opts.n is None else min(opts.n, len(split))
-    x, y = split.x[:n], split.y[:n]
-    index = torch.arange(n)
     models, warnings = ctx.with_counterparts(opts.compare, opts.counterparts)
+    rows, psis = _model_rows(ctx, models, split.x[:n], split.y[:n], opts, warnings)
+    ctx.run.write_table("metric_psi", rows)
+    title = "Ψ = mean ψ(x) and its 90th percentile (lower = more robust)"
+    tables: list[dict[str, Any]] = [{"file": "tables/metric_psi.csv", "show": True, "title": title}]
+    ctx.run.save_figure("metric_psi_hist", psi_histograms(psis))
+    figures: list[dict[str, str]] = [{"file": "figures/metric_psi_hist.png", "caption": "ψ(x) per image and model"}]
+    study = _study_block(ctx, yu1, tables, figures, warnings)
+    text = _psi_text(rows, n, opts)
+    if study is not None:
+        text += _study_text(study)
+    return section("Robustness metric Ψ", text=text, summary=_summary(rows, opts), tables=tables, figures=figures,
+                   warnings=warnings, models=rows, study=study)  # fmt: skip
+
+
+def _model_rows(
+    ctx: Context, models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, opts: MetricOptions,
+    warnings: list[str],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One row per model (Ψ's summary, the timed PGD evaluation when asked) on images x (n, C, H, W)
+    with labels y (n,), and ψ(x) (n,) per model; an uncalibrated model adds to `warnings`."""
+    n = int(y.shape[0])
+    index = torch.arange(n)
     rows: list[dict[str, Any]] = []
     psis: dict[str, Any] = {}
     for name, model in models.items():
@@ -181,12 +203,11 @@ def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
                             f"(T = {r.temperature:.3g} used)")  # fmt: skip
         rows.append(row)
         psis[name] = r.psi.numpy()
-    ctx.run.write_table("metric_psi", rows)
-    title = "Ψ = mean ψ(x) and its 90th percentile (lower = more robust)"
-    tables: list[dict[str, Any]] = [{"file": "tables/metric_psi.csv", "show": True, "title": title}]
-    ctx.run.save_figure("metric_psi_hist", psi_histograms(psis))
-    figures: list[dict[str, str]] = [{"file": "figures/metric_psi_hist.png", "caption": "ψ(x) per image and model"}]
-    study = _study_block(ctx, yu1, tables, figures, warnings)
+    return rows, psis
+
+
+def _summary(rows: list[dict[str, Any]], opts: MetricOptions) -> dict[str, Any]:
+    """Ψ per model with its wall time, and the PGD accuracy with its time when evaluated."""
     summary: dict[str, Any] = {}
     for row in rows:
         name = row["model"]
@@ -196,6 +217,11 @@ def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
             ratio = row["psi_over_eval_time"]
             timing = f"in {took:.2f} s (Ψ: {ratio:.2f}× that)" if math.isfinite(took) else "(stored)"
             summary[f"PGD-{opts.eval_steps} accuracy {name}"] = f"{row['pgd_accuracy']:.1%} {timing}"
+    return summary
+
+
+def _psi_text(rows: list[dict[str, Any]], n: int, opts: MetricOptions) -> str:
+    """What Ψ is with this run's settings, and its wall time against the PGD evaluation's."""
     text = (
         f"ψ(x) = max KL(p_T(x) ‖ p_T(x+δ)) over the L∞ ball of ε = {opts.eps:g} ∩ [0,1], by PGD on KL "
         f"({opts.steps} steps, {opts.restarts} restart(s)), {opts.calibration} calibration, on {n} images; "
@@ -209,29 +235,32 @@ def metric_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
                 f" Ψ's wall time (calibration included) over that of PGD-{opts.eval_steps} ({opts.eval_restarts} "
                 f"restart(s), early stop per image) on the same images: {ratios}."
             )
-    if study is not None:
-        t = study["timing"]
-        sp = study["correlations"]
-        st = study["settings"]
-        best = max(sp, key=lambda c: sp[c]["spearman"] if not math.isnan(sp[c]["spearman"]) else -2)
-        used = [f"{st['n']} test images" if "n" in st else "",
-                f"PGD with {st['restarts']} run(s) per setting" if "restarts" in st else "",
-                f"main Ψ at K = {st.get('psi_steps', 20)}"]  # fmt: skip
+    return text
+
+
+def _study_text(study: dict[str, Any]) -> str:
+    """The YU-1 study in sentences: its settings, the rank agreement of −Ψ with accuracy, stability."""
+    t = study["timing"]
+    sp = study["correlations"]
+    st = study["settings"]
+    best = max(sp, key=lambda c: sp[c]["spearman"] if not math.isnan(sp[c]["spearman"]) else -2)
+    used = [f"{st['n']} test images" if "n" in st else "",
+            f"PGD with {st['restarts']} run(s) per setting" if "restarts" in st else "",
+            f"main Ψ at K = {st.get('psi_steps', 20)}"]  # fmt: skip
+    text = (
+        f" YU-1 ({study['models']} models): {', '.join(u for u in used if u)}; Spearman(−Ψ, accuracy) ranges "
+        f"{min(v['spearman'] for v in sp.values()):.2f}–{max(v['spearman'] for v in sp.values()):.2f} "
+        f"(best {best}); the accuracy ranking across test settings has mean pairwise Kendall τ "
+        f"{study['stability']['accuracy']['mean_pairwise_kendall']:.2f}, Ψ's across its settings "
+        f"{study['stability']['psi']['mean_pairwise_kendall']:.2f}; the full evaluation took "
+        f"{t['full_over_psi']:.1f}× Ψ's time, PGD-100 alone {t['pgd100_over_psi']:.1f}×."
+    )
+    for col, agr in (study.get("psi_steps_agreement") or {}).items():
         text += (
-            f" YU-1 ({study['models']} models): {', '.join(u for u in used if u)}; Spearman(−Ψ, accuracy) ranges "
-            f"{min(v['spearman'] for v in sp.values()):.2f}–{max(v['spearman'] for v in sp.values()):.2f} "
-            f"(best {best}); the accuracy ranking across test settings has mean pairwise Kendall τ "
-            f"{study['stability']['accuracy']['mean_pairwise_kendall']:.2f}, Ψ's across its settings "
-            f"{study['stability']['psi']['mean_pairwise_kendall']:.2f}; the full evaluation took "
-            f"{t['full_over_psi']:.1f}× Ψ's time, PGD-100 alone {t['pgd100_over_psi']:.1f}×."
+            f" Ψ's model ranking against {col}: Spearman {agr['spearman']:.2f}, Kendall {agr['kendall']:.2f} "
+            f"({len(agr['discordant_pairs'])} discordant pair(s))."
         )
-        for col, agr in (study.get("psi_steps_agreement") or {}).items():
-            text += (
-                f" Ψ's model ranking against {col}: Spearman {agr['spearman']:.2f}, Kendall {agr['kendall']:.2f} "
-                f"({len(agr['discordant_pairs'])} discordant pair(s))."
-            )
-    return section("Robustness metric Ψ", text=text, summary=summary, tables=tables, figures=figures,
-                   warnings=warnings, models=rows, study=study)  # fmt: skip
+    return text
 
 
 metric_stage.options_class = MetricOptions  # type: ignore[attr-defined]
