@@ -28,7 +28,7 @@ from ..analysis.diagnose import (
 )
 from ..config import parse_budgets, stage_options
 from ..errors import UserError
-from ..evaluation import EvaluateOptions, build_attack
+from ..evaluation import AttackOutcome, EvaluateOptions, build_attack
 from ..report.plots_diagnose import layer_bars, pooling_comparison, strips
 from ..resources import study_or_shipped
 from .base import STAGES, AnalysisUnavailable, Context, Prepared, check_model_name, section, stage_settings
@@ -106,9 +106,11 @@ class DiagnoseOptions:
         self.decoder()
 
     def inversion(self) -> InversionSettings:
+        """The optimisation inverter's settings."""
         return InversionSettings(steps=self.inversion_steps, lr=self.inversion_lr, tv=self.tv, tv_beta=self.tv_beta)
 
     def decoder(self, seed: int = 0) -> DecoderSettings:
+        """The decoders' training settings, seeded with `seed`."""
         return DecoderSettings(epochs=self.decoder_epochs, batch_size=self.decoder_batch_size,
                                lambda_img=self.lambda_img, lambda_feat=self.lambda_feat,
                                lambda_cls=self.lambda_cls, lambda_adv=self.lambda_adv, gan=self.gan,
@@ -208,7 +210,49 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     ig1 = load_study(opts.study, ctx)  # a wrong folder fails before any work
     split = ctx.split
     n = min(opts.n, len(split))
-    warnings: list[str] = []
+    ev = _attack_settings(ctx, opts)
+    attack = build_attack("pgd-linf", ev, ctx.config.seed)
+    m = len(split) if opts.attack_all else n
+    outcome = ctx.attack(attack, split.x[:m], split.y[:m], torch.arange(m))
+    x, y = split.x[:n], split.y[:n]
+    layers = list(opts.layers) if opts.layers else diagnosis_layers(ctx.model, x[:1].to(ctx.device))
+    judge, judge_name, warnings, independent = _judge(ctx, opts.judge)
+    x_mean = ctx.data.train.x.mean(0) if len(ctx.data.train) else x.mean(0)
+    inverter = _inverter(ctx, opts, x_mean)
+    diag = _diagnosis(ctx, opts, outcome, (x, y), layers, inverter, judge, x_mean)
+    rows, corr_rows = _layer_outputs(ctx, diag, layers, (x, outcome.x_adv[:n]), judge_name, warnings)
+    tables, figures = _entries()
+    study = _study_block(ctx, ig1, tables, figures, warnings)
+    summary, findings = _findings(diag, rows, len(layers))
+    if not independent:
+        warnings.append(ctx.no_counterpart("judge the explanations independently")
+                        + " The analysed model reads its own explanations here.")  # fmt: skip
+    inv = inverter.describe()
+    summary["judge"] = judge_name
+    summary["explanations by"] = (
+        f"optimisation inversion, {opts.inversion_steps} steps" if opts.inverter == "optim"
+        else f"decoders G_l, {opts.decoder_epochs} epochs, GAN {'on' if opts.gan else 'off'}"
+    )  # fmt: skip
+    spec = attack.describe()
+    stop = ("each image kept at its first successful step" if spec.get("early_stop")
+            else "every step run, the highest-loss successful iterate kept")  # fmt: skip
+    text = (
+        f"{n} images, the {spec.get('steps')}-step L∞ PGD at ε = {ev.eps:g}, {stop} "
+        f"({summary['adversarial examples judged']} adversarial examples flip a correct prediction). Layers: "
+        f"{', '.join(layers)}. Explanations by {_explanations_text(opts, inv)}; judge: {judge_name}. {findings}"
+    )
+    if study is not None:
+        text += " " + study.get("note", "")
+    return section("Layer diagnosis", text=text, summary=summary, tables=tables, figures=figures, warnings=warnings,
+                   layers=rows, correlations=corr_rows, judge=judge_name, inverter=inv, attack=spec,
+                   decoders=({"trained": inverter.trained, "loaded": inverter.loaded}
+                             if isinstance(inverter, DecoderBank) else None),
+                   study=study)  # fmt: skip
+
+
+def _attack_settings(ctx: Context, opts: DiagnoseOptions) -> EvaluateOptions:
+    """The evaluate stage's settings (its defaults when the run has none) with the diagnosis'
+    own eps, steps and early stopping where set, so its L∞ PGD is evaluate's when they are not."""
     try:
         ev: EvaluateOptions = stage_settings("evaluate", ctx.config)
     except UserError:
@@ -220,49 +264,75 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     if opts.early_stop is not None:
         pgd_options = {**ev.attack_options.get("pgd-linf", {}), "early_stop": opts.early_stop}
         ev = replace(ev, attack_options={**ev.attack_options, "pgd-linf": pgd_options})
-    attack = build_attack("pgd-linf", ev, ctx.config.seed)
-    m = len(split) if opts.attack_all else n
-    outcome = ctx.attack(attack, split.x[:m], split.y[:m], torch.arange(m))
-    x, y = split.x[:n], split.y[:n]
-    x_adv, adv_pred = outcome.x_adv[:n], outcome.pred[:n]
-    layers = list(opts.layers) if opts.layers else diagnosis_layers(ctx.model, x[:1].to(ctx.device))
-    judge, judge_name, w, independent = _judge(ctx, opts.judge)
-    warnings += w
-    x_mean = ctx.data.train.x.mean(0) if len(ctx.data.train) else x.mean(0)
-    inverter: Any
+    return ev
+
+
+def _inverter(ctx: Context, opts: DiagnoseOptions, x_mean: torch.Tensor) -> OptimisationInverter | DecoderBank:
+    """The explanations' inverter: optimisation from the mean image x_mean (C, H, W), or the
+    decoders G_l trained on `decoder_n` clean training images (kept in the run's store)."""
     if opts.inverter == "optim":
-        inverter = OptimisationInverter(ctx.model, x_mean, opts.inversion())
-    else:
-        x_train = ctx.data.train.subset(min(opts.decoder_n, len(ctx.data.train)), seed=ctx.config.seed).x
-        inverter = DecoderBank(ctx.model, ctx.store, x_train, opts.decoder(ctx.config.seed),
-                               ctx.store.model_hash(ctx.model))  # fmt: skip
+        return OptimisationInverter(ctx.model, x_mean, opts.inversion())
+    x_train = ctx.data.train.subset(min(opts.decoder_n, len(ctx.data.train)), seed=ctx.config.seed).x
+    return DecoderBank(ctx.model, ctx.store, x_train, opts.decoder(ctx.config.seed), ctx.store.model_hash(ctx.model))
+
+
+def _diagnosis(
+    ctx: Context,
+    opts: DiagnoseOptions,
+    outcome: AttackOutcome,
+    images: tuple[torch.Tensor, torch.Tensor],
+    layers: list[str],
+    inverter: OptimisationInverter | DecoderBank,
+    judge: nn.Module,
+    x_mean: torch.Tensor,
+) -> Diagnosis:
+    """The diagnosis of the clean images and labels `images` ((N, C, H, W), (N,)) against the first
+    N adversarial examples of `outcome`, memoised in the run's store (a failure: the analysis is
+    unavailable)."""
+    x, y = images
+    n = len(y)
     try:
-        diag: Diagnosis = ctx.store.memo(
+        return ctx.store.memo(
             "diagnosis",
             {"adv": outcome.key, "n": n, "layers": layers, "inverter": inverter.describe(),
              "judge": ctx.store.model_hash(judge), "resamples": opts.resamples, "show": opts.show},
-            lambda: diagnose(ctx.model, x, y, x_adv, adv_pred, layers, inverter, judge, x_mean,
+            lambda: diagnose(ctx.model, x, y, outcome.x_adv[:n], outcome.pred[:n], layers, inverter, judge, x_mean,
                              resamples=opts.resamples, seed=ctx.config.seed, show=opts.show),
         )  # fmt: skip
     except UserError as e:
         raise AnalysisUnavailable(str(e)) from e
+
+
+def _layer_outputs(
+    ctx: Context,
+    diag: Diagnosis,
+    layers: list[str],
+    images: tuple[torch.Tensor, torch.Tensor],
+    judge_name: str,
+    warnings: list[str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The per-layer, per-example and correlation tables and the layer and strip figures, with
+    σ_Ratio between the clean and adversarial `images` (both (N, C, H, W)); (layer rows, correlation rows)."""
     sigma_ratio: dict[str, float] = {}
     try:
-        sigma_ratio = layer_sigma_ratio(ctx.model, x, x_adv, layers)
+        sigma_ratio = layer_sigma_ratio(ctx.model, *images, layers)
     except UserError as e:
         warnings.append(f"σ_Ratio not computed for these layers: {e}")
     rows = diag.layer_rows(sigma_ratio)
-    run = ctx.run
+    run, vul, shown = ctx.run, diag.vulnerability, diag.shown
     run.write_table("diagnose_layers", rows)
-    vul = diag.vulnerability
     run.write_table("diagnose_per_example", diag.per_example_rows())
     corr_rows = diag.correlation_rows()
     run.write_table("diagnose_correlation", corr_rows)
-    classes = list(ctx.data.classes)
-    shown = diag.shown
     run.save_figure("diagnose_layers", layer_bars(rows, f"{ctx.label}, judge {judge_name}"))
     run.save_figure("diagnose_strips", strips(diag.clean_strips, diag.adv_strips, layers, diag.clean_classes,
-                                              vul.classes[shown], classes, vul.y[shown], vul.y_adv[shown]))  # fmt: skip
+                                              vul.classes[shown], list(ctx.data.classes), vul.y[shown],
+                                              vul.y_adv[shown]))  # fmt: skip
+    return rows, corr_rows
+
+
+def _entries() -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The report entries of the diagnosis' own tables and figures."""
     tables: list[dict[str, Any]] = [
         {"file": "tables/diagnose_layers.csv", "show": True,
          "title": "Per layer: d_l, A_l, R_l, IL_l, V_l, V_l^soft, mean σ_Ratio of the top-10% neurons"},
@@ -277,8 +347,13 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
          "caption": "Explanations E_0 … E_L of the clean image (upper row) and of its adversarial version (lower "
                     "row); titles: the judge's class, red = the adversarial class"},
     ]  # fmt: skip
-    study = _study_block(ctx, ig1, tables, figures, warnings)
-    judged = int(vul.y.numel())
+    return tables, figures
+
+
+def _findings(diag: Diagnosis, rows: list[dict[str, Any]], n_layers: int) -> tuple[dict[str, Any], str]:
+    """(summary, text) of the diagnosis: examples judged, the largest IL_l, the most frequent flip
+    layer and the Spearman correlations with their intervals."""
+    judged = int(diag.vulnerability.y.numel())
     top_il = max(rows[1:], key=lambda r: r["IL"])["layer"]
     c, cs = diag.correlations[0], diag.correlations[1]
     summary: dict[str, Any] = {"adversarial examples judged": judged, "largest IL_l": top_il}
@@ -296,41 +371,24 @@ def diagnose_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     if math.isfinite(cs.rho):
         summary["Spearman(IL, V_soft)"] = f"{cs.rho:.2f} [{cs.low:.2f}, {cs.high:.2f}]"
     corr_text = "".join(
-        f" Spearman(IL_l, {what}) = {k.rho:.2f} [{k.low:.2f}, {k.high:.2f}] across {len(layers)} layers."
+        f" Spearman(IL_l, {what}) = {k.rho:.2f} [{k.low:.2f}, {k.high:.2f}] across {n_layers} layers."
         for what, k in (("V_l", c), ("V_l^soft", cs)) if math.isfinite(k.rho)
     ) or " The Spearman correlations are undefined here (a constant V_l or IL_l across layers)."
-    if not independent:
-        warnings.append(ctx.no_counterpart("judge the explanations independently")
-                        + " The analysed model reads its own explanations here.")  # fmt: skip
-    inv = inverter.describe()
-    summary["judge"] = judge_name
-    summary["explanations by"] = (
-        f"optimisation inversion, {opts.inversion_steps} steps" if opts.inverter == "optim"
-        else f"decoders G_l, {opts.decoder_epochs} epochs, GAN {'on' if opts.gan else 'off'}"
-    )  # fmt: skip
-    how = (f"optimisation inversion ({opts.inversion_steps} Adam steps, lr {opts.inversion_lr:g}, μ = {opts.tv:g}, "
-           f"TV^{opts.tv_beta:g}, from the mean image)" if opts.inverter == "optim" else
-           f"decoders G_l trained on {inv['train_images']} clean images ({opts.decoder_epochs} epochs in batches of "
-           f"{opts.decoder_batch_size}, λ_img {opts.lambda_img:g}, λ_feat {opts.lambda_feat:g}, λ_cls "
-           f"{opts.lambda_cls:g} on squared norms ({opts.decoder_reduction}), "
-           f"GAN {'on, λ_adv ' + format(opts.lambda_adv, 'g') if opts.gan else 'off'})")  # fmt: skip
-    spec = attack.describe()
-    stop = ("each image kept at its first successful step" if spec.get("early_stop")
-            else "every step run, the highest-loss successful iterate kept")  # fmt: skip
-    text = (
-        f"{n} images, the {spec.get('steps')}-step L∞ PGD at ε = {ev.eps:g}, {stop} "
-        f"({judged} adversarial examples flip a correct prediction). Layers: {', '.join(layers)}. "
-        f"Explanations by {how}; judge: {judge_name}. {flips_text}The largest information loss is at {top_il}."
-        f"{corr_text} (Bootstrap over images; an interval that contains 0 does not support 'layers that lose more "
-        "information are more vulnerable'.)"
+    return summary, (
+        f"{flips_text}The largest information loss is at {top_il}.{corr_text} (Bootstrap over images; an interval "
+        "that contains 0 does not support 'layers that lose more information are more vulnerable'.)"
     )
-    if study is not None:
-        text += " " + study.get("note", "")
-    return section("Layer diagnosis", text=text, summary=summary, tables=tables, figures=figures, warnings=warnings,
-                   layers=rows, correlations=corr_rows, judge=judge_name, inverter=inv, attack=spec,
-                   decoders=({"trained": inverter.trained, "loaded": inverter.loaded}
-                             if isinstance(inverter, DecoderBank) else None),
-                   study=study)  # fmt: skip
+
+
+def _explanations_text(opts: DiagnoseOptions, inv: Mapping[str, Any]) -> str:
+    """How the explanations were made, in words (the inverter's settings; `inv` its description)."""
+    if opts.inverter == "optim":
+        return (f"optimisation inversion ({opts.inversion_steps} Adam steps, lr {opts.inversion_lr:g}, "
+                f"μ = {opts.tv:g}, TV^{opts.tv_beta:g}, from the mean image)")  # fmt: skip
+    return (f"decoders G_l trained on {inv['train_images']} clean images ({opts.decoder_epochs} epochs in batches of "
+            f"{opts.decoder_batch_size}, λ_img {opts.lambda_img:g}, λ_feat {opts.lambda_feat:g}, λ_cls "
+            f"{opts.lambda_cls:g} on squared norms ({opts.decoder_reduction}), "
+            f"GAN {'on, λ_adv ' + format(opts.lambda_adv, 'g') if opts.gan else 'off'})")  # fmt: skip
 
 
 diagnose_stage.options_class = DiagnoseOptions  # type: ignore[attr-defined]
