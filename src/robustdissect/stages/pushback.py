@@ -238,6 +238,15 @@ def compute_reliance(
         quads = scores.scores.quadrant
         row.update({"B": quads.count("NRU"), "R": quads.count("RU"), **scores.shares(), "n": int(y.shape[0]),
                     "bootstrap": opts.bootstrap})  # fmt: skip
+    transitions = _transition_matrices(ctx, opts, analysed, warnings)
+    return rows, transitions, warnings
+
+
+def _transition_matrices(
+    ctx: Context, opts: PushbackOptions, analysed: dict[str, tuple[Any, dict[str, Any]]], warnings: list[str]
+) -> dict[str, dict[str, Any]]:
+    """{name: {"from": init, "matrix": 4×4 counts}} for each model of `transitions` fine-tuned from
+    an analysed model (`analysed`: name -> (feature dissection, card)); the others add to `warnings`."""
     transitions: dict[str, dict[str, Any]] = {}
     for name in _transitions(ctx, opts):
         if name not in analysed or name == ctx.label:
@@ -255,7 +264,7 @@ def compute_reliance(
             continue
         matrix = transition_matrix(before.scores.quadrant, scores.scores.quadrant)
         transitions[name] = {"from": init, "matrix": matrix.tolist()}
-    return rows, transitions, warnings
+    return transitions
 
 
 def shipped_pushback() -> dict[str, Any] | None:
@@ -308,59 +317,13 @@ def transition_figure(matrices: dict[str, Any], source: str) -> Figure:
 
 @STAGES.register("pushback", "back-perturbation: purification vs an adaptive attacker, D_bp criterion, reliance shift")
 def pushback_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Purification, the D_bp criterion and the reliance shift: computed for the run's model, or the
+    shipped results (with the reliance shift recomputed under `compute: reliance`)."""
     opts: PushbackOptions = stage_options(PushbackOptions, options, "pushback")
     warnings: list[str] = []
-    shipped = shipped_pushback()
-    own = (shipped is not None and ctx.builtin_reference
-           and shipped.get("model_hash") == ctx.store.model_hash(ctx.model))  # fmt: skip
-    if opts.compute is not True and not own and (opts.compute is False or opts.compute == "reliance"):
-        raise AnalysisUnavailable("the shipped pushback results belong to the shipped vanilla smallcnn on "
-                                  "Fashion-MNIST, not to this run's model and data; set pushback.compute to true")
-    if opts.compute is True or (opts.compute == "auto" and not own):
-        payload = compute_pushback(ctx, opts)
-        origin = "Computed in this run"
-    else:
-        assert shipped is not None
-        payload = shipped
-        origin = (f"Shipped results for {payload['model']} on Fashion-MNIST (computed by this stage with --full; "
-                  "not recomputed in this run)")  # fmt: skip
-        if opts.compute == "reliance":
-            fopts = _feature_options(ctx, opts.feature_n)
-            fs = feature_scores(ctx, options=fopts)
-            reliance, transitions, rel_warnings = compute_reliance(ctx, opts, fopts, fs)
-            payload = {**payload, "reliance": reliance, "transitions": transitions, "reliance_warnings": rel_warnings,
-                       "model_hash": ctx.store.model_hash(ctx.model), "model": ctx.label}  # fmt: skip
-            origin = (f"reliance shift and transitions computed in this run; purification and D_bp criterion: "
-                      f"{origin}")  # fmt: skip
-        else:  # say what the shipped results lack now, not what they lacked when computed
-            have = {r["model"] for r in payload["reliance"]}
-            absent = [m for m in _compare(ctx, opts) if m not in have and m != payload["model"]]
-            late = [m for m in absent if m in shipped_checkpoints()]
-            if late:
-                warnings.append(f"{', '.join(late)} {'is' if len(late) == 1 else 'are'} shipped but not in the shipped "
-                                "pushback results; recompute them with the stage option compute: reliance "
-                                "(python -m robustdissect.studies.pushback --reliance)")  # fmt: skip
-            warnings += [f"reliance shift: checkpoint '{m}' is not shipped; skipped (train it with: {retrain_hint(m)})"
-                         for m in absent if m not in late]  # fmt: skip
-            payload = {**payload, "reliance_warnings": [w for w in payload.get("reliance_warnings", [])
-                                                        if w.startswith("no transition")]}  # fmt: skip
+    payload, origin = _payload(ctx, opts, warnings)
     warnings += list(payload.get("reliance_warnings", []))
-    tables = []
-    ctx.run.write_table("pushback_purification", payload["purification"])
-    tables.append({"file": "tables/pushback_purification.csv", "title": "Purification (Wilson 95% intervals)",
-                   "show": True})  # fmt: skip
-    ctx.run.write_table("pushback_reliance", payload["reliance"])
-    n_rel = payload["reliance"][0].get("n", "the analysed")
-    tables.append({"file": "tables/pushback_reliance.csv",
-                   "title": f"Reliance shift RS = share of importance on robust & useful units, imp = mean |phi| "
-                            f"and imp = ablation BA drop; 95% bootstrap intervals over {n_rel} images; diff = "
-                            f"paired difference to {payload['model']}; quadrant shares", "show": True})  # fmt: skip
-    figures = []
-    if payload.get("transitions"):
-        ctx.run.save_figure("pushback_transitions", transition_figure(payload["transitions"], payload["model"]))
-        figures.append({"file": "figures/pushback_transitions.png",
-                        "caption": "Units moving between quadrants from the model each one was fine-tuned from "
-                                   "(rows) to the fine-tuned model (columns)"})  # fmt: skip
+    tables, figures = _write_artefacts(ctx, payload)
     data_rows = _data_models(ctx, opts.data_n)
     if data_rows:
         ctx.run.write_table("pushback_datasets", data_rows)
@@ -373,15 +336,84 @@ def pushback_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     text = (f"{origin}. Purification verdict: {payload['verdict']}. {crit['summary']}. "
             "Reliance shift RS (mean |phi|; ablation BA drop): "
             + "; ".join(_rs_text(r) for r in payload["reliance"]) + ".")  # fmt: skip
+    return section("Pushing back: purification, D_bp and reliance shift", text=text, summary=_summary(payload),
+                   tables=tables, figures=figures, warnings=warnings, pushback=payload)  # fmt: skip
+
+
+def _payload(ctx: Context, opts: PushbackOptions, warnings: list[str]) -> tuple[dict[str, Any], str]:
+    """The section's numbers (computed, shipped, or shipped with the reliance shift recomputed) and
+    one sentence saying where they come from; refuses the shipped results of another model."""
+    shipped = shipped_pushback()
+    own = (shipped is not None and ctx.builtin_reference
+           and shipped.get("model_hash") == ctx.store.model_hash(ctx.model))  # fmt: skip
+    if opts.compute is not True and not own and (opts.compute is False or opts.compute == "reliance"):
+        raise AnalysisUnavailable("the shipped pushback results belong to the shipped vanilla smallcnn on "
+                                  "Fashion-MNIST, not to this run's model and data; set pushback.compute to true")
+    if opts.compute is True or (opts.compute == "auto" and not own):
+        return compute_pushback(ctx, opts), "Computed in this run"
+    assert shipped is not None
+    origin = (f"Shipped results for {shipped['model']} on Fashion-MNIST (computed by this stage with --full; "
+              "not recomputed in this run)")  # fmt: skip
+    if opts.compute == "reliance":
+        fopts = _feature_options(ctx, opts.feature_n)
+        fs = feature_scores(ctx, options=fopts)
+        reliance, transitions, rel_warnings = compute_reliance(ctx, opts, fopts, fs)
+        payload = {**shipped, "reliance": reliance, "transitions": transitions, "reliance_warnings": rel_warnings,
+                   "model_hash": ctx.store.model_hash(ctx.model), "model": ctx.label}  # fmt: skip
+        return payload, ("reliance shift and transitions computed in this run; purification and D_bp criterion: "
+                         f"{origin}")
+    warnings += _shipped_gaps(ctx, opts, shipped)
+    payload = {**shipped, "reliance_warnings": [w for w in shipped.get("reliance_warnings", [])
+                                                if w.startswith("no transition")]}  # fmt: skip
+    return payload, origin
+
+
+def _shipped_gaps(ctx: Context, opts: PushbackOptions, shipped: dict[str, Any]) -> list[str]:
+    """Warnings for the compared models the shipped results lack now (not when they were computed)."""
+    have = {r["model"] for r in shipped["reliance"]}
+    absent = [m for m in _compare(ctx, opts) if m not in have and m != shipped["model"]]
+    late = [m for m in absent if m in shipped_checkpoints()]
+    warnings: list[str] = []
+    if late:
+        warnings.append(f"{', '.join(late)} {'is' if len(late) == 1 else 'are'} shipped but not in the shipped "
+                        "pushback results; recompute them with the stage option compute: reliance "
+                        "(python -m robustdissect.studies.pushback --reliance)")  # fmt: skip
+    warnings += [f"reliance shift: checkpoint '{m}' is not shipped; skipped (train it with: {retrain_hint(m)})"
+                 for m in absent if m not in late]  # fmt: skip
+    return warnings
+
+
+def _write_artefacts(ctx: Context, payload: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The purification and reliance tables and the transition figure (when there are matrices)."""
+    tables: list[dict[str, Any]] = []
+    ctx.run.write_table("pushback_purification", payload["purification"])
+    tables.append({"file": "tables/pushback_purification.csv", "title": "Purification (Wilson 95% intervals)",
+                   "show": True})  # fmt: skip
+    ctx.run.write_table("pushback_reliance", payload["reliance"])
+    n_rel = payload["reliance"][0].get("n", "the analysed")
+    tables.append({"file": "tables/pushback_reliance.csv",
+                   "title": f"Reliance shift RS = share of importance on robust & useful units, imp = mean |phi| "
+                            f"and imp = ablation BA drop; 95% bootstrap intervals over {n_rel} images; diff = "
+                            f"paired difference to {payload['model']}; quadrant shares", "show": True})  # fmt: skip
+    figures: list[dict[str, str]] = []
+    if payload.get("transitions"):
+        ctx.run.save_figure("pushback_transitions", transition_figure(payload["transitions"], payload["model"]))
+        figures.append({"file": "figures/pushback_transitions.png",
+                        "caption": "Units moving between quadrants from the model each one was fine-tuned from "
+                                   "(rows) to the fine-tuned model (columns)"})  # fmt: skip
+    return tables, figures
+
+
+def _summary(payload: dict[str, Any]) -> dict[str, Any]:
+    """Verdict, criterion, accuracies per purification setting and RS per model."""
+    crit = payload["criterion"]
     pur = {r["setting"]: r["accuracy"] for r in payload["purification"]}
-    summary = {"verdict": payload["verdict"], "dbp_criterion_holds": crit["holds"],
-               "share_brittle_neutralised": crit["share_b_ok"], "share_robust_kept": crit["share_r_ok"],
-               **{f"acc: {k}": v for k, v in pur.items()},
-               **{f"RS {r['model']}": r["rs_phi"] for r in payload["reliance"]},
-               **{f"RS ablation {r['model']}": r["rs_ablation"] for r in payload["reliance"]
-                  if "rs_ablation" in r}}  # fmt: skip
-    return section("Pushing back: purification, D_bp and reliance shift", text=text, summary=summary, tables=tables,
-                   figures=figures, warnings=warnings, pushback=payload)  # fmt: skip
+    return {"verdict": payload["verdict"], "dbp_criterion_holds": crit["holds"],
+            "share_brittle_neutralised": crit["share_b_ok"], "share_robust_kept": crit["share_r_ok"],
+            **{f"acc: {k}": v for k, v in pur.items()},
+            **{f"RS {r['model']}": r["rs_phi"] for r in payload["reliance"]},
+            **{f"RS ablation {r['model']}": r["rs_ablation"] for r in payload["reliance"]
+               if "rs_ablation" in r}}  # fmt: skip
 
 
 def _rs_text(row: dict[str, Any]) -> str:
