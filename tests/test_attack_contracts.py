@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from robustdissect.attacks import ATTACKS, Attack, SearchOutput, make_attack
+from robustdissect.attacks import ATTACKS, Attack, SampleRandom, SearchOutput, make_attack
 from robustdissect.errors import UserError
 
 # Small budgets so the whole file runs in seconds; every registered attack needs an entry.
@@ -341,7 +341,7 @@ def test_call_is_final() -> None:
             def __call__(self, *a: Any, **k: Any) -> Any:  # type: ignore[override]
                 return None
 
-            def _search(self, model: nn.Module, x: Tensor, y: Tensor, t: Tensor | None, g: torch.Generator) -> Tensor:
+            def _search(self, model: nn.Module, x: Tensor, y: Tensor, t: Tensor | None, g: SampleRandom) -> Tensor:
                 return x
 
 
@@ -352,8 +352,8 @@ def test_search_output_outside_ball_is_projected(net: Net, data: tuple[Tensor, T
         def __init__(self) -> None:
             super().__init__(name="wild", norm="l2", eps=0.3)
 
-        def _search(self, model: nn.Module, x: Tensor, y: Tensor, t: Tensor | None, g: torch.Generator) -> SearchOutput:
-            far = x + 5 * torch.randn(x.shape, generator=g)
+        def _search(self, model: nn.Module, x: Tensor, y: Tensor, t: Tensor | None, g: SampleRandom) -> SearchOutput:
+            far = x + 5 * g.randn(*x.shape[1:])
             return SearchOutput(far, logits=torch.zeros(x.shape[0], 4))  # stale logits must be ignored
 
     x, y = data

@@ -25,6 +25,7 @@ from robustdissect.attacks import (
     GaussianNoise,
     ImpulseNoise,
     OutputRandomness,
+    SampleRandom,
     ShotNoise,
     check_black_box_vs_white_box,
     check_large_eps,
@@ -151,11 +152,10 @@ def test_projection_idempotent_and_inside(norm: str, case: tuple[Tensor, Tensor,
 def test_random_start_lands_in_ball(norm: str, case: tuple[Tensor, Tensor, float], seed: int) -> None:
     x, _, eps = case
     threat = get_threat(norm)
-    g = torch.Generator().manual_seed(seed)
-    r = threat.random_start(x, eps, g)
+    r = threat.random_start(x, eps, SampleRandom.for_images(x.shape[0], seed, x.device))
     assert float(r.min()) >= 0.0 and float(r.max()) <= 1.0
     assert float(threat.distance(r, x).max()) <= eps + 1e-6
-    again = threat.random_start(x, eps, torch.Generator().manual_seed(seed))
+    again = threat.random_start(x, eps, SampleRandom.for_images(x.shape[0], seed, x.device))
     assert torch.equal(r, again)
 
 

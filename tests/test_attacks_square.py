@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from robustdissect.attacks import Square, get_threat, make_attack
+from robustdissect.attacks import SampleRandom, Square, get_threat, make_attack
 from robustdissect.attacks.square import meta_pattern, p_schedule
 from robustdissect.errors import UserError
 
@@ -77,7 +77,7 @@ def test_linf_starts_from_vertical_stripes(batch: tuple[Tensor, Tensor]) -> None
     """Every pixel of the stripe start moved by eps where the box allows, one sign per column."""
     x = batch[0][:32]
     eps = 0.1
-    init = Square(eps, queries=1)._init(x, torch.Generator().manual_seed(0))
+    init = Square(eps, queries=1)._init(x, SampleRandom.for_images(x.shape[0], 0, x.device))
     d = init - x
     inside = ((x - eps) >= 0) & ((x + eps) <= 1)
     assert torch.allclose(d[inside].abs(), torch.full_like(d[inside], eps), atol=1e-6)

@@ -129,8 +129,6 @@ def test_evaluate_does_not_depend_on_the_batch_size(tmp_path: Path, cli: Any, fm
     assert sorted(adv7) == sorted(adv250) == ["apgd-ce", "apgd-dlr", "fgsm", "pgd-linf", "square-linf"]
     for name in adv7:
         assert adv7[name].shape[1:] == (1, 28, 28) and adv7[name].shape == adv250[name].shape
-    # per-image randomness in image order: the same examples whatever the batch
-    for name in ("fgsm", "pgd-linf", "apgd-ce"):
+    # every image draws from its own random stream: the same examples whatever the batch
+    for name in adv7:
         assert torch.allclose(adv7[name], adv250[name], atol=1e-5), name
-    # Square and APGD-DLR draw their random search per chunk: other examples (a known limitation)
-    assert not torch.allclose(adv7["square-linf"], adv250["square-linf"], atol=1e-5)

@@ -34,6 +34,10 @@ def test_wilson_known_counts() -> None:
     p, lo, hi = proportion_interval(45, 50)
     assert p == 0.9 and (lo, hi) == wilson_interval(45, 50) and lo < 0.9 < hi
     assert all(math.isnan(v) for v in proportion_interval(0, 0))
+    for n in range(1, 1001):  # the bounds hold p at 0 and n successes too (rounding once put them past it)
+        for k in (0, n):
+            p, lo, hi = proportion_interval(k, n)
+            assert lo <= p <= hi, (k, n)
 
 
 def test_newcombe_known_answer() -> None:

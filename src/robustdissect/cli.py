@@ -323,13 +323,15 @@ def _stage_run(stage: str, stage_options: dict[str, Any], target: Target) -> Non
 
 
 def _execute(cfg: Any, target: Target) -> None:
+    from .parallel import dist_env
     from .pipeline import quick_config, run_pipeline
 
     _setup_logging(target.verbose)
     if target.quick:
         cfg = quick_config(cfg)
     path = run_pipeline(cfg, target.out, overwrite=target.overwrite, resume=target.resume)
-    _print_headline(path, target.as_json)
+    if dist_env().is_main:  # under torchrun only rank 0 reports
+        _print_headline(path, target.as_json)
 
 
 @analysis_command("run", "runs/default")

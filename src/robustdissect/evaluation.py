@@ -22,6 +22,7 @@ from .attacks.pgd import STEP_RULE_ALIASES, STEP_RULES
 from .config import parse_budgets, parse_eps
 from .errors import UserError
 from .modelutil import eval_mode, model_device
+from .parallel import sharded
 from .stats import proportion_interval
 from .stats import wilson_interval as wilson_interval  # re-exported for older imports
 from .store import EvidenceStore, evidence_key, index_hash
@@ -262,16 +263,19 @@ def attack_evidence(
         "seed": attack.seed,
     }
 
-    def compute() -> dict[str, torch.Tensor]:
-        res = attack(model, x.to(model_device(model, x.device)), y.to(model_device(model, x.device)))
+    def compute(part: slice) -> dict[str, torch.Tensor]:
+        device = model_device(model, x.device)
+        res = attack(model, x[part].to(device), y[part].to(device), ids=index[part])
         return {
             "x_adv": res.x_adv,
             "correct": res.correct.to(torch.uint8),
             "pred": res.logits.argmax(1),
-            "index": index,
+            "index": index[part],
         }
 
-    t = store.fetch("adv", parts, compute)
+    # under torchrun each rank attacks its share of the images (each image's random stream is
+    # keyed by its index, so the shards together equal one process's result)
+    t = store.fetch("adv", parts, lambda: sharded(len(index), compute))
     return AttackOutcome(
         attack.name, t["x_adv"], t["correct"].bool(), t["pred"], settings, index, evidence_key(parts)
     )
@@ -284,12 +288,13 @@ def clean_predictions(
     """Predicted labels (N,) of `model` on x (N, C, H, W), from the store when already computed.
     A model whose clean logits are not finite is refused (UserError): no attack result on it
     would mean anything."""
-    def compute() -> dict[str, torch.Tensor]:
+    def compute(part: slice) -> dict[str, torch.Tensor]:
         device = model_device(model, x.device)
-        preds = []
+        first, stop = part.start or 0, part.stop
+        preds = [torch.empty(0, dtype=torch.int64)]
         with eval_mode(model), torch.no_grad():
-            for s in range(0, x.shape[0], batch_size):
-                logits = model(x[s : s + batch_size].to(device))
+            for s in range(first, stop, batch_size):
+                logits = model(x[s : min(s + batch_size, stop)].to(device))
                 bad = int((~torch.isfinite(logits)).any(dim=1).sum())
                 if bad:
                     raise UserError(
@@ -300,7 +305,7 @@ def clean_predictions(
         return {"pred": torch.cat(preds)}
 
     parts = {"name": "clean", "model": store.model_hash(model), "split": split, "images": index_hash(index)}
-    return store.fetch("predictions", parts, compute)["pred"]
+    return store.fetch("predictions", parts, lambda: sharded(x.shape[0], compute))["pred"]
 
 
 def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, float]:

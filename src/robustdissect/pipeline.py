@@ -35,11 +35,12 @@ from .errors import UserError
 from .models.io import shipped_checkpoints
 from .models.resolve import resolve_model as resolve_model
 from .models.spec import parse_compare, short_label, split_label, unique_labels
+from .parallel import all_ranks_agree, broadcast_object, dist_env, is_main_process, setup, teardown, world
 from .probe.hooks import resolve_layer
 from .report import render_report
 from .report.findings import INTERVAL_NOTE, findings, model_names
 from .report.labels import shorten_paths, summary_rows
-from .runs import RunDir, read_json, write_json
+from .runs import RunDir, partial_path, read_json, write_json
 from .stages.base import STAGES as STAGES
 from .stages.base import AnalysisUnavailable as AnalysisUnavailable
 from .stages.base import Context as Context
@@ -66,6 +67,7 @@ def environment(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "processes": world()[1],  # torchrun ranks that shared the images
         "seed": cfg.seed,
         "command": " ".join(sys.argv),
     }
@@ -82,6 +84,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     """Load the data, the model and its counterparts (each checked against the data's shape and
     classes) and pick the device; every problem is a UserError before any work."""
     device = pick_device(cfg.device)
+    info = dist_env()
+    if info.active and device.type == "cuda":  # under torchrun: one GPU per process
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
     data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, **cfg.data_options)
     model, card = resolve_model(cfg.model, cfg.weights, cfg.model_args, data, normalize=cfg.normalize)
     available = len(data.split(cfg.split))
@@ -158,21 +164,68 @@ def _check_model_names(stage: str, names: Sequence[str] | None, prepared: Prepar
             check_model_name(str(spec), prepared, f"{stage}: compare")
 
 
+def _open_run(out: str | Path, overwrite: bool, resume: bool, identity: dict[str, str], cfg: RunConfig) -> RunDir:
+    """Rank 0 creates (or resumes) the run directory; under torchrun the other ranks get a
+    throwaway one, and every rank stops when rank 0 cannot open it."""
+    if not is_main_process():
+        if not all_ranks_agree(True):
+            raise UserError("rank 0 could not open the run directory (see its message)")
+        return RunDir.scratch()
+    try:
+        run = RunDir.create(out, overwrite=overwrite, resume=resume)
+        try:
+            if resume:
+                _check_resume(run, identity, cfg)
+        except BaseException:
+            run.discard()
+            raise
+    except BaseException:
+        all_ranks_agree(False)
+        raise
+    all_ranks_agree(True)
+    return run
+
+
 def run_pipeline(
     cfg: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False
 ) -> Path:
-    """Run every configured stage into a run directory; return its final path."""
+    """Run every configured stage into a run directory; return its final path.
+
+    Under `torchrun` (WORLD_SIZE > 1) every rank runs the stages, the images of every attack and
+    prediction are split across the ranks and gathered back (see `robustdissect.parallel`), and
+    rank 0 alone writes the run directory, which equals a single process's."""
+    info = dist_env()
     validate_stages(cfg)
     prepared = prepare(cfg)
+    validate_stages(cfg, prepared.model, prepared)
+    identity = _identity(cfg, prepared.model)
+    info = setup(info, prepared.device)
+    try:
+        if not info.is_main:  # one voice: rank 0 logs and reports
+            logging.getLogger("robustdissect").setLevel(logging.ERROR)
+        run = _open_run(out, overwrite, resume, identity, cfg)
+        if info.is_main:
+            return _run_stages(cfg, run, prepared, identity, run.path / EVIDENCE_DIR)
+        try:  # the other ranks read what rank 0 stored before (a resumed run) and write nothing
+            _run_stages(cfg, run, prepared, identity, partial_path(out) / EVIDENCE_DIR)
+        finally:
+            run.discard()
+        return Path(out)
+    finally:
+        teardown(info)
+
+
+def _run_stages(
+    cfg: RunConfig, run: RunDir, prepared: Prepared, identity: dict[str, str], evidence: Path
+) -> Path:
+    """The stages of `cfg` into `run` (those already done in a resumed run are skipped), with
+    the evidence store in `evidence`; returns the finished run's path."""
     model, card, data, device = prepared.model, prepared.card, prepared.data, prepared.device
-    validate_stages(cfg, model, prepared)
-    identity = _identity(cfg, model)
-    run = RunDir.create(out, overwrite=overwrite, resume=resume)
-    if resume:
-        _check_resume(run, identity, cfg)
+    main = is_main_process()
+    done = set(broadcast_object([name for name in cfg.stages if run.stage_done(name)]))
     try:
         torch.manual_seed(cfg.seed)
-        store = EvidenceStore(run.path / EVIDENCE_DIR)
+        store = EvidenceStore(evidence)
         ctx = Context(cfg, run, model, card, data, device, store, prepared.label, prepared.compared)
         run.write_text("config.yaml", dump_config(cfg))
         write_json(run.path / "identity.json", identity)
@@ -184,7 +237,7 @@ def run_pipeline(
         )  # fmt: skip
         timings: dict[str, float] = {}
         for name, options in cfg.stages.items():
-            if run.stage_done(name):
+            if name in done:
                 log.info("stage %s already done, skipping", name)
                 continue
             log.info("stage %s", name)
@@ -199,14 +252,15 @@ def run_pipeline(
             timings[name] = entry["seconds"]
             run.set_stage(name, entry)
             run.update_results(**ctx.results, evidence=store.counts())
-        render_report(run.path)
+        if main:
+            render_report(run.path)
     except UserError:
         if any(run.stage_done(n) for n in cfg.stages):
             log.warning("finished stages are kept in %s; fix the problem and rerun with --resume", run.path)
         else:
             run.discard()
         raise
-    return run.finish()
+    return run.finish() if main else run.path
 
 
 def _card_summary(card: Mapping[str, Any]) -> dict[str, Any]:

@@ -399,6 +399,15 @@ class RunDir:
         return run
 
     @classmethod
+    def scratch(cls) -> RunDir:
+        """A throwaway run directory in a temporary folder (removed by `discard()`): where the
+        other ranks of a torchrun job put the files that rank 0 writes for real."""
+        work = Path(tempfile.mkdtemp(prefix="robustdissect-rank-"))
+        for sub in ("tables", "figures"):
+            (work / sub).mkdir()
+        return cls(work.with_name(work.name + "-final"), work, created=True)
+
+    @classmethod
     def open(cls, path: str | Path) -> RunDir:
         """Open a finished run directory (for re-rendering the report)."""
         p = Path(path)

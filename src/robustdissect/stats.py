@@ -52,9 +52,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def proportion_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
-    """(successes / n, Wilson low, Wilson high); all NaN when n = 0."""
+    """(successes / n, Wilson low, Wilson high), low <= p <= high; all NaN when n = 0."""
     lo, hi = wilson_interval(successes, n, z)
-    return (successes / n if n else math.nan), lo, hi
+    if not n:
+        return math.nan, lo, hi
+    p = successes / n
+    return p, min(lo, p), max(hi, p)  # rounding can put a bound a hair past p at 0 or n successes
 
 
 def newcombe_interval(p1: float, ci1: Sequence[float], p2: float, ci2: Sequence[float]) -> tuple[float, float]:

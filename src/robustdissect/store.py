@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import UserError
+from .parallel import all_ranks_agree, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ class EvidenceStore:
     """Items under `root` (`RUN/evidence`), with an in-memory layer for the current process.
 
     `fetch(kind, parts, compute)` returns the stored tensors for `parts`, or runs `compute()`,
-    stores its tensors and returns them. `hits` and `misses` count requests per kind.
+    stores its tensors and returns them. `hits` and `misses` count requests per kind. Under
+    torchrun every rank keeps every item in memory and only rank 0 writes files.
     """
 
     root: Path
@@ -101,13 +103,15 @@ class EvidenceStore:
         """Store `tensors` (moved to the CPU, contiguous) under the key of `parts`, atomically."""
         key = evidence_key(parts)
         stored = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        self._memory[key] = stored
+        if not is_main_process():  # under torchrun every rank holds the item; rank 0 writes it
+            return
         p = self.path(kind, key)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f".{p.name}.tmp")
         meta = {"kind": kind, "key": key, "parts": json.dumps(parts, sort_keys=True, default=str)}
         save_file(stored, str(tmp), metadata=meta)
         tmp.replace(p)
-        self._memory[key] = stored
 
     def fetch(
         self, kind: str, parts: Mapping[str, Any], compute: Callable[[], Mapping[str, Tensor]]
@@ -115,6 +119,8 @@ class EvidenceStore:
         """Stored tensors for `parts`, computing and storing them on a miss."""
         found = self.get(kind, parts)
         label = parts.get("name", kind)
+        if not all_ranks_agree(found is not None):  # under torchrun: a hit only where every rank has it
+            found = None
         if found is not None:
             self.hits[kind] = self.hits.get(kind, 0) + 1
             log.info("evidence: hit %s/%s (%s)", kind, evidence_key(parts)[:12], label)

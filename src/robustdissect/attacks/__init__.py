@@ -44,6 +44,7 @@ from .masking import (
     zero_gradient_share,
 )
 from .pgd import FGSM, PGD, PGDL2, PGDLinf
+from .rng import SampleRandom
 from .square import Square, SquareL2, SquareLinf
 from .threat import L2Threat, LinfThreat, ThreatModel, get_threat, project, random_start
 
@@ -78,6 +79,7 @@ __all__ = [
     "NAttack",
     "OutputRandomness",
     "PGDLinf",
+    "SampleRandom",
     "SearchOutput",
     "ShotNoise",
     "Square",

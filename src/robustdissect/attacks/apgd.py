@@ -21,6 +21,7 @@ from ..errors import UserError
 from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive, variant
 from .losses import cross_entropy, dlr, dlr_targeted
 from .pgd import DEFAULT_EPS
+from .rng import SampleRandom
 from .threat import get_threat
 
 LOSSES = ("ce", "dlr")
@@ -70,7 +71,7 @@ class APGD(Attack):
         return dlr(logits, y) if targets is None else dlr_targeted(logits, y, targets)
 
     def _search(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> SearchOutput:
         with torch.no_grad():
             clean = model(x)
@@ -82,7 +83,7 @@ class APGD(Attack):
             if todo.numel() == 0:
                 break
             sub_t = targets[todo] if targets is not None else None
-            rx, rl, rok = self._run(model, x[todo], y[todo], sub_t, generator)
+            rx, rl, rok = self._run(model, x[todo], y[todo], sub_t, rng.spawn(r).subset(todo))
             keep = torch.ones_like(rok) if r == 0 else rok  # the first run's best-loss points stand in
             pick = todo[keep]
             out_x[pick], out_logits[pick] = rx[keep], rl[keep]
@@ -99,7 +100,7 @@ class APGD(Attack):
         return loss.detach(), grad, logits.detach()
 
     def _run(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One APGD run: x_adv (N, C, H, W), its logits (N, K), success (N,)."""
         assert self.norm is not None
@@ -111,7 +112,7 @@ class APGD(Attack):
         size_decr = max(int(0.03 * n_iter), 1)
         k_min = max(int(0.06 * n_iter), 1)
 
-        x_adv = threat.boundary_start(x, self.eps, generator)
+        x_adv = threat.boundary_start(x, self.eps, rng)
         loss, grad, logits = self._loss_grad(model, x_adv, y, targets)
         losses = torch.empty((n_iter + 1, n), device=x.device)
         losses[0] = loss

@@ -6,8 +6,9 @@ For every attack, `attack(model, x, y)`:
 - runs the search with the model in eval mode and every parameter's `requires_grad` off, and
   restores each module's training flag and each parameter's flag afterwards, also on exceptions;
   it registers no hooks;
-- passes a `torch.Generator` seeded with `seed` (default: the attack's `seed`, 0) to the search, so
-  the same seed gives the same output on the same machine;
+- passes per-image random streams (`SampleRandom`, keyed by `seed` — default the attack's `seed`,
+  0 — and a stable id per image: `ids`, default the positions 0..N-1) to the search, so the same
+  seed gives the same output, whatever batches or processes the images are split into;
 - projects the result onto B(x, eps) ∩ [0, 1] (final safety projection); eps == 0 returns x
   bitwise; corruptions (norm None) are only clipped to [0, 1];
 - returns the clean point where the attack failed but x already succeeds, or where x_adv is
@@ -15,7 +16,7 @@ For every attack, `attack(model, x, y)`:
   x_adv implies correct on x, and robust accuracy <= clean accuracy;
 - computes logits (N, K) on x_adv and the per-sample success flags.
 
-Subclasses implement only `_search(model, x, y, targets, generator)`, which returns x_adv
+Subclasses implement only `_search(model, x, y, targets, rng)`, which returns x_adv
 (N, C, H, W) or a `SearchOutput` that also carries logits it already computed.
 """
 
@@ -38,6 +39,7 @@ from ..modelutil import model_device
 from ..registry import Registry
 from ..runs import jsonable
 from .losses import is_success
+from .rng import SampleRandom
 from .threat import get_threat
 
 ATTACKS: Registry[Callable[..., Attack]] = Registry("attack")
@@ -189,9 +191,10 @@ class Attack(ABC):
 
     @abstractmethod
     def _search(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> Tensor | SearchOutput:
-        """Find x_adv (N, C, H, W) for x (N, C, H, W) in [0, 1] and labels y (N,); targets (N,) or None.
+        """Find x_adv (N, C, H, W) for x (N, C, H, W) in [0, 1] and labels y (N,); targets (N,) or None;
+        rng: the images' random streams (draws are (N, ...), row i for image i).
 
         Runs with gradients enabled (white-box) or disabled (black-box); the model is in eval mode
         with parameters frozen. The base class projects the result afterwards.
@@ -206,9 +209,12 @@ class Attack(ABC):
         *,
         targets: Tensor | None = None,
         seed: int | None = None,
+        ids: Tensor | None = None,
     ) -> AttackResult:
         """Attack `model` on x (N, C, H, W) in [0, 1] with labels y (N,); targets (N,) for a
-        targeted attack. Returns an AttackResult with x_adv on the device and dtype of x."""
+        targeted attack; ids (N,) int: a stable id per image that keys its random stream
+        (default 0..N-1; pass the images' positions in a dataset to make a subset's result
+        equal the full set's). Returns an AttackResult with x_adv on the device and dtype of x."""
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         x, y, targets = validate_inputs(x, y, targets)
@@ -218,8 +224,9 @@ class Attack(ABC):
         check_int("seed", seed, minimum=0)
         out_device = x.device
         device = model_device(model, x.device)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+        if ids is not None and tuple(ids.shape) != (x.shape[0],):
+            raise UserError(f"ids must hold one id per image ({x.shape[0]},), got shape {tuple(ids.shape)}")
+        rng = SampleRandom.for_images(x.shape[0], seed, device, ids)
         with torch.inference_mode(False), frozen(model):
             xw, yw = _normal(x.detach().to(device)), _normal(y.to(device))
             tw = _normal(targets.to(device)) if targets is not None else None
@@ -235,7 +242,7 @@ class Attack(ABC):
                     xw[s : s + step],
                     yw[s : s + step],
                     tw[s : s + step] if tw is not None else None,
-                    generator,
+                    rng.subset(slice(s, s + step)),
                     num_classes,
                 )
                 for s in range(0, n, step)
@@ -256,7 +263,7 @@ class Attack(ABC):
         x: Tensor,
         y: Tensor,
         targets: Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
         num_classes: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         clean_logits: Tensor | None = None
@@ -264,7 +271,7 @@ class Attack(ABC):
             if num_classes < 2:
                 raise UserError("a targeted attack needs at least 2 classes")
             if self.target == "random":
-                shift = torch.randint(1, num_classes, y.shape, generator=generator, device=y.device)
+                shift = rng.randint(1, num_classes)
                 targets = (y + shift) % num_classes
             else:  # least-likely
                 clean_logits = _forward(model, x)
@@ -274,7 +281,7 @@ class Attack(ABC):
             x_adv = x.clone()
         else:
             with torch.enable_grad() if self.white_box else torch.no_grad():
-                out = self._search(model, x, y, targets, generator)
+                out = self._search(model, x, y, targets, rng)
             if isinstance(out, Tensor):
                 out = SearchOutput(out)
             raw = out.x_adv.detach()

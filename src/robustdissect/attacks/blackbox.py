@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .base import ATTACKS, Attack, check_int, check_positive
 from .losses import margin
+from .rng import SampleRandom
 from .threat import get_threat
 
 _DEFAULT_MAX_BATCH = 4096
@@ -69,11 +70,11 @@ class SPSA(Attack):
         self.max_batch = max_batch
 
     def _search(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> Tensor:
         n = x.shape[0]
         threat = get_threat("linf")
-        x_adv = threat.random_start(x, self.eps, generator)
+        x_adv = threat.random_start(x, self.eps, rng)
         m = torch.zeros_like(x)
         v = torch.zeros_like(x)
         active = torch.arange(n, device=x.device)
@@ -89,7 +90,8 @@ class SPSA(Attack):
                 ta = ta[keep] if ta is not None else None
             if active.numel() == 0:
                 break
-            g = self._gradient(model, xa, ya, ta, generator)
+            g = self._gradient(model, xa, ya, ta, rng.subset(active))
+            rng.draws += self._draws_per_gradient()
             ma = m[active].mul_(b1).add_(g, alpha=1 - b1)
             va = v[active].mul_(b2).addcmul_(g, g, value=1 - b2)
             m[active], v[active] = ma, va
@@ -98,15 +100,12 @@ class SPSA(Attack):
         return x_adv
 
     def _gradient(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> Tensor:
-        """SPSA estimate of grad_x of the margin loss, (A, C, H, W), for the active images x."""
-        pairs = max(1, self.n_samples // 2)
-        per_image = 2 * pairs
-        if per_image <= self.max_batch:
-            img_chunk, pair_chunk = max(1, self.max_batch // per_image), pairs
-        else:
-            img_chunk, pair_chunk = 1, max(1, self.max_batch // 2)
+        """SPSA estimate of grad_x of the margin loss, (A, C, H, W), for the active images x
+        with their streams `rng` (draw number d + j for the j-th chunk of directions)."""
+        pairs, img_chunk, pair_chunk = self._chunks()
+        first = rng.draws
         grads = []
         for i in range(0, x.shape[0], img_chunk):
             xi = x[i : i + img_chunk]
@@ -114,8 +113,9 @@ class SPSA(Attack):
             acc = torch.zeros_like(xi)
             for j in range(0, pairs, pair_chunk):
                 p = min(pair_chunk, pairs - j)
-                shape = (b, p, *xi.shape[1:])
-                signs = torch.randint(0, 2, shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
+                streams = rng.subset(slice(i, i + b))
+                streams.draws = first + j // pair_chunk
+                signs = streams.signs(p, *xi.shape[1:], dtype=x.dtype)
                 probe = torch.stack([xi[:, None] + self.delta * signs, xi[:, None] - self.delta * signs], dim=2)
                 logits = model(probe.reshape(-1, *xi.shape[1:]))
                 yi = y[i : i + b].repeat_interleave(2 * p)
@@ -125,6 +125,17 @@ class SPSA(Attack):
                 acc += (diff.view(b, p, *([1] * (xi.dim() - 1))) * signs).sum(dim=1)
             grads.append(acc / pairs)
         return torch.cat(grads)
+
+    def _chunks(self) -> tuple[int, int, int]:
+        """(direction pairs, images per forward chunk, pairs per chunk) under `max_batch`."""
+        pairs = max(1, self.n_samples // 2)
+        if 2 * pairs <= self.max_batch:
+            return pairs, max(1, self.max_batch // (2 * pairs)), pairs
+        return pairs, 1, max(1, self.max_batch // 2)
+
+    def _draws_per_gradient(self) -> int:
+        pairs, _img, pair_chunk = self._chunks()
+        return -(-pairs // pair_chunk)
 
 
 class NAttack(Attack):
@@ -171,7 +182,7 @@ class NAttack(Attack):
         return get_threat("linf").project(x + (moved - base), x, self.eps)
 
     def _search(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> Tensor:
         n = x.shape[0]
         w = torch.atanh((2.0 * x - 1.0) * (1.0 - 1e-6))
@@ -192,7 +203,8 @@ class NAttack(Attack):
             for s in range(0, active.numel(), img_chunk):
                 idx = active[s : s + img_chunk]
                 b = idx.numel()
-                noise = torch.randn((b, pop, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+                streams = rng.subset(idx)  # every image's draw number is the iteration's
+                noise = streams.randn(pop, *x.shape[1:], dtype=x.dtype)
                 z = mu[idx][:, None] + self.sigma * noise
                 cand = self._candidate(x[idx][:, None], w[idx][:, None], base[idx][:, None], z)
                 logits = model(cand.reshape(-1, *x.shape[1:]))
@@ -202,6 +214,7 @@ class NAttack(Attack):
                 score = -(loss - loss.mean(dim=1, keepdim=True)) / (loss.std(dim=1, keepdim=True, correction=0) + 1e-7)
                 update = (score.view(b, pop, *([1] * (x.dim() - 1))) * noise).sum(dim=1)
                 mu[idx] = mu[idx] + self.lr / (pop * self.sigma) * update
+            rng.draws += 1
         return x_adv
 
 

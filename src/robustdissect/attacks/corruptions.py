@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .base import ATTACKS, Attack
+from .rng import SampleRandom
 
 
 class Corruption(Attack):
@@ -61,13 +62,13 @@ class Corruption(Attack):
     def _is_identity(self) -> bool:
         return self.severity == 0
 
-    def _corrupt(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def _corrupt(self, x: Tensor, rng: SampleRandom) -> Tensor:
         raise NotImplementedError
 
     def _search(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> Tensor:
-        out = self._corrupt(x, generator).clamp(0.0, 1.0)
+        out = self._corrupt(x, rng).clamp(0.0, 1.0)
         if self.quantize:
             out = torch.round(out * 255.0) / 255.0
         return out
@@ -115,8 +116,8 @@ class GaussianNoise(Corruption):
     def _is_identity(self) -> bool:
         return self.severity == 0 or self.sigma == 0
 
-    def _corrupt(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def _corrupt(self, x: Tensor, rng: SampleRandom) -> Tensor:
+        noise = rng.randn(*x.shape[1:], dtype=x.dtype)
         return x + self.sigma * noise
 
 
@@ -126,9 +127,9 @@ class ShotNoise(Corruption):
     corruption_name = "shot-noise"
     severities = (500.0, 250.0, 100.0, 75.0, 50.0)
 
-    def _corrupt(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def _corrupt(self, x: Tensor, rng: SampleRandom) -> Tensor:
         c = self.level
-        return torch.poisson(x * c, generator=generator) / c
+        return torch.stack([torch.poisson(xi * c, generator=g) for xi, g in zip(x, rng.generators(), strict=True)]) / c
 
 
 class ImpulseNoise(Corruption):
@@ -137,9 +138,9 @@ class ImpulseNoise(Corruption):
     corruption_name = "impulse-noise"
     severities = (0.01, 0.02, 0.03, 0.05, 0.07)
 
-    def _corrupt(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        hit = torch.rand(x.shape, generator=generator, device=x.device) < self.level
-        salt = torch.rand(x.shape, generator=generator, device=x.device) < 0.5
+    def _corrupt(self, x: Tensor, rng: SampleRandom) -> Tensor:
+        hit = rng.rand(*x.shape[1:]) < self.level
+        salt = rng.rand(*x.shape[1:]) < 0.5
         out = torch.where(hit & salt, torch.ones_like(x), x)
         return torch.where(hit & ~salt, torch.zeros_like(x), out)
 
@@ -158,7 +159,7 @@ class GaussianBlur(Corruption):
     corruption_name = "gaussian-blur"
     severities = (0.4, 0.6, 0.7, 0.8, 1.0)
 
-    def _corrupt(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def _corrupt(self, x: Tensor, rng: SampleRandom) -> Tensor:
         k = gaussian_kernel(self.level).to(device=x.device, dtype=x.dtype)
         r = (k.numel() - 1) // 2
         c = x.shape[1]
@@ -173,7 +174,7 @@ class Contrast(Corruption):
     corruption_name = "contrast"
     severities = (0.75, 0.5, 0.4, 0.3, 0.15)
 
-    def _corrupt(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def _corrupt(self, x: Tensor, rng: SampleRandom) -> Tensor:
         mean = x.mean(dim=(2, 3), keepdim=True)
         return (x - mean) * self.level + mean
 
@@ -184,7 +185,7 @@ class Brightness(Corruption):
     corruption_name = "brightness"
     severities = (0.05, 0.1, 0.15, 0.2, 0.3)
 
-    def _corrupt(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def _corrupt(self, x: Tensor, rng: SampleRandom) -> Tensor:
         v = x.amax(dim=1, keepdim=True)
         v_new = (v + self.level).clamp(0.0, 1.0)
         scaled = x * (v_new / v.clamp_min(1e-12))
@@ -197,7 +198,7 @@ class JPEG(Corruption):
     corruption_name = "jpeg"
     severities = (80.0, 65.0, 58.0, 50.0, 40.0)
 
-    def _corrupt(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def _corrupt(self, x: Tensor, rng: SampleRandom) -> Tensor:
         c = x.shape[1]
         if c not in (1, 3):
             raise UserError(f"jpeg needs 1- or 3-channel images, got {c} channels")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .base import ATTACKS, Attack, check_int, check_positive
 from .losses import other_max
+from .rng import SampleRandom
 from .threat import get_threat
 
 
@@ -54,7 +55,7 @@ class CW(Attack):
         self.abort_early = bool(abort_early)
 
     def _search(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> Tensor:
         n = x.shape[0]
         shape = (n, *([1] * (x.dim() - 1)))

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive, frozen, variant
 from .losses import cross_entropy, dlr, dlr_targeted, margin, other_max
+from .rng import SampleRandom
 from .threat import STARTS, get_threat
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits (N, K), labels (N,)) -> per-sample loss (N,) to maximise
@@ -64,7 +65,7 @@ class FGSM(Attack):
         super().__init__(name="fgsm", norm="linf", eps=eps, seed=seed, batch_size=batch_size, target=target)
 
     def _search(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> SearchOutput:
         x0 = x.detach().requires_grad_(True)
         logits = model(x0)
@@ -87,7 +88,7 @@ class PGD(Attack):
     from the attacked batch at its first successful iterate (robust accuracy is unchanged, the
     returned point is that iterate; σ pairs that need the k-th iterate leave it off).
 
-    `perturb(model, x, y, generator)` is the training entry point: the same loop for exactly k
+    `perturb(model, x, y, rng)` is the training entry point: the same loop for exactly k
     steps, returning the last iterate without the evaluation's bookkeeping or extra forwards.
     """
 
@@ -185,29 +186,30 @@ class PGD(Attack):
         return dlr(logits, y) if t is None else dlr_targeted(logits, y, t)
 
     # -- search --------------------------------------------------------------------------------
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, rng: SampleRandom | torch.Generator) -> Tensor:
         """Exactly `steps` steps from the start, the last iterate x' (N, C, H, W), detached.
 
         For training: the model's modules are put in eval mode for the search and their flags
         restored; gradients are taken with respect to the input only (parameters untouched),
-        in fp32 (autocast off). No validation, restarts, early stop or final forward."""
+        in fp32 (autocast off). No validation, restarts, early stop or final forward. `rng`: the
+        batch's random streams (or a generator that keys them)."""
         if self._is_identity():
             return x.detach().clone()
         with frozen(model), torch.autocast(x.device.type, enabled=False), torch.enable_grad():
-            out, *_ = self._run(model, x.detach(), y, None, generator, track=False)
+            out, *_ = self._run(model, x.detach(), y, None, SampleRandom.coerce(rng, x.shape[0], x.device), track=False)
         return out
 
     def _search(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> SearchOutput:
-        best_x, best_logits, best_loss, best_ok, clean = self._run(model, x, y, targets, generator)
+        best_x, best_logits, best_loss, best_ok, clean = self._run(model, x, y, targets, rng)
         assert best_logits is not None and best_loss is not None and best_ok is not None
-        for _ in range(self.restarts - 1):
+        for restart in range(1, self.restarts):
             todo = (~best_ok if self.keep != "max-loss" else torch.ones_like(best_ok)).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
             sub_t = targets[todo] if targets is not None else None
-            rx, rl, rloss, rok, _ = self._run(model, x[todo], y[todo], sub_t, generator)
+            rx, rl, rloss, rok, _ = self._run(model, x[todo], y[todo], sub_t, rng.spawn(restart).subset(todo))
             assert rl is not None and rloss is not None and rok is not None
             better = _better(rok, rloss, best_ok[todo], best_loss[todo], self.keep)
             pick = todo[better]
@@ -223,7 +225,7 @@ class PGD(Attack):
         x: Tensor,
         y: Tensor,
         targets: Tensor | None,
-        generator: torch.Generator,
+        rng: SampleRandom,
         track: bool = True,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """One PGD run. With `track`: best x (N, C, H, W) under the keep rule, its logits (N, K),
@@ -234,7 +236,7 @@ class PGD(Attack):
         aux = self._per_sample(model, x, y, targets)
         x_cur = x  # the clean images of the samples still attacked
         project = threat.projector(x_cur, self.eps)
-        x_t = threat.start(self.random_start, x, self.eps, generator, self.start_sigma)
+        x_t = threat.start(self.random_start, x, self.eps, rng, self.start_sigma)
         if not track:
             for _ in range(self.steps):
                 x_t.requires_grad_(True)

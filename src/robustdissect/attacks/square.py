@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from .base import ATTACKS, Attack, SearchOutput, check_int, check_positive, variant
 from .losses import margin
+from .rng import SampleRandom
 
 # iterations (out of 10,000) after which p is halved once more
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -114,17 +115,17 @@ class Square(Attack):
         self.restarts = restarts
 
     def _search(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> SearchOutput:
         if x.shape[-1] < 2 or x.shape[-2] < 2:
             raise UserError(f"the Square attack needs images of at least 2 x 2 pixels, got {tuple(x.shape[-2:])}")
-        best_x, best_logits, loss = self._run(model, x, y, targets, generator)
-        for _ in range(self.restarts - 1):
+        best_x, best_logits, loss = self._run(model, x, y, targets, rng)
+        for restart in range(1, self.restarts):
             todo = (loss >= 0).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
             sub_t = targets[todo] if targets is not None else None
-            rx, rl, rloss = self._run(model, x[todo], y[todo], sub_t, generator)
+            rx, rl, rloss = self._run(model, x[todo], y[todo], sub_t, rng.spawn(restart).subset(todo))
             better = rloss < loss[todo]
             pick = todo[better]
             best_x[pick], best_logits[pick], loss[pick] = rx[better], rl[better], rloss[better]
@@ -132,10 +133,10 @@ class Square(Attack):
 
     # -- one run -------------------------------------------------------------------------------
     def _run(
-        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, rng: SampleRandom
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Best x (N, C, H, W), its logits (N, K) and margin loss (N,)."""
-        x_best = self._init(x, generator)
+        x_best = self._init(x, rng)
         logits = model(x_best)
         loss = _loss(logits, y, targets)
         h, w = x.shape[-2:]
@@ -145,13 +146,15 @@ class Square(Attack):
                 break
             p = p_schedule(self.p_init, i, self.queries)
             xa, xb = x[active], x_best[active]
+            streams = rng.subset(active)  # the active images' streams, at this query's draw number
             if self.norm == "linf":
                 s = min(max(round(math.sqrt(p * h * w)), 1), min(h, w) - 1)
-                cand = self._linf_query(xa, xb, s, generator)
+                cand = self._linf_query(xa, xb, s, streams)
             else:
                 s = max(round(math.sqrt(p * h * w)), 3)
                 s = min(s + (s % 2 == 0), min(h, w) - 1)
-                cand = self._l2_query(xa, xb, s, generator)
+                cand = self._l2_query(xa, xb, s, streams)
+            rng.draws = streams.draws  # every query makes the same number of draws
             cl = model(cand)
             ta = targets[active] if targets is not None else None
             new_loss = _loss(cl, y[active], ta)
@@ -162,10 +165,10 @@ class Square(Attack):
             loss[pick] = new_loss[better]
         return x_best, logits, loss
 
-    def _init(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        n, c, h, w = x.shape
+    def _init(self, x: Tensor, rng: SampleRandom) -> Tensor:
+        _n, c, h, w = x.shape
         if self.norm == "linf":  # vertical stripes: one sign per column and channel
-            sign = torch.randint(0, 2, (n, c, 1, w), generator=generator, device=x.device).to(x.dtype) * 2 - 1
+            sign = rng.signs(c, 1, w, dtype=x.dtype)
             return (x + self.eps * sign).clamp(0.0, 1.0)
         tile = max(h // 5, 1)
         delta = torch.zeros_like(x)
@@ -173,7 +176,7 @@ class Square(Attack):
         off_h, off_w = (h - tile * (h // tile)) // 2, (w - tile * (w // tile)) // 2
         for r in range(h // tile):
             for q in range(w // tile):
-                sign = torch.randint(0, 2, (n, c, 1, 1), generator=generator, device=x.device).to(x.dtype) * 2 - 1
+                sign = rng.signs(c, 1, 1, dtype=x.dtype)
                 block = pattern if pattern is not None else torch.ones(1, 1, device=x.device, dtype=x.dtype)
                 i0, j0 = off_h + r * tile, off_w + q * tile
                 delta[:, :, i0 : i0 + tile, j0 : j0 + tile] += block * sign
@@ -186,12 +189,12 @@ class Square(Attack):
 
     @staticmethod
     def _windows(
-        n: int, h: int, w: int, s: int, device: torch.device, generator: torch.Generator
+        h: int, w: int, s: int, rng: SampleRandom
     ) -> tuple[Tensor, Tensor]:
         """Row and column indices (n, s) of one random s x s window per image."""
-        top = torch.randint(0, h - s + 1, (n, 1), generator=generator, device=device)
-        left = torch.randint(0, w - s + 1, (n, 1), generator=generator, device=device)
-        ar = torch.arange(s, device=device).view(1, -1)
+        top = rng.randint(0, h - s + 1, 1)
+        left = rng.randint(0, w - s + 1, 1)
+        ar = torch.arange(s, device=rng.device).view(1, -1)
         return top + ar, left + ar
 
     @staticmethod
@@ -205,14 +208,14 @@ class Square(Attack):
             cols.view(n, 1, 1, -1),
         )
 
-    def _linf_query(self, x: Tensor, x_best: Tensor, s: int, generator: torch.Generator) -> Tensor:
+    def _linf_query(self, x: Tensor, x_best: Tensor, s: int, rng: SampleRandom) -> Tensor:
         """Candidates (A, C, H, W): x_best with one window per image set to x ± eps per channel."""
         n, c, h, w = x.shape
-        rows, cols = self._windows(n, h, w, s, x.device, generator)
+        rows, cols = self._windows(h, w, s, rng)
         idx = self._index(n, c, rows, cols)
         lo, hi = (x[idx] - self.eps).clamp(min=0.0), (x[idx] + self.eps).clamp(max=1.0)
         current = x_best[idx]
-        sign = torch.randint(0, 2, (n, c, 1, 1), generator=generator, device=x.device).to(x.dtype) * 2 - 1
+        sign = rng.signs(c, 1, 1, dtype=x.dtype)
         new = torch.where(sign > 0, hi, lo)
         # a window left as it was costs a query for nothing: flip the sign of those images once
         same = (new - current).abs().flatten(1).amax(dim=1) < 1e-7
@@ -223,12 +226,12 @@ class Square(Attack):
         cand[idx] = new
         return cand
 
-    def _l2_query(self, x: Tensor, x_best: Tensor, s: int, generator: torch.Generator) -> Tensor:
+    def _l2_query(self, x: Tensor, x_best: Tensor, s: int, rng: SampleRandom) -> Tensor:
         """Candidates (A, C, H, W) of the L2 search (see the module docstring)."""
         n, c, h, w = x.shape
         delta = x_best - x
-        r1, c1 = self._windows(n, h, w, s, x.device, generator)
-        r2, c2 = self._windows(n, h, w, s, x.device, generator)
+        r1, c1 = self._windows(h, w, s, rng)
+        r2, c2 = self._windows(h, w, s, rng)
         i1, i2 = self._index(n, c, r1, c1), self._index(n, c, r2, c2)
         in1 = torch.zeros(n, 1, h, w, dtype=torch.bool, device=x.device)
         in1[i1[0], 0, i1[2], i1[3]] = True
@@ -240,9 +243,9 @@ class Square(Attack):
         old = delta[i1]
         old = old / old.pow(2).sum(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-12)
         pattern = meta_pattern(s).to(device=x.device, dtype=x.dtype)
-        flip = torch.rand((n, 1, 1, 1), generator=generator, device=x.device) < 0.5
+        flip = rng.rand(1, 1, 1) < 0.5
         pattern = torch.where(flip, pattern.t(), pattern)
-        sign = torch.randint(0, 2, (n, c, 1, 1), generator=generator, device=x.device).to(x.dtype) * 2 - 1
+        sign = rng.signs(c, 1, 1, dtype=x.dtype)
         new = old + sign * pattern
         new = new / new.pow(2).sum(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-12) * (mass + unused).sqrt()
         out = delta.clone()

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from .rng import SampleRandom
 
 Projector = Callable[[Tensor], Tensor]
 
@@ -59,34 +60,34 @@ class ThreatModel(ABC):
         """The steepest-ascent unit direction for this norm (sign for L-inf, g/||g|| for L2)."""
 
     @abstractmethod
-    def random_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
-        """A random point of B(x, eps) ∩ [0, 1], drawn with `generator`."""
+    def random_start(self, x: Tensor, eps: float, rng: SampleRandom) -> Tensor:
+        """A random point of B(x, eps) ∩ [0, 1], drawn from the images' streams `rng`."""
 
     @abstractmethod
     def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """Per-sample distance ||x_adv - x|| in this norm, (N,)."""
 
     @abstractmethod
-    def boundary_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    def boundary_start(self, x: Tensor, eps: float, rng: SampleRandom) -> Tensor:
         """x + eps * t / ||t|| (a point on the sphere of radius eps, AutoAttack's APGD start),
         projected onto B(x, eps) ∩ [0, 1]."""
 
-    def gaussian_start(self, x: Tensor, eps: float, sigma: float, generator: torch.Generator) -> Tensor:
+    def gaussian_start(self, x: Tensor, eps: float, sigma: float, rng: SampleRandom) -> Tensor:
         """x + sigma * N(0, 1) (TRADES' start, sigma = 0.001), projected onto B(x, eps) ∩ [0, 1]."""
-        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        g = rng.randn(*x.shape[1:], dtype=x.dtype)
         return self.project(x + sigma * g, x, eps)
 
-    def start(self, kind: str, x: Tensor, eps: float, generator: torch.Generator, sigma: float = 0.001) -> Tensor:
+    def start(self, kind: str, x: Tensor, eps: float, rng: SampleRandom, sigma: float = 0.001) -> Tensor:
         """The start point of a search: "none" (x itself, a copy), "uniform" (`random_start`),
         "boundary" (`boundary_start`) or "gaussian" (`gaussian_start` with `sigma`)."""
         if kind == "none" or eps == 0:
             return x.clone()
         if kind == "uniform":
-            return self.random_start(x, eps, generator)
+            return self.random_start(x, eps, rng)
         if kind == "boundary":
-            return self.boundary_start(x, eps, generator)
+            return self.boundary_start(x, eps, rng)
         if kind == "gaussian":
-            return self.gaussian_start(x, eps, sigma, generator)
+            return self.gaussian_start(x, eps, sigma, rng)
         raise UserError(f"unknown start '{kind}'; use one of: {', '.join(STARTS)}")
 
 
@@ -110,15 +111,15 @@ class LinfThreat(ThreatModel):
     def direction(self, grad: Tensor) -> Tensor:
         return grad.sign()
 
-    def random_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def random_start(self, x: Tensor, eps: float, rng: SampleRandom) -> Tensor:
+        u = rng.rand(*x.shape[1:], dtype=x.dtype)
         return self.project(x + (2.0 * u - 1.0) * eps, x, eps)
 
     def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
         return (x_adv - x).flatten(1).abs().amax(dim=1)
 
-    def boundary_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
-        t = 2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1
+    def boundary_start(self, x: Tensor, eps: float, rng: SampleRandom) -> Tensor:
+        t = 2 * rng.rand(*x.shape[1:], dtype=x.dtype) - 1
         t = t / _expand(t.flatten(1).abs().amax(dim=1).clamp_min(1e-12), t)
         return self.project(x + eps * t, x, eps)
 
@@ -154,23 +155,21 @@ class L2Threat(ThreatModel):
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
         return grad / _expand(norms, grad)
 
-    def random_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    def random_start(self, x: Tensor, eps: float, rng: SampleRandom) -> Tensor:
         """Gaussian direction with radius eps * U(0, 1), then clipped (as torchattacks' PGDL2).
 
         Uniform in the ball would put almost every start on the sphere in high dimension, which
         makes PGD-L2 measurably weaker (about 1.5 points of robust accuracy on Fashion-MNIST)."""
-        n = x.shape[0]
-        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        u = torch.rand((n,), generator=generator, device=x.device, dtype=x.dtype)
-        radius = eps * u
+        g = rng.randn(*x.shape[1:], dtype=x.dtype)
+        radius = eps * rng.rand(dtype=x.dtype)
         delta = self.direction(g) * _expand(radius, x)
         return self.project(x + delta, x, eps)
 
     def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
         return (x_adv - x).flatten(1).norm(dim=1)
 
-    def boundary_start(self, x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
-        t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def boundary_start(self, x: Tensor, eps: float, rng: SampleRandom) -> Tensor:
+        t = rng.randn(*x.shape[1:], dtype=x.dtype)
         return self.project(x + eps * self.direction(t), x, eps)
 
 
@@ -191,6 +190,7 @@ def project(x_adv: Tensor, x: Tensor, eps: float, norm: str = "linf") -> Tensor:
     return get_threat(norm).project(x_adv, x, eps)
 
 
-def random_start(x: Tensor, eps: float, generator: torch.Generator, norm: str = "linf") -> Tensor:
-    """A random point of B_norm(x, eps) ∩ [0, 1]."""
-    return get_threat(norm).random_start(x, eps, generator)
+def random_start(x: Tensor, eps: float, rng: SampleRandom | torch.Generator, norm: str = "linf") -> Tensor:
+    """A random point of B_norm(x, eps) ∩ [0, 1] for x (N, C, H, W), drawn from per-image
+    streams `rng` (or, from a torch.Generator, streams keyed by ids drawn from it)."""
+    return get_threat(norm).random_start(x, eps, SampleRandom.coerce(rng, x.shape[0], x.device))

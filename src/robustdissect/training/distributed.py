@@ -25,62 +25,16 @@ parameter gradients, and the wrapper renames every module).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "average_batchnorm_stats", "average_gradients", "dist_env", "shard", "sum_scalars"]
+from ..parallel import DistInfo, barrier, dist_env, setup, shard, teardown
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    """rank / world size / local rank of this process; `created` when `train` made the group."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    created: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_env() -> DistInfo:
-    """The launch described by the environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    return DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def setup(info: DistInfo, device: torch.device) -> DistInfo:
-    """Initialise the default process group for `info` unless one exists; returns `info` with
-    `created` set when this call created it."""
-    if not info.active or dist.is_initialized():
-        return info
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world)
-    return DistInfo(info.rank, info.world, info.local_rank, created=True)
-
-
-def teardown(info: DistInfo) -> None:
-    if info.created and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def shard(n: int, rank: int, world: int) -> slice:
-    """The contiguous part of a global batch of `n` items that `rank` of `world` takes."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (1 if rank < extra else 0))
+__all__ = [
+    "DistInfo", "average_batchnorm_stats", "average_gradients", "barrier", "dist_env", "setup", "shard",
+    "sum_scalars", "teardown",
+]
 
 
 def broadcast_state(model: nn.Module) -> None:
@@ -143,8 +97,3 @@ def broadcast_scalars(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return [float(v) for v in t.tolist()]
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -1,0 +1,94 @@
+"""Per-image random streams: the hash equals its reference, the draws have the right
+distributions, and an attack's result for an image does not depend on the other images in its
+call, on the batch size, or on which process attacks it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from robustdissect.attacks import SampleRandom, make_attack
+from robustdissect.attacks.rng import _mix, _mix_int, _signed
+
+
+def test_tensor_hash_equals_the_integer_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(-(2**63), 2**63 - 1, (2000,), generator=g, dtype=torch.int64)
+    got = _mix(words).tolist()
+    want = [_signed(_mix_int(w & ((1 << 64) - 1))) for w in words.tolist()]
+    assert got == want
+
+
+def test_draws_have_the_stated_distributions() -> None:
+    rng = SampleRandom.for_images(400, seed=3, device="cpu")
+    u = rng.rand(50)
+    assert u.shape == (400, 50) and float(u.min()) >= 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+    z = rng.randn(50, dtype=torch.float64)
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
+    k = rng.randint(2, 7, 50)
+    assert set(k.unique().tolist()) == {2, 3, 4, 5, 6}
+    counts = torch.bincount(k.flatten() - 2).double() / k.numel()
+    assert float((counts - 0.2).abs().max()) < 0.01
+    s = rng.signs(10)
+    assert set(s.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_streams_are_per_image_and_advance() -> None:
+    rng = SampleRandom.for_images(6, seed=1, device="cpu")
+    first = rng.rand(5)
+    again = SampleRandom.for_images(6, seed=1, device="cpu").rand(5)
+    assert torch.equal(first, again)  # reproducible
+    assert not torch.equal(rng.rand(5), first)  # the next draw differs
+    sub = SampleRandom.for_images(3, seed=1, device="cpu", ids=torch.tensor([4, 0, 2])).rand(5)
+    assert torch.equal(sub, first[[4, 0, 2]])  # a subset keyed by the same ids draws the same rows
+    assert not torch.equal(SampleRandom.for_images(6, seed=2, device="cpu").rand(5), first)  # seed matters
+    restart = SampleRandom.for_images(6, seed=1, device="cpu").spawn(1).rand(5)
+    assert not torch.equal(restart, first)  # a spawned stream is another stream
+    rows = first.flatten().tolist()
+    assert len(set(rows)) > 0.99 * len(rows)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, channels: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("pgd-linf", {"eps": 0.05, "steps": 5, "restarts": 2}),
+        ("pgd-l2", {"eps": 0.5, "steps": 5}),
+        ("apgd-dlr", {"eps": 0.05, "steps": 10}),
+        ("square-linf", {"eps": 0.05, "queries": 30}),
+        ("square-l2", {"eps": 0.5, "queries": 30}),
+        ("spsa", {"eps": 0.05, "iterations": 3, "n_samples": 8}),
+        ("nattack", {"eps": 0.05, "iterations": 3, "population": 6}),
+        ("gaussian-noise", {"severity": 3}),
+        ("shot-noise", {"severity": 3}),
+    ],
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_an_images_example_does_not_depend_on_its_company(name: str, kwargs: dict, channels: int) -> None:
+    """Attacking all 24 images at once, in batches of 5, or a subset passed with its ids gives
+    each image the same adversarial example (what makes torchrun shards equal one process)."""
+    net = TinyNet(channels).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(24, channels, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (24,), generator=g)
+    whole = make_attack(name, **kwargs)(net, x, y).x_adv
+    batched = make_attack(name, **kwargs, batch_size=5)(net, x, y).x_adv
+    torch.testing.assert_close(batched, whole, rtol=0, atol=1e-9)  # float64: equal up to BLAS order
+    pick = torch.tensor([23, 3, 11, 4, 17])
+    sub = make_attack(name, **kwargs)(net, x[pick], y[pick], ids=pick).x_adv
+    torch.testing.assert_close(sub, whole[pick], rtol=0, atol=1e-9)
+    assert not math.isclose(float((whole - x).abs().sum()), 0.0)  # the attack moved something
