@@ -119,6 +119,15 @@ def all_ranks_agree(flag: bool) -> bool:
     return all(box)
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order ([obj] with one process)."""
+    if world()[1] == 1:
+        return [obj]
+    box: list[Any] = [None] * world()[1]
+    dist.all_gather_object(box, obj)
+    return box
+
+
 def gather_shards(local: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
     """Every rank's per-image tensors (n_r, ...), concatenated in rank order along dim 0, on
     every rank (on the CPU); None from a rank with no images. Shapes beyond dim 0 and dtypes

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import UserError
 from ..models.layers import default_conv_layers, resolve_layer
 from ..modelutil import predict
+from ..parallel import gather_objects, shard, world
 from ..probe import Pairs, PairStats, SelectFn, forward_order, probe_pairs
 from .pairs import AttackFn, attack_pairs
 
@@ -306,7 +307,17 @@ def neuron_sensitivity(
     if reduction not in ("eq1", "mindarmour"):
         raise UserError(f"reduction must be 'eq1' or 'mindarmour', got {reduction!r}")
     names = _default_layers(model, layers, hook, pairs)
-    stats = probe_pairs(model, pairs, names, batch_size=batch_size, select=select, eps=eps)
+    rank, size = world()
+    if size > 1 and isinstance(pairs, tuple | list) and all(isinstance(t, torch.Tensor) for t in pairs):
+        # under torchrun: each rank reduces its share of the pairs, the sums are merged in rank order
+        part = shard(int(pairs[0].shape[0]), rank, size)
+        mine = probe_pairs(model, tuple(t[part] for t in pairs), names, batch_size=batch_size, select=select, eps=eps)
+        shares = gather_objects(mine)
+        stats = {name: PairStats(eps) for name in names}
+        for share in shares:
+            stats = {name: stats[name].merge(share[name]) for name in names}
+    else:
+        stats = probe_pairs(model, pairs, names, batch_size=batch_size, select=select, eps=eps)
     result = sensitivity_from_stats(model, stats, reduction)
     if result.n == 0:
         raise UserError("no pairs were given (or none was kept); σ is undefined")
