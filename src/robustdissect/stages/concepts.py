@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -17,20 +17,13 @@ from ..analysis.concepts import (
     ConceptFragility,
     cached_dissection,
     concept_fragility,
-    generated_concepts,
     grad_cam,
     unit_masks,
 )
-from ..analysis.features import responses, stratified_select
+from ..analysis.features import FeatureOptions, responses, stratified_select
 from ..attacks import make_attack
-from ..config import parse_budgets, stage_options
-from ..data.concepts import (
-    HIGH_FREQUENCY,
-    ConceptSet,
-    concept_dir_identity,
-    load_broden,
-    load_concept_dir,
-)
+from ..config import stage_options
+from ..data.concepts import HIGH_FREQUENCY, ConceptSet
 from ..errors import UserError
 from ..evaluation import attack_evidence
 from ..models import default_conv_layers
@@ -44,118 +37,21 @@ from ..report.plots_concepts import (
     plot_unit_images,
 )
 from ..runs import SectionArtefacts
-from .base import STAGES, AnalysisUnavailable, Context, section, stage_settings
-from .common import feature_scores, model_level_attacks, stage_feature_options
+from .base import STAGES, AnalysisUnavailable, Context, section
+from .common import (
+    ConceptsOptions,
+    concept_set,
+    dissected_layers,
+    dissection_settings,
+    feature_scores,
+    model_level_attacks,
+    stage_feature_options,
+)
 
 log = logging.getLogger(__name__)
 
 
-
-@dataclass(frozen=True)
-class ConceptsOptions:
-    """Defaults: METHODS §4.1 (quantile 0.005, IoU 0.04), §4.3 (100-permutation null, 99th
-    percentile), §8.3 "§4" row (generated grayscale / RGB concept sets)."""
-
-    layers: list[str] | None = None  # default: the features' layers (every conv hook point)
-    n: int = 2000  # generated concept images
-    quantile: float = 0.005  # top share of activations (PNAS: 0.01)
-    threshold: str = "streaming"  # or "exact" (torch.quantile of every value)
-    quantile_on: str = "raw"  # or "upsampled" (PNAS)
-    iou_threshold: float = 0.04
-    permutations: int = 100
-    null_percentile: float = 0.99
-    bins: int = 2048
-    foreground: float = 0.1  # garment pixels
-    natural_textures: bool = True  # scikit-image's brick, grass, gravel
-    broden: str | None = None  # a Broden directory instead of the generated set
-    broden_max_images: int | None = None
-    concept_dir: str | None = None  # the user's images/, masks/ (label PNGs) and labels.txt|csv
-    # attack × concept with the feature quadrants; None: when the run has a features stage (its
-    # scores are reused), True: always (scores the features if no stage did)
-    join: bool | None = None
-    compare: list[str] | None = None  # other checkpoints (None: PAT and SNS beside a shipped smallcnn)
-    eps: float = 0.1  # L-inf PGD of the adversarial rows
-    steps: int = 10
-    figure_concepts: int = 4  # concepts shown with their top unit's images
-    top_images: int = 5
-    gradcam_images: int = 4
-    top_units: int = 5  # units listed beside each Grad-CAM
-    batch_size: int = 250
-
-    def __post_init__(self) -> None:
-        parse_budgets(self, "eps", maximum=1.0, stage="concepts")
-        for name, lo in (("n", 1), ("permutations", 0), ("bins", 2), ("figure_concepts", 0), ("top_images", 1),
-                         ("gradcam_images", 0), ("top_units", 1), ("batch_size", 1), ("steps", 1)):  # fmt: skip
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise UserError(f"concepts: {name} must be an integer >= {lo}, got {v!r}")
-        if not 0.0 < self.quantile < 1.0:
-            raise UserError(f"concepts: quantile must lie in (0, 1), got {self.quantile}")
-        if not 0.0 < self.null_percentile < 1.0:
-            raise UserError(f"concepts: null_percentile must lie in (0, 1), got {self.null_percentile}")
-        if self.threshold not in ("streaming", "exact"):
-            raise UserError(f"concepts: threshold must be streaming or exact, got {self.threshold!r}")
-        if self.quantile_on not in ("raw", "upsampled"):
-            raise UserError(f"concepts: quantile_on must be raw or upsampled, got {self.quantile_on!r}")
-        if self.broden and self.concept_dir:
-            raise UserError("concepts: give a Broden directory or a concept directory, not both")
-
-
 QUICK_CONCEPTS: dict[str, Any] = {"n": 500, "gradcam_images": 3, "figure_concepts": 3}
-
-
-def _concept_set(ctx: Context, opts: ConceptsOptions) -> ConceptSet:
-    seed = ctx.config.seed
-    if opts.concept_dir:
-        folder, shape = opts.concept_dir, ctx.data.image_shape
-        key: dict[str, Any] = {"concept_dir": folder, "shape": list(shape), "files": concept_dir_identity(folder)}
-        return ctx.store.memo("concept_set", key, lambda: load_concept_dir(folder, shape))
-    if opts.broden:
-        where = {"broden": opts.broden, "max": opts.broden_max_images, "shape": list(ctx.data.image_shape)}
-        return ctx.store.memo(
-            "concept_set", where, lambda: load_broden(opts.broden or "", ctx.data.image_shape,
-                                                      max_images=opts.broden_max_images),
-        )  # fmt: skip
-    parts: dict[str, Any] = {"n": opts.n, "data": ctx.data.name, "seed": seed, "foreground": opts.foreground,
-                             "natural": opts.natural_textures}  # fmt: skip
-
-    def make() -> ConceptSet:
-        return generated_concepts(ctx.data, opts.n, foreground=opts.foreground, natural=opts.natural_textures,
-                                  seed=seed)  # fmt: skip
-
-    return ctx.store.memo("concept_set", parts, make)
-
-
-def _settings(opts: ConceptsOptions, seed: int) -> dict[str, Any]:
-    return {"quantile": opts.quantile, "threshold": opts.threshold, "quantile_on": opts.quantile_on,
-            "iou_threshold": opts.iou_threshold, "permutations": opts.permutations,
-            "null_percentile": opts.null_percentile, "bins": opts.bins, "top_k": opts.top_images,
-            "batch_size": opts.batch_size, "seed": seed}  # fmt: skip
-
-
-def _layers(ctx: Context, opts: ConceptsOptions) -> tuple[bool, Any, list[str]]:
-    """(join, the features' options when joined, the dissected layers): `opts.layers`, else the
-    features' layers when joined, else every conv hook point."""
-    join = opts.join if opts.join is not None else "features" in ctx.config.stages
-    fopts = None
-    if join and not opts.layers:
-        fopts = stage_feature_options(ctx)
-    layers = list(opts.layers or (fopts.layers if fopts is not None and fopts.layers else [])) or default_conv_layers(
-        ctx.model, "conv", ctx.split.x[:1]
-    )
-    if not layers:
-        raise AnalysisUnavailable("the model has no conv layer with channels that can be hooked once per forward")
-    return join, fopts, layers
-
-
-def stage_dissection(ctx: Context) -> ConceptDissection:
-    """The dissection of the run's model exactly as the `concepts` stage of this run computes it
-    (its options, profile applied): memoized in the evidence store, so a hit once that stage ran
-    in this process (the unit explorer reads labels, IoU and thresholds T_k from it)."""
-    opts: ConceptsOptions = stage_settings("concepts", ctx.config)
-    cset = _concept_set(ctx, opts)
-    layers = _layers(ctx, opts)[2]
-    return cached_dissection(ctx.store, ctx.model, cset, layers, **_settings(opts, ctx.config.seed))
 
 
 @STAGES.register("concepts", "Network Dissection: concept labels of every unit, and which concepts are brittle")
@@ -163,27 +59,51 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
     """Dissect the analysed layers on the concept set; with `join`, relate each concept's units to
     their feature quadrants for the run's model and the comparison checkpoints."""
     opts: ConceptsOptions = stage_options(ConceptsOptions, options, "concepts")
-    run, model, seed = ctx.run, ctx.model, ctx.config.seed
     warnings: list[str] = []
-    artefacts = SectionArtefacts(run)
-    table, figure = artefacts.table, artefacts.figure
-    tables, figures = artefacts.tables, artefacts.figures
+    art = SectionArtefacts(ctx.run)
 
-    cset = _concept_set(ctx, opts)
+    cset = concept_set(ctx, opts)
     if tuple(cset.images.shape[1:]) != tuple(ctx.data.image_shape):
         raise UserError(f"concept images {tuple(cset.images.shape[1:])} do not match the data {ctx.data.image_shape}")
     warnings += cset.warnings
-    join, fopts, layers = _layers(ctx, opts)
-    settings = _settings(opts, seed)
+    join, fopts, layers = dissected_layers(ctx, opts)
+    settings = dissection_settings(opts, ctx.config.seed)
     log.info("concepts: dissecting %d layers on %d concept images", len(layers), len(cset))
-    diss = cached_dissection(ctx.store, model, cset, layers, **settings)
+    diss = cached_dissection(ctx.store, ctx.model, cset, layers, **settings)
+    summary, cat_rows = _dissection_outputs(ctx, cset, diss, art)
+    data: dict[str, Any] = {"options": asdict(opts), "settings": diss.settings, "categories": cat_rows}
 
-    table("concept_units", diss.unit_rows(), "Per unit: best concept, IoU, null percentile, p, threshold and bound")
-    table("concept_labels", [r for r in diss.concept_rows() if r["detectors"]],
-          "Per layer and concept: detector units and their mean IoU")  # fmt: skip
+    fragility: list[ConceptFragility] = []
+    if join:
+        try:
+            fragility = _join(ctx, opts, cset, layers, settings, fopts, warnings)
+        except AnalysisUnavailable as e:
+            warnings.append(f"attack × concept not computed: {e}")
+    main_frag = fragility[0] if fragility else None
+    _top_units_figure(ctx, opts, cset, diss, main_frag, art)
+
+    text = _dissection_text(opts, cset, diss, layers)
+    if fragility:
+        assert main_frag is not None
+        text += _fragility_outputs(ctx, fragility, main_frag, art, summary, data)
+        if opts.gradcam_images:
+            _gradcam_figure(ctx, opts, layers, diss, fopts, art, warnings)
+    return section(
+        "Concepts", text=text, summary=summary, tables=art.tables, figures=art.figures, warnings=warnings, **data
+    )
+
+
+def _dissection_outputs(
+    ctx: Context, cset: ConceptSet, diss: ConceptDissection, art: SectionArtefacts
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The dissection's unit, label and category tables and its detector-count figure; returns the
+    section's summary and the category rows."""
+    art.table("concept_units", diss.unit_rows(), "Per unit: best concept, IoU, null percentile, p, threshold and bound")
+    art.table("concept_labels", [r for r in diss.concept_rows() if r["detectors"]],
+              "Per layer and concept: detector units and their mean IoU")  # fmt: skip
     cat_rows = diss.category_rows()
-    table("concept_categories", cat_rows, "Per layer and category: detectors and unique detectors", show=True)
-    figure(
+    art.table("concept_categories", cat_rows, "Per layer and category: detectors and unique detectors", show=True)
+    art.figure(
         "concept_label_counts",
         plot_label_counts(cat_rows, f"{ctx.label}: concept detectors per layer"),
         "Detector units per layer, stacked by concept category; unique concepts above each bar (NetDissect style)",
@@ -196,26 +116,28 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         "detectors": len(dets),
         "unique concepts": len({u.label for u in dets}),
     }
-    data: dict[str, Any] = {"options": asdict(opts), "settings": diss.settings, "categories": cat_rows}
+    return summary, cat_rows
 
-    fragility: list[ConceptFragility] = []
-    if join:
-        try:
-            fragility = _join(ctx, opts, cset, layers, settings, fopts, warnings)
-        except AnalysisUnavailable as e:
-            warnings.append(f"attack × concept not computed: {e}")
-    main_frag = fragility[0] if fragility else None
 
-    # units' top images with masks: the most fragile concepts when joined, else the most frequent
+def _top_units_figure(
+    ctx: Context, opts: ConceptsOptions, cset: ConceptSet, diss: ConceptDissection,
+    main_frag: ConceptFragility | None, art: SectionArtefacts,
+) -> None:  # fmt: skip
+    """Units' top images with masks, clean and under PGD: the most fragile concepts when joined,
+    else the most frequent."""
     shown = _figure_concepts(diss, main_frag, opts.figure_concepts)
-    if shown:
-        panels = _unit_panels(ctx, opts, model, cset, diss, shown)
-        figure("concept_top_units", plot_unit_images(panels),
+    if not shown:
+        return
+    panels = _unit_panels(ctx, opts, ctx.model, cset, diss, shown)
+    art.figure("concept_top_units", plot_unit_images(panels),
                f"Top-{opts.top_images} concept images of one unit per concept, its region above T_k (top "
                f"{opts.quantile:.1%}); adversarial row: the same images under PGD-L∞ ε = {opts.eps:g}, "
                "masked with the same T_k")  # fmt: skip
 
-    text = (
+
+def _dissection_text(opts: ConceptsOptions, cset: ConceptSet, diss: ConceptDissection, layers: list[str]) -> str:
+    """The section text's account of the dissection: units, concept set, threshold and null."""
+    return (
         f"Network Dissection (Bau et al.) of {len(diss.units)} units of {', '.join(layers)} on {len(cset)} "
         f"{_set_kind(opts)} concept images ({len(cset.concepts)} concepts in "
         f"{', '.join(cset.categories)}). A unit's region is its map upsampled bilinearly and thresholded at its top "
@@ -223,39 +145,50 @@ def concepts_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
         f"{opts.iou_threshold:g} and the {opts.null_percentile:.0%} percentile of {opts.permutations} shuffles of "
         "the masks across images (the null matters at 7×7 and 3×3 maps). "
     )
-    if fragility:
-        frag_units = [u for f in fragility for u in f.units]
-        table("concept_fragility_units", frag_units, "Per model and unit: concept, IoU, quadrant, ρ, γ̂, r, s, σ")
-        frag_concepts = [r for f in fragility for r in f.concepts]
-        frag_cats = [r for f in fragility for r in f.categories]
-        enrich = [r for f in fragility for r in f.enrichment]
-        table("concept_fragility", frag_concepts, "Per model and concept: fragility mean(1 − r) ± SE, share in NRU")
-        table("concept_fragility_categories", frag_cats,
+
+
+def _fragility_outputs(
+    ctx: Context, fragility: list[ConceptFragility], main_frag: ConceptFragility, art: SectionArtefacts,
+    summary: dict[str, Any], data: dict[str, Any],
+) -> str:  # fmt: skip
+    """Attack × concept: the fragility and enrichment tables and figure of every joined model; the
+    run's model's most fragile concepts into `summary` and `data`; returns the section text's answers."""
+    frag_units = [u for f in fragility for u in f.units]
+    art.table("concept_fragility_units", frag_units, "Per model and unit: concept, IoU, quadrant, ρ, γ̂, r, s, σ")
+    frag_concepts = [r for f in fragility for r in f.concepts]
+    frag_cats = [r for f in fragility for r in f.categories]
+    enrich = [r for f in fragility for r in f.enrichment]
+    art.table("concept_fragility", frag_concepts, "Per model and concept: fragility mean(1 − r) ± SE, share in NRU")
+    art.table("concept_fragility_categories", frag_cats,
               "Per model and category: fragility mean(1 − r) ± SE, share in NRU (95% Wilson)", show=True)  # fmt: skip
-        table("concept_enrichment", enrich,
+    art.table("concept_enrichment", enrich,
               "Are NRU (dangerous) units enriched for texture / high-frequency concepts? One-sided Fisher exact",
               show=True)  # fmt: skip
-        figure("concept_fragility", plot_fragility(frag_cats, frag_concepts, ctx.label),
+    art.figure("concept_fragility", plot_fragility(frag_cats, frag_concepts, ctx.label),
                "Concept fragility per category and model (γ̂ is an upper bound of γ, so 1 − r is a lower bound), "
                "share of detectors in the dangerous quadrant, and the most fragile concepts")  # fmt: skip
-        data.update(fragility_categories=frag_cats, enrichment=enrich)
-        assert main_frag is not None
-        worst = main_frag.most_fragile(3)
-        data["most_fragile"] = worst
-        summary["most fragile concepts"] = ", ".join(f"{r['concept']} ({r['fragility']:.2f})" for r in worst) or None
-        text += _answers(main_frag, enrich, worst)
-        if opts.gradcam_images:
-            try:
-                panels_gc = _gradcam_panels(ctx, opts, layers, diss, fopts)
-                figure(
-                    "concept_gradcam",
-                    plot_gradcam(panels_gc),
-                    "Grad-CAM of the predicted class (captum LayerGradCam at the last analysed layer) beside the "
-                    "concepts and quadrants of the image's top units by percentile q, clean and adversarial",
-                )
-            except (UserError, RuntimeError) as e:
-                warnings.append(f"Grad-CAM figure not drawn: {e}")
-    return section("Concepts", text=text, summary=summary, tables=tables, figures=figures, warnings=warnings, **data)
+    data.update(fragility_categories=frag_cats, enrichment=enrich)
+    worst = main_frag.most_fragile(3)
+    data["most_fragile"] = worst
+    summary["most fragile concepts"] = ", ".join(f"{r['concept']} ({r['fragility']:.2f})" for r in worst) or None
+    return _answers(main_frag, enrich, worst)
+
+
+def _gradcam_figure(
+    ctx: Context, opts: ConceptsOptions, layers: list[str], diss: ConceptDissection, fopts: FeatureOptions | None,
+    art: SectionArtefacts, warnings: list[str],
+) -> None:  # fmt: skip
+    """The Grad-CAM figure of the first analysed images, or a warning why it was not drawn."""
+    try:
+        panels_gc = _gradcam_panels(ctx, opts, layers, diss, fopts)
+        art.figure(
+            "concept_gradcam",
+            plot_gradcam(panels_gc),
+            "Grad-CAM of the predicted class (captum LayerGradCam at the last analysed layer) beside the "
+            "concepts and quadrants of the image's top units by percentile q, clean and adversarial",
+        )
+    except (UserError, RuntimeError) as e:
+        warnings.append(f"Grad-CAM figure not drawn: {e}")
 
 
 def _set_kind(opts: ConceptsOptions) -> str:
@@ -266,6 +199,7 @@ def _set_kind(opts: ConceptsOptions) -> str:
 
 
 def _answers(main: ConceptFragility, enrich: list[dict[str, Any]], worst: list[dict[str, Any]]) -> str:
+    """The section text's answers: are the run's model's NRU detectors enriched, which concepts are most fragile."""
     lines = []
     for r in enrich:
         if r["model"] != main.model or r["units"] != "detectors":
@@ -287,12 +221,13 @@ def _answers(main: ConceptFragility, enrich: list[dict[str, Any]], worst: list[d
 
 
 def _pct(v: float) -> str:
+    """A share as a percentage, n/a when undefined."""
     return "n/a" if not math.isfinite(v) else f"{v:.0%}"
 
 
 def _join(
     ctx: Context, opts: ConceptsOptions, cset: ConceptSet, layers: list[str], settings: dict[str, Any],
-    fopts: Any, warnings: list[str],
+    fopts: FeatureOptions | None, warnings: list[str],
 ) -> list[ConceptFragility]:  # fmt: skip
     """Feature scores (memoized: hits when the features stage ran) and dissection of the run's
     model and the comparison checkpoints, joined per unit."""
@@ -337,6 +272,8 @@ def _unit_panels(
     ctx: Context, opts: ConceptsOptions, model: nn.Module, cset: ConceptSet, diss: ConceptDissection,
     shown: list[tuple[str, int, str]],
 ) -> list[UnitPanel]:  # fmt: skip
+    """One panel per shown (layer, unit, concept): its top concept images (K, C, H, W) and masks,
+    clean and under PGD-L∞ against the model's own prediction."""
     idx = torch.unique(torch.cat([diss.layers[ly].top_images[u] for ly, u, _ in shown]))
     x = cset.images[idx]
     y = predict(model, x)  # attack the model's own decision (concept images have no class)
@@ -358,7 +295,7 @@ def _unit_panels(
 
 
 def _gradcam_panels(
-    ctx: Context, opts: ConceptsOptions, layers: list[str], diss: ConceptDissection, fopts: Any
+    ctx: Context, opts: ConceptsOptions, layers: list[str], diss: ConceptDissection, fopts: FeatureOptions | None
 ) -> list[GradCamPanel]:
     """The first analysed images: Grad-CAM of the predicted class, clean and under the model-level
     PGD the features used (a store hit), with the concepts and quadrants of the top-q units."""
