@@ -53,3 +53,39 @@ def test_the_check_finds_imports_inside_functions_and_methods(tmp_path: Path) ->
     path = tmp_path / "m.py"
     path.write_text(code)
     assert function_level_imports(path) == [(3, ".pipeline"), (7, "json"), (7, "pandas"), (9, "..x")]
+
+
+SHARED_STAGE_MODULES = {"base", "common"}
+
+
+def stage_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in the stage module at `path` of another module of the
+    `stages` package that is not one of the shared ones (base, common)."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module] if node.module else [a.name for a in node.names]
+            found += [(node.lineno, name.split(".")[0]) for name in names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("robustdissect.stages."):
+            found.append((node.lineno, node.module.split(".")[2]))
+    return [(line, name) for line, name in found if name not in SHARED_STAGE_MODULES]
+
+
+def test_no_stage_module_imports_another_stage() -> None:
+    offenders = [
+        f"stages/{path.name}:{line}: {name}"
+        for path in sorted((SRC / "stages").glob("*.py"))
+        if path.name != "__init__.py"  # imports every stage so that each registers itself
+        for line, name in stage_imports(path)
+    ]
+    assert offenders == []
+
+
+def test_the_stage_check_finds_imports_of_other_stages(tmp_path: Path) -> None:
+    path = tmp_path / "m.py"
+    path.write_text(
+        "from .base import STAGES\nfrom .common import feature_scores\nfrom ..analysis import x\n"
+        "from .concepts import stage_dissection\nfrom . import features\n"
+        "from robustdissect.stages.metric import y\n"
+    )
+    assert stage_imports(path) == [(4, "concepts"), (5, "features"), (6, "metric")]
