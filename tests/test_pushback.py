@@ -24,6 +24,7 @@ from robustdissect.analysis.pushback import (
     transition_matrix,
 )
 from robustdissect.attacks import PGD
+from robustdissect.errors import UserError
 
 
 def test_planted_units_fall_in_their_quadrants_and_the_dbp_criterion_holds() -> None:
@@ -270,3 +271,42 @@ def test_stage_on_a_user_model_computes_its_own_results(tmp_path: Path, fmnist: 
     assert [r["model"] for r in read_table(run / "tables" / "pushback_reliance.csv")] == ["mine", "twin"]
     assert not (run / "tables" / "pushback_datasets.csv").exists()
     assert "fmnist" not in (run / "results.json").read_text() + (run / "report.html").read_text()
+
+
+def test_default_profile_reduces_the_back_perturbation_and_full_keeps_the_papers_settings() -> None:
+    """The default run (quick) back-perturbs with 10 steps of 2.5·ε_bp/10 and takes the reliance
+    shift on 100 images; --full keeps §6.5's 50 steps of 0.01, 64 purified images, every image."""
+    import robustdissect.pipeline  # noqa: F401  (registers the stages)
+    from robustdissect.config import RunConfig
+    from robustdissect.stages.base import stage_settings
+    from robustdissect.stages.pushback import PushbackOptions
+
+    quick = stage_settings("pushback", RunConfig(quick=True, stages={"pushback": {}}))
+    full = stage_settings("pushback", RunConfig(quick=False, stages={"pushback": {}}))
+    assert (quick.steps, quick.reliance_n, quick.purify_n, quick.compute) == (10, 100, 32, "auto")
+    assert quick.alpha == pytest.approx(2.5 * quick.eps_bp / quick.steps)
+    assert (full.steps, full.alpha, full.reliance_n, full.purify_n, full.compute) == (50, 0.01, None, 64, True)
+    # an option the config sets wins over the profile
+    mine = stage_settings("pushback", RunConfig(quick=True, stages={"pushback": {"steps": 30, "reliance_n": None}}))
+    assert (mine.steps, mine.reliance_n) == (30, None)
+    for bad in (1, 0, True, 2.5, "100"):
+        with pytest.raises(UserError, match="reliance_n"):
+            PushbackOptions(reliance_n=bad)  # type: ignore[arg-type]
+
+
+def test_reliance_shift_on_the_first_reliance_n_images(tmp_path: Path, fmnist: Any) -> None:
+    """reliance_n takes both importances and their intervals on a prefix of the dissection's images."""
+    from robustdissect.config import RunConfig
+    from robustdissect.pipeline import run_pipeline
+    from robustdissect.runs import read_table
+
+    opts = {"compute": "reliance", "feature_n": 24, "reliance_n": 10, "bootstrap": 30, "compare": [],
+            "transitions": []}  # fmt: skip
+    cfg = RunConfig(model="fmnist-smallcnn-vanilla", n=24, quick=True, stages={"pushback": opts})
+    run = run_pipeline(cfg, tmp_path / "run")
+    (row,) = read_table(run / "tables" / "pushback_reliance.csv")
+    assert int(row["n"]) == 10 and int(row["bootstrap"]) == 30
+    for imp in ("phi", "ablation"):
+        assert 0 <= float(row[f"rs_{imp}_lo"]) <= float(row[f"rs_{imp}"]) <= float(row[f"rs_{imp}_hi"]) <= 1
+    tables = json.loads((run / "results.json").read_text())["stages"]["pushback"]["tables"]
+    assert "95% bootstrap intervals over 10 images" in tables[1]["title"]

@@ -75,15 +75,21 @@ class PushbackOptions:
 
     compute: True computes for the run's model; False shows the shipped results (refused on any
     other model or data); "auto" shows them when they are the run's model's, else computes;
-    "reliance": see the module docstring; eps_bp, steps, alpha, lambda_r: the back-perturbation
-    (§6.5/§8.3); feature_n: analysed images of the feature dissection that gives B and R (the
-    `features` stage's options when it is part of the run); purify_n: images of the purification
+    "reliance": see the module docstring; eps_bp, lambda_r: the back-perturbation (§6.5/§8.3);
+    steps, alpha: the back-perturbation's steps and step size (the paper's 50 of 0.01; the default
+    run's profile: 10 of 0.025 = 2.5·ε_bp/10, since the back-perturbation, run again inside every
+    step of the adaptive attacker, is most of a computed section's cost); feature_n: analysed images
+    of the feature dissection that gives B and R (the `features` stage's options when it is part of
+    the run); purify_n: images of the purification
     table; eps: the attacker's ℓ∞ budget; adaptive_steps: BPDA PGD steps (α = 2.5ε/k, random
     start); keep: the share of ρ that R units must keep; compare: models whose reliance shift is
     shown (None: the run's counterparts; the shipped set beside the shipped vanilla smallcnn);
     transitions: fine-tuned models whose units are compared with their init model's (None: the
     shipped fine-tuned models beside the shipped vanilla smallcnn); bootstrap: resamples of the
     images for the RS intervals;
+    reliance_n: the first reliance_n of the dissection's images for the reliance shift, both importances
+    and their intervals (None: all; the default run's profile: 100, the ablation importance costs one
+    forward pass per analysed unit and image for every model);
     data_n: the first data_n of the run's images for the table of models trained on built datasets
     (None: all; the default run's profile: 200, the PGD on each shipped model is its main cost)."""
 
@@ -100,15 +106,17 @@ class PushbackOptions:
     compare: list[str] | None = None
     transitions: list[str] | None = None
     bootstrap: int = 1000
+    reliance_n: int | None = None
     data_n: int | None = None
 
     def __post_init__(self) -> None:
         parse_budgets(self, "eps_bp", "eps", stage="pushback")
         if self.compute not in (True, False, "auto", "reliance"):
             raise UserError(f"pushback: compute must be true, false, 'auto' or 'reliance', got {self.compute!r}")
-        if self.data_n is not None and (not isinstance(self.data_n, int) or isinstance(self.data_n, bool)
-                                        or self.data_n < 1):  # fmt: skip
-            raise UserError(f"pushback: data_n must be an integer >= 1 or null, got {self.data_n!r}")
+        for name, lo in (("data_n", 1), ("reliance_n", 2)):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
+                raise UserError(f"pushback: {name} must be an integer >= {lo} or null, got {v!r}")
         if not isinstance(self.bootstrap, int) or isinstance(self.bootstrap, bool) or self.bootstrap < 0:
             raise UserError(f"pushback: bootstrap must be an integer >= 0, got {self.bootstrap!r}")
         for name in ("steps", "feature_n", "purify_n", "adaptive_steps"):
@@ -121,7 +129,11 @@ class PushbackOptions:
             raise UserError("pushback: alpha must be > 0 and lambda_r >= 0")
 
 
-QUICK_PUSHBACK: dict[str, Any] = {"compute": "auto", "data_n": 200, "purify_n": 32, "bootstrap": 200}
+# The default run: on a model other than the shipped vanilla smallcnn the section is computed, and the
+# back-perturbation (D_bp on the dissection's images, then the purification table with a BPDA attacker
+# that back-perturbs in each of its steps) and the ablation importance are most of its time.
+QUICK_PUSHBACK: dict[str, Any] = {"compute": "auto", "steps": 10, "alpha": 0.025, "data_n": 200, "purify_n": 32,
+                                  "bootstrap": 200, "reliance_n": 100}
 
 
 def _builtin(ctx: Context) -> bool:
@@ -195,9 +207,8 @@ def compute_pushback(ctx: Context, opts: PushbackOptions) -> dict[str, Any]:
     }
 
 
-def _ablation(ctx: Context, model: torch.nn.Module, fs: Any) -> torch.Tensor:
-    """Ablation predictions (U + 1, N) of `model` on the dissection's images, once per run."""
-    n = fs.f_clean.shape[0]
+def _ablation(ctx: Context, model: torch.nn.Module, fs: Any, n: int) -> torch.Tensor:
+    """Ablation predictions (U + 1, n) of `model` on the first n of the dissection's images, once per run."""
     parts = {"model": ctx.store.model_hash(model), "images": ctx.images_id, "n": n, "layers": fs.layers}
     return ctx.store.memo("pushback-ablation", parts,
                           lambda: ablation_predictions(model, ctx.split.x[:n], fs.layers, fs.channels))  # fmt: skip
@@ -210,13 +221,14 @@ def compute_reliance(
     |B|, |R|, quadrant shares) for the run's model and each shipped model of `compare`; the
     transition matrices of the fine-tuned models of `transitions`; warnings for what is skipped."""
     k = len(ctx.data.classes)
-    y = fs.y
+    n = fs.f_clean.shape[0] if opts.reliance_n is None else min(opts.reliance_n, fs.f_clean.shape[0])
+    y = fs.y[:n]
     warnings: list[str] = []
     analysed: dict[str, tuple[Any, dict[str, Any]]] = {ctx.label: (fs, {})}
     estimates: list[tuple[str, dict[str, Any]]] = []
 
     def estimate(name: str, model: torch.nn.Module, scores: Any) -> None:
-        est = reliance_bootstrap(scores.phi, _ablation(ctx, model, scores), y, scores.scores.quadrant, k,
+        est = reliance_bootstrap(scores.phi[:n], _ablation(ctx, model, scores, n), y, scores.scores.quadrant, k,
                                  opts.bootstrap, ctx.config.seed)  # fmt: skip
         estimates.append((name, est))
 

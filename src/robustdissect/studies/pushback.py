@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/ship-pushback"))
     args = ap.parse_args()
     compute: bool | str = "reliance" if args.reliance else True
-    cfg = RunConfig(model="fmnist-smallcnn-vanilla", n=200, seed=0,
+    cfg = RunConfig(model="fmnist-smallcnn-vanilla", n=200, seed=0, quick=False,
                     stages={"pushback": {"compute": compute, "feature_n": 200, "bootstrap": 1000}})  # fmt: skip
     shutil.rmtree(args.out, ignore_errors=True)
     run = run_pipeline(cfg, args.out)
