@@ -89,3 +89,31 @@ def test_the_stage_check_finds_imports_of_other_stages(tmp_path: Path) -> None:
         "from robustdissect.stages.metric import y\n"
     )
     assert stage_imports(path) == [(4, "concepts"), (5, "features"), (6, "metric")]
+
+
+MAX_STAGE_FUNCTION_LINES = 60  # a stage orchestrates; the work lives in helpers and the library
+
+
+def long_functions(path: Path, limit: int = MAX_STAGE_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(name, lines) of every function in `path` longer than `limit` lines (def to last line)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_no_stage_function_is_longer_than_60_lines() -> None:
+    offenders = [f"stages/{p.name}: {name} ({n} lines)" for p in sorted((SRC / "stages").glob("*.py"))
+                 for name, n in long_functions(p)]  # fmt: skip
+    assert offenders == []
+
+
+def test_the_length_check_counts_lines(tmp_path: Path) -> None:
+    path = tmp_path / "m.py"
+    body = "\n".join(f"    x{i} = {i}" for i in range(61))
+    path.write_text(f"def long() -> None:\n{body}\n\n\ndef short() -> None:\n    pass\n")
+    assert long_functions(path) == [("long", 62)]
