@@ -43,6 +43,21 @@ def test_bad_yaml_attack_option_fails_before_any_stage(cli: Any, tmp_path: Path)
     assert not out.exists() and not out.with_name("ev.partial").exists()
 
 
+@pytest.mark.parametrize(
+    ("block", "why"),
+    [("pgd_steps: abc", "steps must be an integer >= 1"), ("attack_options: {fgsm: {nosuch: 1}}", "fgsm.nosuch=1")],
+)
+def test_bad_compare_attack_option_fails_before_any_stage(cli: Any, tmp_path: Path, block: str, why: str) -> None:
+    """The compare stage's attack options are built before the overview stage runs."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"n: 20\nstages:\n  overview: {{}}\n  compare:\n    attack_options:\n      {block}\n")
+    out = tmp_path / "run"
+    code, stdout, err = cli(["run", "--config", str(cfg), "--out", str(out)])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and why in lines[0], err
+    assert stdout.strip() == "" and not out.exists() and not out.with_name("run.partial").exists()
+
+
 def test_options_class_checks_every_attack_option() -> None:
     EvaluateOptions(attack_options={"pgd-linf": {"alpha": "2.5eps/k", "restarts": 2}, "square-linf": {"queries": 10}})
     EvaluateOptions(attack_options={"pgd-linf": {"keep": "max-loss", "early_stop": False}})  # fine together

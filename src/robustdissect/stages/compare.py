@@ -110,6 +110,9 @@ class CompareStageOptions:
 
     def __post_init__(self) -> None:
         parse_budgets(self, "curve_eps", "sigma_eps", stage="compare")
+        # the attacks and their options are built once here (dry), so a bad one stops the run before any stage
+        options = {k: v for k, v in self.attack_options.items() if k != "attacks"}
+        stage_options(EvaluateOptions, {**options, "attacks": list(self.attacks)}, "compare (attack_options)")
 
 
 def _short(name: str) -> str:
