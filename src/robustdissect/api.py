@@ -18,7 +18,6 @@ Nothing is cached or written to disk: a call computes what it returns.
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,17 +41,15 @@ from .data.base import Dataset, Split, validate_images
 from .data.concepts import ConceptSet
 from .errors import UserError
 from .evaluation import (
-    BLACK_BOX,
     QUICK_EVALUATE,
     AttackOutcome,
     EvaluateOptions,
-    accuracy_row,
+    accuracy_rows,
     black_box_subset,
-    build_attack,
     per_class_rows,
     perturbation_norms,
-    settings_text,
     sweep_curves,
+    table_attacks,
     worst_cases,
 )
 from .models import default_conv_layers
@@ -64,8 +61,6 @@ __all__ = [
     "ConceptsReport", "DiagnoseReport", "EvaluateReport", "FeaturesReport", "LandscapeReport", "MetricReport",
     "SensitivityReport", "concepts", "diagnose", "evaluate", "features", "landscape", "metric", "sensitivity",
 ]  # fmt: skip
-
-log = logging.getLogger(__name__)
 
 Records = list[dict[str, Any]]
 Data = tuple[Tensor, Tensor] | Split | Dataset | Iterable[Any]
@@ -211,22 +206,15 @@ def evaluate(
     names = attacks.split(",") if isinstance(attacks, str) else (list(attacks) if attacks is not None else None)
     opts: EvaluateOptions = _options(EvaluateOptions, QUICK_EVALUATE if quick else None, options,
                                      {"attacks": names, "eps": eps, "eps_l2": eps_l2}, "evaluate")  # fmt: skip
-    n = len(y)
-    index = torch.arange(n)
-    clean_correct = predict(model, x, opts.batch_size) == y
-    table = [accuracy_row("clean", clean_correct, "clean")]
-    bb_index = black_box_subset(n, opts.blackbox_n, seed)
-    outcomes: dict[str, AttackOutcome] = {}
-    for name in opts.attack_names():
-        idx = bb_index if name in BLACK_BOX else index
-        log.info("evaluate: %s on %d images", name, len(idx))
-        out = _run(model, build_attack(name, opts, seed), x[idx], y[idx], idx)
-        outcomes[name] = out
-        table.append(accuracy_row(name, out.correct, "black-box" if name in BLACK_BOX else "white-box",
-                                  settings_text(out.settings)))  # fmt: skip
+    index = torch.arange(len(y))
+
     def run(attack: Attack, idx: Tensor) -> AttackOutcome:
         return _run(model, attack, x[idx], y[idx], idx)
 
+    clean_correct = predict(model, x, opts.batch_size) == y
+    bb_index = black_box_subset(len(y), opts.blackbox_n, seed)
+    outcomes = table_attacks(opts.attack_names(), opts, seed, index, bb_index, run, "evaluate")
+    table = accuracy_rows(clean_correct, outcomes)
     curves = sweep_curves(model, x, y, opts, seed, table, outcomes, run)
     cases = worst_cases(opts, seed, clean_correct, [*outcomes.items(), *curves.extra], run)
     table += [wc.row for wc in cases]
