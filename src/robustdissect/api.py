@@ -135,6 +135,16 @@ def _options(cls: type[Any], quick: dict[str, Any] | None, options: Mapping[str,
     return stage_options(cls, merged, stage)
 
 
+def _layers(model: nn.Module, layers: Sequence[str] | None, example: Tensor,
+            hooks: Sequence[str] = ("conv",)) -> list[str]:  # fmt: skip
+    """`layers`, else the model's hook points of each kind in `hooks` ("conv": BN output, "relu"),
+    found with one image `example` (1, C, H, W), as the stages take them; none is a UserError."""
+    names = list(layers) if layers else [name for hook in hooks for name in default_conv_layers(model, hook, example)]
+    if not names:
+        raise UserError("the model has no conv layer to hook; name the layers to analyse")
+    return names
+
+
 def _run(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, index: Tensor) -> AttackOutcome:
     """`attack` on x (M, C, H, W), y (M,) at positions `index` (M,): the outcome on the CPU."""
     device = model_device(model, x.device)
@@ -270,10 +280,7 @@ def sensitivity(
     x, x_adv = _images(x, "x"), _images(x_adv, "x_adv")
     if x.shape != x_adv.shape:
         raise UserError(f"x {tuple(x.shape)} and x_adv {tuple(x_adv.shape)} must have the same shape")
-    names = list(layers) if layers else (default_conv_layers(model, "conv", x[:1])
-                                         + default_conv_layers(model, "relu", x[:1]))  # fmt: skip
-    if not names:
-        raise UserError("the model has no conv layer to hook; name the layers to analyse")
+    names = _layers(model, layers, x[:1], ("conv", "relu"))
     result = neuron_sensitivity(model, (x, x_adv), names, reduction=reduction, batch_size=batch_size)  # type: ignore[arg-type]
     return SensitivityReport(result, fraction)
 
@@ -343,9 +350,7 @@ def features(
         x_ref = data.train.subset(opts.reference_n, seed=seed).x
     else:
         raise UserError("features: give reference= clean training images (M, C, H, W) for the unit statistics")
-    names = list(opts.layers) if opts.layers else default_conv_layers(model, "conv", x[:1])
-    if not names:
-        raise UserError("the model has no conv layer to hook; name the layers to analyse")
+    names = _layers(model, opts.layers, x[:1])
     model_attacks = list(attacks) if attacks is not None else evaluation_attacks(
         stage_options(EvaluateOptions, {}, "evaluate"), opts.eps, seed)  # fmt: skip
     k = num_classes if num_classes is not None else (data.num_classes if isinstance(data, Dataset) else None)
@@ -414,9 +419,7 @@ def concepts(
     cset = generated_concepts(concept_set, n, seed=seed) if isinstance(concept_set, Dataset) else concept_set
     if not isinstance(cset, ConceptSet):
         raise UserError(f"concepts: give a ConceptSet or a Dataset, got {type(concept_set).__name__}")
-    names = list(layers) if layers else default_conv_layers(model, "conv", cset.images[:1])
-    if not names:
-        raise UserError("the model has no conv layer to hook; name the layers to analyse")
+    names = _layers(model, layers, cset.images[:1])
     diss = dissect(model, cset, names, quantile=quantile, threshold=threshold, quantile_on=quantile_on,  # type: ignore[arg-type]
                    iou_threshold=iou_threshold, permutations=permutations, null_percentile=null_percentile,
                    bins=bins, top_k=top_k, batch_size=batch_size, seed=seed)  # fmt: skip
