@@ -144,3 +144,25 @@ def test_two_processes_equal_one_on_an_image_folder(tmp_path: Path, image_folder
     _launch(tmp_path, config, tmp_path / "one", 1)
     _launch(tmp_path, config, tmp_path / "two", 2)
     _same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_a_share_is_kept_until_its_item_is_stored(tmp_path: Path) -> None:
+    """A rank's share of an unfinished item survives an interruption and is reused; once the
+    whole item is stored the share files and their folders are gone."""
+    from robustdissect.store import EvidenceStore
+
+    store = EvidenceStore(tmp_path / "evidence")
+    parts = {"name": "pgd-linf", "images": "abc"}
+    calls: list[int] = []
+
+    def compute() -> dict[str, torch.Tensor]:
+        calls.append(1)
+        return {"x_adv": torch.arange(6.0).view(3, 2)}
+
+    first = store.fetch_shard("adv", parts, slice(3, 6), compute)
+    assert store.shard_path("adv", parts, slice(3, 6)).is_file() and len(calls) == 1
+    again = EvidenceStore(tmp_path / "evidence").fetch_shard("adv", parts, slice(3, 6), compute)  # a resumed run
+    assert torch.equal(first["x_adv"], again["x_adv"]) and len(calls) == 1
+    assert list_evidence(tmp_path) == []  # shares are not items
+    store.drop_shards("adv", parts)
+    assert not (tmp_path / "evidence" / ".shards").exists()

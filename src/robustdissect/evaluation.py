@@ -22,7 +22,7 @@ from .attacks.pgd import STEP_RULE_ALIASES, STEP_RULES
 from .config import parse_budgets, parse_eps
 from .errors import UserError
 from .modelutil import eval_mode, model_device
-from .parallel import sharded
+from .parallel import sharded, world
 from .stats import proportion_interval
 from .stats import wilson_interval as wilson_interval  # re-exported for older imports
 from .store import EvidenceStore, evidence_key, index_hash
@@ -273,9 +273,14 @@ def attack_evidence(
             "index": index[part],
         }
 
+    def share(part: slice) -> dict[str, torch.Tensor]:
+        return store.fetch_shard("adv", parts, part, lambda: compute(part)) if world()[1] > 1 else compute(part)
+
     # under torchrun each rank attacks its share of the images (each image's random stream is
     # keyed by its index, so the shards together equal one process's result)
-    t = store.fetch("adv", parts, lambda: sharded(len(index), compute))
+    t = store.fetch("adv", parts, lambda: sharded(len(index), share))
+    if world()[1] > 1:
+        store.drop_shards("adv", parts)
     return AttackOutcome(
         attack.name, t["x_adv"], t["correct"].bool(), t["pred"], settings, index, evidence_key(parts)
     )

@@ -17,6 +17,7 @@ From outside the package (a notebook):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from .parallel import all_ranks_agree, is_main_process
 log = logging.getLogger(__name__)
 
 EVIDENCE_DIR = "evidence"
+SHARDS_DIR = ".shards"  # under EVIDENCE_DIR: per-rank shares of unfinished items (torchrun)
 T = TypeVar("T")
 
 
@@ -112,6 +114,38 @@ class EvidenceStore:
         meta = {"kind": kind, "key": key, "parts": json.dumps(parts, sort_keys=True, default=str)}
         save_file(stored, str(tmp), metadata=meta)
         tmp.replace(p)
+
+    def shard_path(self, kind: str, parts: Mapping[str, Any], part: slice) -> Path:
+        """Where this process keeps its share `part` of an item while the item is unfinished."""
+        return self.root / SHARDS_DIR / kind / f"{evidence_key(parts)}-{part.start}-{part.stop}.safetensors"
+
+    def fetch_shard(
+        self, kind: str, parts: Mapping[str, Any], part: slice, compute: Callable[[], Mapping[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """This process's share `part` (images start..stop) of the item `parts` under torchrun:
+        from the shard file an interrupted run left, else computed and written by this rank (each
+        rank writes its own), so `--resume` repeats no finished share. `drop_shards` removes them
+        once the whole item is stored."""
+        path = self.shard_path(kind, parts, part)
+        if path.is_file():
+            log.info("evidence: hit %s/%s images %d..%d (a share of an interrupted run)",
+                     kind, evidence_key(parts)[:12], part.start, part.stop)  # fmt: skip
+            return load_file(str(path))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+        return tensors
+
+    def drop_shards(self, kind: str, parts: Mapping[str, Any]) -> None:
+        """Remove this item's share files (each rank its own: they are named by their images)."""
+        folder = self.root / SHARDS_DIR / kind
+        for path in folder.glob(f"{evidence_key(parts)}-*.safetensors"):
+            path.unlink(missing_ok=True)
+        for empty in (folder, folder.parent):  # leave no empty folders in a finished run
+            with contextlib.suppress(OSError):
+                empty.rmdir()
 
     def fetch(
         self, kind: str, parts: Mapping[str, Any], compute: Callable[[], Mapping[str, Tensor]]
