@@ -171,6 +171,7 @@ def _section_text(ctx: Context, main: FeatureScores, opts: FeatureOptions) -> st
 
 
 def _top_class_rows(res: FeatureScores, classes: Any) -> list[dict[str, Any]]:
+    """Per class, its top-activated units (rank, layer, unit, mean q over the class's images, quadrant)."""
     layer_of, unit = res.layer_of.tolist(), res.unit.tolist()
     onehot_mean = []
     for c in range(res.num_classes):
@@ -188,6 +189,7 @@ def _top_class_rows(res: FeatureScores, classes: Any) -> list[dict[str, Any]]:
 
 
 def _top_image_rows(res: FeatureScores, classes: Any, images: int) -> list[dict[str, Any]]:
+    """Per image of the first `images`, its top-activated units (rank, layer, unit, q, quadrant)."""
     layer_of, unit = res.layer_of.tolist(), res.unit.tolist()
     rows = []
     for i in range(min(images, res.top_units_per_image.shape[0])):
@@ -202,6 +204,7 @@ def _top_image_rows(res: FeatureScores, classes: Any, images: int) -> list[dict[
 
 
 def _shift_sentences(rows: list[dict[str, Any]]) -> list[str]:
+    """One sentence per model and quadrant (RU, NRU) with its share and paired difference to the first."""
     out = []
     for r in rows:
         if r["quadrant"] not in ("NRU", "RU") or math.isnan(r["diff_ci_low"]):
@@ -221,6 +224,7 @@ def _pgd_text(res: FeatureScores) -> str:
 
 
 def _slug(name: str) -> str:
+    """`name` with every character but letters, digits, '-' and '_' replaced by '_'."""
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 

@@ -15,6 +15,7 @@ from .base import STAGES, Context, section
 
 @STAGES.register("overview", "clean accuracy per class, confusion matrix, sample images")
 def overview_stage(ctx: Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Clean accuracy per class, the confusion matrix and sample images of the run's model."""
     if options:
         raise UserError(f"stage 'overview' takes no options, got {sorted(options)}")
     split = ctx.split

@@ -143,18 +143,21 @@ def _builtin(ctx: Context) -> bool:
 
 
 def _compare(ctx: Context, opts: PushbackOptions) -> list[str]:
+    """The models whose reliance shift is shown beside the run's model."""
     if opts.compare is not None:
         return list(opts.compare)
     return list(COMPARE) if _builtin(ctx) and ctx.config.compare is None else list(ctx.compared)
 
 
 def _transitions(ctx: Context, opts: PushbackOptions) -> list[str]:
+    """The fine-tuned models whose transition matrices are drawn."""
     if opts.transitions is not None:
         return list(opts.transitions)
     return list(TRANSITIONS) if _builtin(ctx) and ctx.config.compare is None else []
 
 
 def _feature_options(ctx: Context, n: int) -> FeatureOptions:
+    """The dissection giving B and R: the `features` stage's options, else the reduced ones on n images."""
     if "features" in ctx.config.stages:
         return stage_feature_options(ctx)
     return FeatureOptions(**{**QUICK_FEATURES, "n": n})
@@ -280,6 +283,7 @@ def _transition_matrices(
 
 
 def shipped_pushback() -> dict[str, Any] | None:
+    """The shipped pushback results (computed on the shipped vanilla smallcnn), or None."""
     return shipped_result(SHIPPED)
 
 
