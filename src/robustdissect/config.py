@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,16 @@ def path_fields(options: Any, *names: str) -> None:
 def is_int(v: Any) -> bool:
     """An int that is not a bool (YAML and JSON values)."""
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_ints(options: Any, minimums: Mapping[str, int], stage: str, *, optional: bool = False) -> None:
+    """Refuse (UserError "<stage>: <name> must be an integer >= <lo>, got ...") the first integer
+    field of an options dataclass, in the order of `minimums` ({field name: least value}), that is
+    no int (a bool is none) or below its least value; with `optional`, None is accepted."""
+    for name, lo in minimums.items():
+        v = getattr(options, name)
+        if (v is not None or not optional) and (not is_int(v) or v < lo):
+            raise UserError(f"{stage}: {name} must be an integer >= {lo}{' or null' if optional else ''}, got {v!r}")
 
 
 def _check_types(cfg: RunConfig) -> None:

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import FGSM, PGD, Attack
-from ..config import parse_budgets
+from ..config import check_ints, parse_budgets
 from ..errors import UserError
 from ..evaluation import EvaluateOptions, build_attack
 from ..modelutil import eval_mode, model_device
@@ -106,10 +106,7 @@ class FeatureOptions:
         parse_budgets(self, "eps", stage="features")
         ints = {"reference_n": 1, "cdf_capacity": 2, "feature_steps": 1, "restarts": 1, "depth_bins": 1,
                 "top_m": 1, "permutations": 0, "bootstrap": 0, "batch_size": 1, "candidates_per_bin": 0}  # fmt: skip
-        for name, lo in ints.items():
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise UserError(f"features: {name} must be an integer >= {lo}, got {v!r}")
+        check_ints(self, ints, "features")
         if self.n is not None and (not isinstance(self.n, int) or self.n < 2):
             raise UserError(f"features: n must be an integer >= 2 or null, got {self.n!r}")
         if not 0.0 < self.null_quantile < 1.0:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..analysis.concepts import ConceptDissection, cached_dissection, generated_concepts
 from ..analysis.features import QUICK_FEATURES, FeatureOptions, FeatureScores, evaluation_attacks, score_features
 from ..attacks import Attack
-from ..config import parse_budgets, stage_options
+from ..config import check_ints, parse_budgets, stage_options
 from ..data.concepts import ConceptSet, concept_dir_identity, load_broden, load_concept_dir
 from ..errors import UserError
 from ..evaluation import EvaluateOptions
@@ -133,11 +133,8 @@ class ConceptsOptions:
 
     def __post_init__(self) -> None:
         parse_budgets(self, "eps", maximum=1.0, stage="concepts")
-        for name, lo in (("n", 1), ("permutations", 0), ("bins", 2), ("figure_concepts", 0), ("top_images", 1),
-                         ("gradcam_images", 0), ("top_units", 1), ("batch_size", 1), ("steps", 1)):  # fmt: skip
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise UserError(f"concepts: {name} must be an integer >= {lo}, got {v!r}")
+        check_ints(self, {"n": 1, "permutations": 0, "bins": 2, "figure_concepts": 0, "top_images": 1,
+                          "gradcam_images": 0, "top_units": 1, "batch_size": 1, "steps": 1}, "concepts")  # fmt: skip
         if not 0.0 < self.quantile < 1.0:
             raise UserError(f"concepts: quantile must lie in (0, 1), got {self.quantile}")
         if not 0.0 < self.null_percentile < 1.0:

@@ -26,7 +26,7 @@ from ..analysis.diagnose import (
     diagnosis_layers,
     layer_sigma_ratio,
 )
-from ..config import parse_budgets, stage_options
+from ..config import check_ints, parse_budgets, stage_options
 from ..errors import UserError
 from ..evaluation import AttackOutcome, EvaluateOptions, build_attack
 from ..report.plots_diagnose import layer_bars, pooling_comparison, strips
@@ -92,14 +92,9 @@ class DiagnoseOptions:
         parse_budgets(self, "eps", stage="diagnose")
         if self.inverter not in INVERTERS:
             raise UserError(f"diagnose: inverter must be one of {', '.join(INVERTERS)}, got {self.inverter!r}")
-        for name in ("n", "inversion_steps", "decoder_n", "decoder_epochs", "decoder_batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UserError(f"diagnose: {name} must be an integer >= 1, got {v!r}")
-        for name in ("resamples", "show"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise UserError(f"diagnose: {name} must be an integer >= 0, got {v!r}")
+        ints = ("n", "inversion_steps", "decoder_n", "decoder_epochs", "decoder_batch_size")
+        check_ints(self, dict.fromkeys(ints, 1), "diagnose")
+        check_ints(self, {"resamples": 0, "show": 0}, "diagnose")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise UserError(f"diagnose: steps must be an integer >= 1 or null, got {self.steps!r}")
         self.inversion()

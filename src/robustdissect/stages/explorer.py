@@ -24,7 +24,7 @@ from ..analysis.features import (
     QUADRANT_NAMES,
     FeatureScores,
 )
-from ..config import stage_options
+from ..config import check_ints, stage_options
 from ..errors import UserError
 from ..report.explorer import (
     PAGE,
@@ -56,10 +56,7 @@ class ExplorerOptions:
     batch_size: int = 250
 
     def __post_init__(self) -> None:
-        for name, lo in (("top_images", 1), ("cell", 4), ("batch_size", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise UserError(f"explorer: {name} must be an integer >= {lo}, got {v!r}")
+        check_ints(self, {"top_images": 1, "cell": 4, "batch_size": 1}, "explorer")
         if self.scale is not None and (not isinstance(self.scale, int) or isinstance(self.scale, bool)
                                        or not 1 <= self.scale <= 16):  # fmt: skip
             raise UserError(f"explorer: scale must be an integer in 1..16 or null, got {self.scale!r}")

@@ -18,7 +18,7 @@ from .. import resources
 from ..analysis.metric import CALIBRATIONS, DEFAULT_STEPS, MetricResult, robustness_metric
 from ..attacks import PGD, Attack
 from ..batching import run_batch_size
-from ..config import parse_budgets, stage_options
+from ..config import check_ints, parse_budgets, stage_options
 from ..errors import UserError
 from ..report.plots_metric import psi_histograms, study_scatter
 from ..stats import wilson_interval
@@ -65,10 +65,8 @@ class MetricOptions:
         parse_budgets(self, "eps", stage="metric")
         if self.calibration not in CALIBRATIONS:
             raise UserError(f"metric: calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
-        for name in ("steps", "restarts", "calibration_n", "eval_steps", "eval_restarts"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UserError(f"metric: {name} must be an integer >= 1, got {v!r}")
+        ints = ("steps", "restarts", "calibration_n", "eval_steps", "eval_restarts")
+        check_ints(self, dict.fromkeys(ints, 1), "metric")
         if self.counterparts is not None and (not isinstance(self.counterparts, int) or self.counterparts < 0):
             raise UserError(f"metric: counterparts must be an integer >= 0 or null, got {self.counterparts!r}")
         if self.n is not None and (not isinstance(self.n, int) or self.n < 1):

@@ -41,7 +41,7 @@ from ..analysis.pushback import (
     transition_matrix,
 )
 from ..attacks import PGD
-from ..config import parse_budgets, stage_options
+from ..config import check_ints, parse_budgets, stage_options
 from ..errors import UserError
 from ..models import shipped_checkpoints
 from ..models.resolve import resolve_model
@@ -113,16 +113,8 @@ class PushbackOptions:
         parse_budgets(self, "eps_bp", "eps", stage="pushback")
         if self.compute not in (True, False, "auto", "reliance"):
             raise UserError(f"pushback: compute must be true, false, 'auto' or 'reliance', got {self.compute!r}")
-        for name, lo in (("data_n", 1), ("reliance_n", 2)):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-                raise UserError(f"pushback: {name} must be an integer >= {lo} or null, got {v!r}")
-        if not isinstance(self.bootstrap, int) or isinstance(self.bootstrap, bool) or self.bootstrap < 0:
-            raise UserError(f"pushback: bootstrap must be an integer >= 0, got {self.bootstrap!r}")
-        for name in ("steps", "feature_n", "purify_n", "adaptive_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UserError(f"pushback: {name} must be an integer >= 1, got {v!r}")
+        check_ints(self, {"data_n": 1, "reliance_n": 2}, "pushback", optional=True)
+        check_ints(self, {"bootstrap": 0, "steps": 1, "feature_n": 1, "purify_n": 1, "adaptive_steps": 1}, "pushback")
         if not 0 < self.keep <= 1:
             raise UserError(f"pushback: keep must lie in (0, 1], got {self.keep}")
         if not self.alpha > 0 or self.lambda_r < 0:

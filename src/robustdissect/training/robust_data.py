@@ -46,6 +46,7 @@ from tqdm import tqdm
 from ..analysis.features import QUICK_FEATURES, FeatureOptions, score_features
 from ..analysis.pushback import UnitSets, back_perturb
 from ..attacks import PGD
+from ..config import check_ints
 from ..data import load_dataset
 from ..errors import UserError
 from ..models import default_conv_layers
@@ -84,10 +85,7 @@ class RobustDataSettings:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise UserError(f"unknown robust-data kind '{self.kind}'; use one of {', '.join(KINDS)}")
-        for name in ("n", "batch", "steps", "attack_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UserError(f"robust-data: {name} must be an integer >= 1, got {v!r}")
+        check_ints(self, dict.fromkeys(("n", "batch", "steps", "attack_steps"), 1), "robust-data")
 
 
 class RepresentationLoss:
