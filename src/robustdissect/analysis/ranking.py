@@ -30,9 +30,10 @@ __all__ = [
 ]
 
 Encoding = Literal["tokens", "string"]
+Ranked = Sequence[Hashable] | str | NDArray[np.generic]  # a ranking: neuron ids in order, or characters
 
 
-def _encode(seq: Sequence[Hashable] | str | NDArray[np.generic], encoding: Encoding) -> list[Hashable]:
+def _encode(seq: Ranked, encoding: Encoding) -> list[Hashable]:
     if encoding == "tokens":
         if isinstance(seq, np.ndarray):
             return [v.item() if isinstance(v, np.generic) else v for v in seq.tolist()]
@@ -46,8 +47,8 @@ def _encode(seq: Sequence[Hashable] | str | NDArray[np.generic], encoding: Encod
 
 
 def levenshtein(
-    a: Sequence[Hashable] | str | NDArray[np.generic],
-    b: Sequence[Hashable] | str | NDArray[np.generic],
+    a: Ranked,
+    b: Ranked,
     sub_cost: int = 2,
     encoding: Encoding = "tokens",
 ) -> int:
@@ -77,8 +78,8 @@ def levenshtein(
 
 
 def levenshtein_similarity(
-    a: Sequence[Hashable] | str | NDArray[np.generic],
-    b: Sequence[Hashable] | str | NDArray[np.generic],
+    a: Ranked,
+    b: Ranked,
     sub_cost: int = 2,
     encoding: Encoding = "tokens",
 ) -> float:
