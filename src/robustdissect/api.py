@@ -146,9 +146,10 @@ def _layers(model: nn.Module, layers: Sequence[str] | None, example: Tensor,
 
 
 def _run(model: nn.Module, attack: Attack, x: Tensor, y: Tensor, index: Tensor) -> AttackOutcome:
-    """`attack` on x (M, C, H, W), y (M,) at positions `index` (M,): the outcome on the CPU."""
+    """`attack` on x (M, C, H, W), y (M,) at positions `index` (M,): the outcome on the CPU. The
+    positions key the images' random streams, as in a run, so subsets give the run's numbers."""
     device = model_device(model, x.device)
-    res = attack(model, x.to(device), y.to(device))
+    res = attack(model, x.to(device), y.to(device), ids=index)
     return AttackOutcome(attack.name, res.x_adv.detach().cpu(), res.correct.detach().cpu().bool(),
                          res.logits.detach().argmax(1).cpu(), attack.describe(), index)  # fmt: skip
 
