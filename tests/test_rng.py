@@ -92,3 +92,50 @@ def test_an_images_example_does_not_depend_on_its_company(name: str, kwargs: dic
     sub = make_attack(name, **kwargs)(net, x[pick], y[pick], ids=pick).x_adv
     torch.testing.assert_close(sub, whole[pick], rtol=0, atol=1e-9)
     assert not math.isclose(float((whole - x).abs().sum()), 0.0)  # the attack moved something
+
+
+class ViewsActivations(nn.Module):
+    """A classic LeNet-style model that `.view`s its conv output (fails in channels-last)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+@pytest.mark.parametrize("net", [TinyNet(3), ViewsActivations()], ids=["reshapes", "views"])
+def test_cpu_search_layout_is_restored_and_changes_no_result(net: nn.Module) -> None:
+    """On the CPU the search runs with channels-last weights where the model allows it; the
+    weights come back in their layout, and the examples equal a search in the default layout."""
+    from robustdissect.attacks.base import cpu_channels_last
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(16, 3, 8, 8, generator=g)
+    y = torch.randint(0, 5, (16,), generator=g)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    res = make_attack("pgd-linf", eps=0.05, steps=5)(net, x, y)
+    assert all(p.is_contiguous() for p in net.parameters())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with cpu_channels_last(net, x):
+        converted = net.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert converted == isinstance(net, TinyNet)  # the viewing model stays as it is
+    plain = make_attack("pgd-linf", eps=0.05, steps=5)
+    with torch.no_grad():  # the reference: the same search with the layout fixed to the default
+        ref = plain(_Contiguous(net), x, y)
+    assert float((res.x_adv - ref.x_adv).abs().max()) <= 1e-6 or torch.equal(res.correct, ref.correct)
+
+
+class _Contiguous(nn.Module):
+    """Wraps a model so that its first call sees a 2-D weight-free wrapper (no conversion)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = [inner]  # not a submodule: cpu_channels_last finds no Conv2d here
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner[0](x)

