@@ -131,8 +131,8 @@ def test_readme_is_a_user_guide_with_the_users_path_before_the_tour() -> None:
     assert len(text.splitlines()) <= 260
     headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
     order = ["What it does", "Two commands", "Your model and data", "The commands and what each answers",
-             "GPU, torchrun and bigger than one machine", "Python API", "What a run directory holds", "What happens when things go wrong",
-             "Development"]  # fmt: skip
+             "GPU, torchrun and bigger than one machine", "Python API", "What a run directory holds",
+             "What happens when things go wrong", "Development"]  # fmt: skip
     assert [h for h in headings if h in order] == order
     # the two commands CI relies on, exactly
     assert "bash scripts/setup.sh && .venv/bin/robustdissect run --out runs/default" in text
