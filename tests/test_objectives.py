@@ -12,7 +12,7 @@ import yaml
 from conftest import interrupt_at
 from torch import nn
 
-from robustdissect.attacks import PGD
+from robustdissect.attacks import PGD, SampleRandom
 from robustdissect.data import Dataset, Split
 from robustdissect.errors import UserError
 from robustdissect.models import build_model
@@ -73,7 +73,7 @@ def _reference_linf_pgd(
 ) -> torch.Tensor:
     """Madry et al.'s L-inf PGD written out in plain torch: uniform start, signed steps, clamp."""
     lo, hi = (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
-    u = torch.rand(x.shape, generator=g)
+    u = SampleRandom.coerce(g, x.shape[0], x.device).rand(*x.shape[1:])  # the start's per-image streams
     x_adv = torch.max(torch.min(x + (2 * u - 1) * eps, hi), lo)
     model.eval()
     for _ in range(steps):

@@ -115,30 +115,35 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def cpu_channels_last(model: nn.Module, x: Tensor) -> Iterator[None]:
+def cpu_channels_last(model: nn.Module, x: Tensor, enabled: bool = True) -> Iterator[Tensor]:
     """On the CPU, a convolutional model's 4-D weights in channels-last layout for the duration
     (oneDNN's faster convolutions: 0.6-0.8x the time per step on the zoo's LeNet and ResNet-18),
-    restored afterwards; values never change. The layout is left as it is on other devices, when
-    the model already uses channels-last, and when a forward pass fails in it (a model that
-    `.view`s its activations)."""
+    restored afterwards; values never change. The layout is left as it is when not `enabled`, on
+    other devices, when the model already uses channels-last, and when a forward pass fails in it
+    (a model that `.view`s its activations). Yields the logits (1, K) of one forward pass on
+    x[:1] in the layout used (the probe of the number of classes)."""
     weights = [p for p in model.parameters() if p.dim() == 4]
     use = (
-        x.device.type == "cpu"
+        enabled
+        and x.device.type == "cpu"
         and x.dim() == 4
         and bool(weights)
         and all(p.is_contiguous() for p in weights)
         and any(isinstance(m, nn.Conv2d) for m in model.modules())
     )
+    probe: Tensor | None = None
     if use:
         _set_layout(model, torch.channels_last)
         try:
-            with torch.no_grad():
-                model(x[:1])
-        except RuntimeError:
+            probe = _forward(model, x[:1])
+        except RuntimeError:  # e.g. a .view of a channels-last activation
             _set_layout(model, torch.contiguous_format)
             use = False
+        except BaseException:
+            _set_layout(model, torch.contiguous_format)
+            raise
     try:
-        yield
+        yield probe if probe is not None else _forward(model, x[:1])
     finally:
         if use:
             _set_layout(model, torch.contiguous_format)
@@ -267,13 +272,14 @@ class Attack(ABC):
         with torch.inference_mode(False), frozen(model):
             xw, yw = _normal(x.detach().to(device)), _normal(y.to(device))
             tw = _normal(targets.to(device)) if targets is not None else None
-            num_classes = _probe(model, xw)
-            _check_labels("y", yw, num_classes)
-            if tw is not None:
-                _check_labels("targets", tw, num_classes)
-            n = xw.shape[0]
-            step = self.batch_size or n
-            with cpu_channels_last(model, xw):
+            # an identity attack keeps the model's layout, so its logits equal a plain forward pass
+            with cpu_channels_last(model, xw, enabled=not self._is_identity()) as probe:
+                num_classes = int(probe.shape[1])
+                _check_labels("y", yw, num_classes)
+                if tw is not None:
+                    _check_labels("targets", tw, num_classes)
+                n = xw.shape[0]
+                step = self.batch_size or n
                 parts = [
                     self._run_chunk(
                         model,
@@ -388,11 +394,6 @@ def _forward(model: nn.Module, x: Tensor) -> Tensor:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise UserError(f"the model must return logits of shape (N, classes), got {shape}")
     return out
-
-
-def _probe(model: nn.Module, x: Tensor) -> int:
-    """Number of classes, from one forward pass on a single image."""
-    return int(_forward(model, x[:1]).shape[1])
 
 
 def _check_labels(what: str, labels: Tensor, num_classes: int) -> None:
