@@ -12,7 +12,7 @@ bitwise (continuous L2 steps: within 1e-5, as batches of other sizes round the m
 sums differently), every table cell within a relative 1e-6 (σ sums are added in another order).
 Target (issue "Scale out"): speed-up >= 1.7x per command on 2 cores, exact agreement.
 
-Usage: python bench/parallel.py [--n 2000] [--commands evaluate,sensitivity] [--procs 2] [--keep DIR]
+Usage: python bench/parallel.py [--n 2000] [--commands evaluate,sensitivity] [--procs 2] [--keep DIR] [--config YAML]
 Run it on an otherwise idle machine: both processes need a core each.
 """
 
@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--commands", default="evaluate,sensitivity")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--keep", type=Path, default=None, help="keep the run directories here")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="run YAML for both runs (e.g. a stage's own n: the default profile caps σ at 300 images)")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="rd-parallel-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,7 @@ def main() -> None:
     try:
         for cmd in args.commands.split(","):
             common = [str(launcher), cmd, "--n", str(args.n), "--compare", "none"]
+            common += ["--config", str(args.config)] if args.config else []
             one, two = root / f"{cmd}-one", root / f"{cmd}-two"
             t1 = _run([sys.executable, *common, "--out", str(one)], root / f"{cmd}-one.log")
             torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
