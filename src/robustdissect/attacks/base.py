@@ -119,17 +119,21 @@ def cpu_channels_last(model: nn.Module, x: Tensor, enabled: bool = True) -> Iter
     """On the CPU, a convolutional model's 4-D weights in channels-last layout for the duration
     (oneDNN's faster convolutions: 0.6-0.8x the time per step on the zoo's LeNet and ResNet-18),
     restored afterwards; values never change. The layout is left as it is when not `enabled`, on
-    other devices, when the model already uses channels-last, and when a forward pass fails in it
-    (a model that `.view`s its activations). Yields the logits (1, K) of one forward pass on
+    other devices, for narrow convolutions (a conv after the first with < 16 input channels), when
+    the model already uses channels-last, and when a forward pass fails in it (a model that
+    `.view`s its activations). Yields the logits (1, K) of one forward pass on
     x[:1] in the layout used (the probe of the number of classes)."""
     weights = [p for p in model.parameters() if p.dim() == 4]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # narrow convolutions (LeNet-5's 6 channels) run faster in the default layout (bench/attacks.py)
+    wide = bool(convs) and all(c.in_channels >= 16 for c in convs[1:])
     use = (
         enabled
+        and wide
         and x.device.type == "cpu"
         and x.dim() == 4
         and bool(weights)
         and all(p.is_contiguous() for p in weights)
-        and any(isinstance(m, nn.Conv2d) for m in model.modules())
     )
     probe: Tensor | None = None
     if use:
