@@ -167,5 +167,12 @@ def test_a_share_is_kept_until_its_item_is_stored(tmp_path: Path) -> None:
     again = EvidenceStore(tmp_path / "evidence").fetch_shard("adv", parts, slice(3, 6), compute)  # a resumed run
     assert torch.equal(first["x_adv"], again["x_adv"]) and len(calls) == 1
     assert list_evidence(tmp_path) == []  # shares are not items
+    other = {"name": "pgd-linf", "images": "def"}  # another item's share, left by an interrupted run
+    store.fetch_shard("adv", other, slice(0, 3), compute)
     store.drop_shards("adv", parts)
+    assert not store.shard_path("adv", parts, slice(3, 6)).exists()
+    store.remove_empty_shard_folders()  # the unfinished share stays for --resume
+    assert store.shard_path("adv", other, slice(0, 3)).is_file()
+    store.drop_shards("adv", other)
+    store.remove_empty_shard_folders()
     assert not (tmp_path / "evidence" / ".shards").exists()

@@ -35,7 +35,7 @@ from .errors import UserError
 from .models.io import shipped_checkpoints
 from .models.resolve import resolve_model as resolve_model
 from .models.spec import parse_compare, short_label, split_label, unique_labels
-from .parallel import all_ranks_agree, broadcast_object, dist_env, is_main_process, setup, teardown, world
+from .parallel import all_ranks_agree, barrier, broadcast_object, dist_env, is_main_process, setup, teardown, world
 from .probe.hooks import resolve_layer
 from .report import render_report
 from .report.findings import INTERVAL_NOTE, findings, model_names
@@ -252,7 +252,9 @@ def _run_stages(
             timings[name] = entry["seconds"]
             run.set_stage(name, entry)
             run.update_results(**ctx.results, evidence=store.counts())
+        barrier()  # every rank has dropped its shares before rank 0 tidies and renames the run
         if main:
+            store.remove_empty_shard_folders()
             render_report(run.path)
     except UserError:
         if any(run.stage_done(n) for n in cfg.stages):

@@ -139,13 +139,21 @@ class EvidenceStore:
         return tensors
 
     def drop_shards(self, kind: str, parts: Mapping[str, Any]) -> None:
-        """Remove this item's share files (each rank its own: they are named by their images)."""
-        folder = self.root / SHARDS_DIR / kind
-        for path in folder.glob(f"{evidence_key(parts)}-*.safetensors"):
+        """Remove this item's share files (each rank its own: they are named by their images).
+
+        The folders stay: another rank may be writing its share of the next item into them;
+        `remove_empty_shard_folders` clears them once every rank is done."""
+        for path in (self.root / SHARDS_DIR / kind).glob(f"{evidence_key(parts)}-*.safetensors"):
             path.unlink(missing_ok=True)
-        for empty in (folder, folder.parent):  # leave no empty folders in a finished run
-            with contextlib.suppress(OSError):
-                empty.rmdir()
+
+    def remove_empty_shard_folders(self) -> None:
+        """Leave no empty share folders in a finished run (call on one rank after a barrier)."""
+        shards = self.root / SHARDS_DIR
+        if not shards.is_dir():
+            return
+        for folder in [*sorted(p for p in shards.iterdir() if p.is_dir()), shards]:
+            with contextlib.suppress(OSError):  # not empty: an interrupted share stays for --resume
+                folder.rmdir()
 
     def fetch(
         self, kind: str, parts: Mapping[str, Any], compute: Callable[[], Mapping[str, Tensor]]
