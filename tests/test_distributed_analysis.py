@@ -107,6 +107,11 @@ def _same_run(one: Path, two: Path) -> None:
         with table.open() as f1, (two / "tables" / table.name).open() as f2:
             _close([{k: _cell(v) for k, v in r.items()} for r in csv.DictReader(f1)],
                    [{k: _cell(v) for k, v in r.items()} for r in csv.DictReader(f2)], table.name)  # fmt: skip
+    figures = sorted((one / "figures").glob("*.png"))  # the ranks render them in turns
+    assert len(figures) >= 2
+    for fig in figures:
+        a, b = (np.asarray(Image.open(d / "figures" / fig.name).convert("RGB"), dtype=float) for d in (one, two))
+        assert a.shape == b.shape and np.abs(a - b).mean() < 0.5, fig.name
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert set(r1["stages"]) == set(STAGES)
     for name in STAGES:

@@ -170,7 +170,7 @@ def _open_run(out: str | Path, overwrite: bool, resume: bool, identity: dict[str
     if not is_main_process():
         if not all_ranks_agree(True):
             raise UserError("rank 0 could not open the run directory (see its message)")
-        return RunDir.scratch()
+        return RunDir.scratch(shared=Path(broadcast_object(None)))
     try:
         run = RunDir.create(out, overwrite=overwrite, resume=resume)
         try:
@@ -183,6 +183,7 @@ def _open_run(out: str | Path, overwrite: bool, resume: bool, identity: dict[str
         all_ranks_agree(False)
         raise
     all_ranks_agree(True)
+    broadcast_object(str(run.path))  # the other ranks render their turns of the figures into it
     return run
 
 
@@ -252,7 +253,7 @@ def _run_stages(
             timings[name] = entry["seconds"]
             run.set_stage(name, entry)
             run.update_results(**ctx.results, evidence=store.counts())
-        barrier()  # every rank has dropped its shares before rank 0 tidies and renames the run
+        barrier()  # every rank has dropped its shares and rendered its figures before rank 0 goes on
         if main:
             store.remove_empty_shard_folders()
             render_report(run.path)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .parallel import world
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -343,6 +344,8 @@ class RunDir:
         self.resumed = lock is not None and not created
         self.overwrite = overwrite
         self.run_id = run_id
+        self.figures_into = work  # the run directory whose figures/ this process renders into
+        self._figures_seen = 0
 
     @classmethod
     def create(cls, out: str | Path, overwrite: bool = False, resume: bool = False) -> RunDir:
@@ -399,13 +402,16 @@ class RunDir:
         return run
 
     @classmethod
-    def scratch(cls) -> RunDir:
+    def scratch(cls, shared: Path | None = None) -> RunDir:
         """A throwaway run directory in a temporary folder (removed by `discard()`): where the
-        other ranks of a torchrun job put the files that rank 0 writes for real."""
+        other ranks of a torchrun job put the files that rank 0 writes for real. Their turns of
+        figure rendering (`save_figure`) go to `shared`, rank 0's run directory."""
         work = Path(tempfile.mkdtemp(prefix="robustdissect-rank-"))
         for sub in ("tables", "figures"):
             (work / sub).mkdir()
-        return cls(work.with_name(work.name + "-final"), work, created=True)
+        run = cls(work.with_name(work.name + "-final"), work, created=True)
+        run.figures_into = shared or work
+        return run
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -466,7 +472,20 @@ class RunDir:
         return path
 
     def save_figure(self, name: str, fig: Figure) -> Path:
-        return save_png(fig, self.path / "figures" / f"{name}.png")
+        """Render `fig` to figures/NAME.png and close it. Under torchrun the ranks take turns
+        (the k-th figure of the run is rendered by rank k mod W into rank 0's directory): every
+        rank builds the same figures from the same gathered numbers, and PNG encoding is the
+        slowest serial part of a stage."""
+        rank, size = world()
+        turn = self._figures_seen
+        self._figures_seen += 1
+        path = self.figures_into / "figures" / f"{name}.png"
+        if turn % size != rank:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+            return path
+        return save_png(fig, path)
 
     def write_text(self, relpath: str, text: str) -> Path:
         path = self.path / relpath
