@@ -127,7 +127,11 @@ def test_cpu_search_layout_is_restored_and_changes_no_result(net: nn.Module) -> 
     plain = make_attack("pgd-linf", eps=0.05, steps=5)
     with torch.no_grad():  # the reference: the same search with the layout fixed to the default
         ref = plain(_Contiguous(net), x, y)
-    assert float((res.x_adv - ref.x_adv).abs().max()) <= 1e-6 or torch.equal(res.correct, ref.correct)
+    # the layouts round the convolution's sums differently; a sign step turns that into the same
+    # step unless a gradient entry is within rounding of 0, so nearly every pixel is identical
+    differs = (res.x_adv - ref.x_adv).abs() > 1e-6
+    assert float(differs.float().mean()) <= 0.01 and torch.equal(res.correct, ref.correct)
+    assert float((res.x_adv - x).abs().max()) > 0.04  # the search moved the images
 
 
 class _Contiguous(nn.Module):
