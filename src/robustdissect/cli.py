@@ -10,14 +10,19 @@ line that says how to resume).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import importlib
 import inspect
+import json
 import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +30,8 @@ import typer
 import yaml
 
 from .errors import UserError
+from .registry import Registry
+from .resources import read_train_config, train_presets
 
 app = typer.Typer(
     add_completion=False,
@@ -85,8 +92,6 @@ def _setup_logging(verbose: bool) -> None:
 def _print_headline(path: Path, as_json: bool = False) -> None:
     """The run's numbers on the console, then the path of its report; with `as_json`, the
     summary of results.json (headline, per stage summary, seconds) as JSON instead."""
-    import json
-
     from .pipeline import headline
     from .runs import read_json
 
@@ -658,12 +663,7 @@ def train(
         from .config import load_yaml
 
         where = config
-        if Path(config).is_file():
-            base = load_yaml(config, "training config")
-        else:
-            from .resources import read_train_config
-
-            base = read_train_config(config)
+        base = load_yaml(config, "training config") if Path(config).is_file() else read_train_config(config)
         if not isinstance(base, dict):
             raise UserError(f"{config} must hold a mapping of settings, got {type(base).__name__}")
     elif resume is not None:
@@ -729,8 +729,6 @@ def list_(
     pattern: Annotated[str, typer.Argument(help="shell-style filter on names, e.g. 'fmnist-*'")] = "*",
 ) -> None:
     """List what is registered; models are zoo architectures and shipped checkpoints."""
-    from fnmatch import fnmatchcase
-
     if what in ("models", "checkpoints"):
         from .models import describe_model, list_models
 
@@ -743,16 +741,10 @@ def list_(
                 typer.echo(f"{name:<34} {info.arch:<10} {info.summary}")
         return
     if what == "presets":
-        from .resources import train_presets
-
         for name in train_presets():
             if fnmatchcase(name, pattern):
                 typer.echo(f"robustdissect train --config {name}")
         return
-    import importlib
-
-    from .registry import Registry
-
     registries = {
         "datasets": ("data", "DATASETS"),
         "objectives": ("training", "OBJECTIVES"),
@@ -802,8 +794,6 @@ def _exit_code(e: SystemExit) -> int:
 
 def _unexpected(e: BaseException, verbose: bool) -> None:
     """One line for an unexpected error; the traceback goes to error.log (and the terminal with -v)."""
-    import traceback
-
     from . import runs
 
     trace = "".join(traceback.format_exception(e))
@@ -889,8 +879,6 @@ def _os_problem(e: BaseException) -> tuple[str, str] | None:
     """(what happened, what to do) for an OS error the user can fix (a full disk, a folder that
     is not writable), or None. Also recognises the same errors reported by libraries that do not raise OSError
     (safetensors' SafetensorError, torch.save's "file write failed")."""
-    import errno
-
     from . import runs
 
     for x in _chain(e):
@@ -951,8 +939,6 @@ def _stopped(message: str, action: str = "") -> int:
 def _foreign_exit(e: SystemExit, verbose: bool) -> int:
     """A SystemExit that escaped a command came from code the command called (a model's forward
     pass, a hook, a library): never a success."""
-    import traceback
-
     frames = traceback.extract_tb(e.__traceback__)
     at = ""
     if frames:
@@ -968,8 +954,6 @@ def _foreign_exit(e: SystemExit, verbose: bool) -> int:
 
 def _broken_pipe(e: SystemExit) -> bool:
     """typer ends a command whose stdout was closed (`robustdissect list | head`) with exit 1."""
-    import errno
-
     return isinstance(e.__context__, OSError) and e.__context__.errno == errno.EPIPE
 
 
@@ -1009,8 +993,6 @@ def _invoke(args: list[str]) -> int:
             code = 1
         else:
             if verbose:
-                import traceback
-
                 print("".join(traceback.format_exception(e)), end="", file=sys.stderr)
             code = _stopped(_one_line(problem[0]), problem[1])
     finally:
