@@ -30,7 +30,7 @@ STAGES: dict[str, Any] = {
     "evaluate": {"attacks": ["pgd-linf", "fgsm"], "pgd_steps": 3, "curves": False, "corruptions": [],
                  "worst_case": ["pgd-linf", "fgsm", "apgd-dlr"], "apgd_steps": 5,
                  "square_queries": 20},
-    "sensitivity": {"experiments": ["profiles", "amplification"], "steps": 3},
+    "sensitivity": {"experiments": ["profiles", "amplification", "roi"], "steps": 3},
     "features": {"reference_n": 24, "feature_steps": 2, "restarts": 1, "candidates_per_bin": 1,
                  "permutations": 5, "bootstrap": 10},
     "concepts": {"n": 30, "permutations": 5, "steps": 2, "figure_concepts": 1, "gradcam_images": 1},

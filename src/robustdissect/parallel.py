@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ __all__ = [
     "dist_env",
     "gather_shards",
     "is_main_process",
+    "merged",
     "setup",
     "shard",
     "sharded",
@@ -126,6 +127,23 @@ def gather_objects(obj: Any) -> list[Any]:
     box: list[Any] = [None] * world()[1]
     dist.all_gather_object(box, obj)
     return box
+
+
+class _Mergeable(Protocol):
+    def merge(self, other: Any) -> Any: ...
+
+
+M = TypeVar("M", bound=_Mergeable)
+
+
+def merged(reducer: M) -> M:
+    """`reducer` (a streaming statistic with `merge`, e.g. `probe.RunningTopK`) combined over
+    every rank's share, in rank order, on every rank; itself with one process."""
+    shares = gather_objects(reducer)
+    out = shares[0]
+    for other in shares[1:]:
+        out = out.merge(other)
+    return out
 
 
 def gather_shards(local: Mapping[str, Tensor] | None) -> dict[str, Tensor]:

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -316,8 +316,9 @@ class SectionArtefacts:
         self.run.write_table(name, rows)
         self.tables.append({"file": f"tables/{name}.csv", "title": title, "show": show})
 
-    def figure(self, name: str, fig: Figure, caption: str) -> None:
-        """Write figures/NAME.png and list it with `caption`."""
+    def figure(self, name: str, fig: Figure | Callable[[], Figure], caption: str) -> None:
+        """Write figures/NAME.png and list it with `caption` (`fig` may be a function that draws
+        it: under torchrun only the rank whose turn it is calls it)."""
         self.run.save_figure(name, fig)
         self.figures.append({"file": f"figures/{name}.png", "caption": caption})
 
@@ -471,21 +472,22 @@ class RunDir:
         atomic_write_text(path, buf.getvalue())
         return path
 
-    def save_figure(self, name: str, fig: Figure) -> Path:
-        """Render `fig` to figures/NAME.png and close it. Under torchrun the ranks take turns
-        (the k-th figure of the run is rendered by rank k mod W into rank 0's directory): every
-        rank builds the same figures from the same gathered numbers, and PNG encoding is the
-        slowest serial part of a stage."""
+    def save_figure(self, name: str, fig: Figure | Callable[[], Figure]) -> Path:
+        """Render `fig` (or what the function `fig` draws) to figures/NAME.png and close it.
+        Under torchrun the ranks take turns (the k-th figure of the run is rendered by rank
+        k mod W into rank 0's directory): every rank holds the same gathered numbers, and drawing
+        and PNG encoding are the slowest serial part of a stage."""
         rank, size = world()
         turn = self._figures_seen
         self._figures_seen += 1
         path = self.figures_into / "figures" / f"{name}.png"
         if turn % size != rank:
-            import matplotlib.pyplot as plt
+            if not callable(fig):
+                import matplotlib.pyplot as plt
 
-            plt.close(fig)
+                plt.close(fig)
             return path
-        return save_png(fig, path)
+        return save_png(fig() if callable(fig) else fig, path)
 
     def write_text(self, relpath: str, text: str) -> Path:
         path = self.path / relpath

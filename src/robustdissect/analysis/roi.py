@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..modelutil import eval_mode, model_device
+from ..parallel import merged, shard, world
 from ..probe import ChannelHistogram, ChannelRange, RunningTopK, record, spatial_reduce
 from .sensitivity import top_k_indices
 
@@ -98,8 +99,9 @@ def regions_of_interest(
     """E2 data for `layer` given its σ (C,) and aligned benign / adversarial images (N, C, H, W).
 
     Neurons whose benign activation is constant (e.g. dead ReLUs) are not chosen as vanilla
-    neurons when `skip_constant` is set. Three streaming passes over the benign images (range
-    and top images, histogram for the quantile) and one forward of the chosen images.
+    neurons when `skip_constant` is set. Two streaming passes over the benign images (range and
+    top images; histogram for the quantile), split across the ranks under torchrun and merged
+    exactly, and one forward of the chosen images.
     """
     if x.shape != x_adv.shape:
         raise UserError(f"benign {tuple(x.shape)} and adversarial {tuple(x_adv.shape)} differ")
@@ -111,10 +113,12 @@ def regions_of_interest(
     device = model_device(model)
     h, w = int(x.shape[2]), int(x.shape[3])
 
+    part = shard(int(x.shape[0]), *world())  # under torchrun each rank streams its share
+
     def benign_batches() -> Any:
         with eval_mode(model), torch.no_grad(), record(model, [layer]) as rec:
-            for s in range(0, x.shape[0], batch_size):
-                model(x[s : s + batch_size].to(device))
+            for s in range(part.start, part.stop, batch_size):
+                model(x[s : min(s + batch_size, part.stop)].to(device))
                 yield s, rec.outputs[layer]
 
     rng, top = ChannelRange(), RunningTopK(n_images)
@@ -125,6 +129,7 @@ def regions_of_interest(
             raise UserError(f"σ has {sig.size} values but layer '{layer}' has {a.shape[1]} channels")
         rng.update(a)
         top.update(spatial_reduce(a, rank_by), s)
+    rng, top = merged(rng), merged(top)  # exact: min/max and top-k with ties to the smaller index
 
     c = sig.size
     n_neurons = min(n_neurons, c // 2 if c > 1 else 1)
@@ -141,6 +146,7 @@ def regions_of_interest(
     hist = ChannelHistogram(rng.lo[sel], rng.hi[sel], bins)
     for _, a in benign_batches():
         hist.update(a.index_select(1, sel.to(a.device)))
+    hist = merged(hist)  # counts add exactly
     thresholds = hist.quantile(quantile).numpy()
 
     image_index = top.indices[sel].numpy().astype(np.int64)  # (M, T)

@@ -382,9 +382,11 @@ def _roi(a: _Analysis, art: SectionArtefacts) -> None:
     adv = a.base_out.x_adv
     roi_sigma = neuron_sensitivity(model, (x, adv), [roi_layer], batch_size=opts.batch_size)
     roi = regions_of_interest(model, x, adv, roi_layer, roi_sigma.layers[roi_layer].sigma, batch_size=opts.batch_size)
+    art.table("regions_of_interest", roi.rows(),
+              "regions of interest per neuron × top image: areas and benign/adversarial IoU")  # fmt: skip
     art.figure(
         "regions_of_interest",
-        splots.plot_roi(roi),
+        lambda: splots.plot_roi(roi),
         f"{roi_layer}: 3 most and 3 least sensitive neurons, top-5 images, benign row above"
         " adversarial row (Figs. 4–7)",
     )
