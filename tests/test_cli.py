@@ -115,3 +115,25 @@ def test_quick_caps_n_at_200_and_says_so_once(tmp_path: Path, cli, fmnist, caplo
     assert json.loads((out / "results.json").read_text())["dataset"]["analysed_n"] == 200
     code, help_text, _ = cli(["run", "--help"])
     assert code == 0 and "200" in help_text and "300" not in help_text
+
+
+def test_help_starts_without_loading_torch() -> None:
+    """`robustdissect --help` and a command's --help answer without importing torch (about 1.5 s
+    here): the commands import their library calls when they run."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from robustdissect.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
+    )
+    for args in (["--help"], ["evaluate", "--help"]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().endswith("torch not loaded"), (args, out.stdout[-300:])

@@ -170,7 +170,9 @@ def _open_run(out: str | Path, overwrite: bool, resume: bool, identity: dict[str
     if not is_main_process():
         if not all_ranks_agree(True):
             raise UserError("rank 0 could not open the run directory (see its message)")
-        return RunDir.scratch(shared=Path(broadcast_object(None)))
+        scratch = RunDir.scratch(shared=Path(broadcast_object(None)))
+        scratch.figure_turns = world()
+        return scratch
     try:
         run = RunDir.create(out, overwrite=overwrite, resume=resume)
         try:
@@ -184,6 +186,7 @@ def _open_run(out: str | Path, overwrite: bool, resume: bool, identity: dict[str
         raise
     all_ranks_agree(True)
     broadcast_object(str(run.path))  # the other ranks render their turns of the figures into it
+    run.figure_turns = world()
     return run
 
 

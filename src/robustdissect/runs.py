@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .parallel import world
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -346,6 +345,7 @@ class RunDir:
         self.overwrite = overwrite
         self.run_id = run_id
         self.figures_into = work  # the run directory whose figures/ this process renders into
+        self.figure_turns = (0, 1)  # (this rank, ranks): under torchrun the ranks take turns drawing
         self._figures_seen = 0
 
     @classmethod
@@ -477,7 +477,7 @@ class RunDir:
         Under torchrun the ranks take turns (the k-th figure of the run is rendered by rank
         k mod W into rank 0's directory): every rank holds the same gathered numbers, and drawing
         and PNG encoding are the slowest serial part of a stage."""
-        rank, size = world()
+        rank, size = self.figure_turns
         turn = self._figures_seen
         self._figures_seen += 1
         path = self.figures_into / "figures" / f"{name}.png"
